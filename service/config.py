@@ -1,0 +1,155 @@
+"""The server's configuration: every `KINSHIP_*` environment variable, typed, in one place.
+
+`Settings.from_env()` reads and validates them once at start-up; a bad value stops
+the server with a message naming the variable, never later in the middle of a request.
+The README's configuration table mirrors the fields below.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Mapping
+
+DEFAULT_PORT = 50051
+DEFAULT_METRICS_PORT = 9090
+
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+class ConfigError(ValueError):
+    """A `KINSHIP_*` variable has a value the server cannot use."""
+
+
+def parse_bytes(text: str) -> int:
+    """Parse a byte size such as `5368709120`, `5GB`, `5G` or `5GiB`."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]i?)?[bB]?\s*", text)
+    if not match:
+        raise ValueError(f"not a byte size: {text!r} (use e.g. 512MiB, 5GB or a number of bytes)")
+    number, unit = match.groups()
+    return int(float(number) * _UNITS[(unit or "").lower()])
+
+
+def _default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "model-kinship"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Server settings. Each field is read from `KINSHIP_<FIELD NAME IN UPPER CASE>`."""
+
+    host: str = "0.0.0.0"
+    """Address the gRPC server binds."""
+    port: int = DEFAULT_PORT
+    """gRPC port; 0 picks a free port (tests)."""
+    metrics_port: int = DEFAULT_METRICS_PORT
+    """Prometheus metrics HTTP port; 0 disables the metrics endpoint."""
+    allowed_roots: tuple[Path, ...] = ()
+    """Directories local checkpoints may be read from (`:`-separated). Empty: no local paths."""
+    device: str = "auto"
+    """Torch device for the math: `auto` (CUDA when present, else CPU), `cpu` or `cuda:N`."""
+    cache_dir: Path = field(default_factory=_default_cache_dir)
+    """Directory of the fingerprint, delta and pair cache (diskcache)."""
+    cache_size_limit: int = 50 * 2**30
+    """Cache size limit in bytes (accepts 50GiB etc.); least recently used entries are evicted."""
+    output_root: Path = field(default_factory=lambda: _default_cache_dir() / "merges")
+    """Merge outputs are written under this directory only."""
+    max_merge_jobs: int = 1
+    """Merge jobs running at once."""
+    max_queued_merge_jobs: int = 16
+    """Merge jobs waiting for a worker before StartMerge answers RESOURCE_EXHAUSTED."""
+    max_workers: int = 32
+    """gRPC handler threads (concurrent RPCs)."""
+    max_message_bytes: int = 16 * 2**20
+    """Largest request or response message, in bytes."""
+    chunk_bytes: int = 256 * 2**20
+    """Working memory for streamed tensor chunks (all checkpoints of one request together)."""
+    grace_seconds: float = 20.0
+    """On SIGTERM, in-flight RPCs get this long to finish before they are cancelled."""
+    log_level: str = "INFO"
+    """Python logging level."""
+    log_format: str = "json"
+    """`json` (one object per line) or `text`."""
+    auth_token: str = ""
+    """When set, every RPC but health and reflection needs `authorization: Bearer <token>`."""
+    auth_token_file: Path | None = None
+    """Read the bearer token from this file instead (Kubernetes secret mount)."""
+    tls_cert_file: Path | None = None
+    """Server certificate (PEM); with tls_key_file enables TLS."""
+    tls_key_file: Path | None = None
+    """Server private key (PEM)."""
+    tls_client_ca_file: Path | None = None
+    """CA bundle (PEM) for client certificates; when set, clients must present one (mutual TLS)."""
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> "Settings":
+        """Build settings from `KINSHIP_*` variables; `overrides` win over the environment."""
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            name = f"KINSHIP_{f.name.upper()}"
+            raw = env.get(name)
+            if raw is None or raw == "":
+                continue
+            try:
+                values[f.name] = _convert(f.name, raw)
+            except ValueError as exc:
+                raise ConfigError(f"{name}={raw!r}: {exc}") from None
+        values.update(overrides)
+        settings = cls(**values)  # type: ignore[arg-type]
+        settings.validate()
+        return settings
+
+    def with_overrides(self, **changes: object) -> "Settings":
+        """A copy with some fields changed (validated)."""
+        settings = replace(self, **changes)  # type: ignore[arg-type]
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        """Raise ConfigError for values that cannot work together."""
+        if not (0 <= self.port <= 65535 and 0 <= self.metrics_port <= 65535):
+            raise ConfigError("KINSHIP_PORT and KINSHIP_METRICS_PORT must be in 0..65535")
+        if self.device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"KINSHIP_DEVICE={self.device!r}: use auto, cpu, cuda or cuda:N")
+        if self.log_format not in ("json", "text"):
+            raise ConfigError(f"KINSHIP_LOG_FORMAT={self.log_format!r}: use json or text")
+        for name in ("max_merge_jobs", "max_workers", "max_message_bytes", "chunk_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"KINSHIP_{name.upper()} must be at least 1")
+        if self.max_queued_merge_jobs < 0 or self.grace_seconds < 0:
+            raise ConfigError("KINSHIP_MAX_QUEUED_MERGE_JOBS and KINSHIP_GRACE_SECONDS must be >= 0")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ConfigError("set both KINSHIP_TLS_CERT_FILE and KINSHIP_TLS_KEY_FILE, or neither")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ConfigError("KINSHIP_TLS_CLIENT_CA_FILE needs KINSHIP_TLS_CERT_FILE and KINSHIP_TLS_KEY_FILE")
+
+    def bearer_token(self) -> str:
+        """The configured API token ('' when authentication is off)."""
+        if self.auth_token_file is not None:
+            try:
+                return self.auth_token_file.read_text().strip()
+            except OSError as exc:
+                raise ConfigError(f"KINSHIP_AUTH_TOKEN_FILE: cannot read {self.auth_token_file}: {exc}") from None
+        return self.auth_token
+
+
+def _convert(name: str, raw: str) -> object:
+    if name in ("port", "metrics_port", "max_merge_jobs", "max_queued_merge_jobs", "max_workers"):
+        return int(raw)
+    if name in ("cache_size_limit", "max_message_bytes", "chunk_bytes"):
+        return parse_bytes(raw)
+    if name == "grace_seconds":
+        return float(raw)
+    if name == "allowed_roots":
+        return tuple(Path(p).expanduser() for p in raw.split(os.pathsep) if p)
+    if name in ("cache_dir", "output_root"):
+        return Path(raw).expanduser()
+    if name.endswith("_file"):
+        return Path(raw).expanduser()
+    if name == "log_level":
+        return raw.upper()
+    return raw

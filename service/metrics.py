@@ -1,0 +1,152 @@
+"""Prometheus metrics: go-grpc-prometheus compatible request metrics plus domain metrics.
+
+The request metrics use the names and label values of go-grpc-prometheus
+(`grpc_type="unary"`, `grpc_code="InvalidArgument"`), so stock gRPC dashboards and
+alerts work unchanged. They are recorded by `MetricsInterceptor`, which sees every
+RPC including server-streaming ones.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Iterator
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600)
+
+GRPC_STARTED = Counter(
+    "grpc_server_started_total", "RPCs started on the server.", ["grpc_type", "grpc_service", "grpc_method"], registry=REGISTRY
+)
+GRPC_HANDLED = Counter(
+    "grpc_server_handled_total",
+    "RPCs completed on the server, by status code.",
+    ["grpc_type", "grpc_service", "grpc_method", "grpc_code"],
+    registry=REGISTRY,
+)
+GRPC_HANDLING_SECONDS = Histogram(
+    "grpc_server_handling_seconds",
+    "Time from RPC start to its status, by method.",
+    ["grpc_type", "grpc_service", "grpc_method"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+GRPC_MSG_SENT = Counter(
+    "grpc_server_msg_sent_total", "Response messages sent.", ["grpc_type", "grpc_service", "grpc_method"], registry=REGISTRY
+)
+IN_FLIGHT = Gauge("kinship_rpcs_in_flight", "RPCs being handled now.", ["grpc_method"], registry=REGISTRY)
+
+BYTES_READ = Counter("kinship_checkpoint_bytes_read_total", "Checkpoint bytes read from disk.", registry=REGISTRY)
+TENSORS_COMPARED = Counter("kinship_tensors_compared_total", "Tensors compared by exact kinship passes.", registry=REGISTRY)
+ELEMENTS_COMPARED = Counter(
+    "kinship_elements_compared_total", "Task-vector elements compared (per model) by exact passes.", registry=REGISTRY
+)
+EXACT_SECONDS = Histogram(
+    "kinship_exact_pass_seconds", "Wall time of exact kinship passes.", ["device"], buckets=_LATENCY_BUCKETS, registry=REGISTRY
+)
+EXACT_BYTES_PER_SECOND = Gauge(
+    "kinship_exact_pass_bytes_per_second", "Read throughput of the last exact pass.", registry=REGISTRY
+)
+BUILD_INFO = Gauge("kinship_build_info", "Version and compute device of this server.", ["version", "device"], registry=REGISTRY)
+
+
+def start_metrics_server(port: int, host: str = "0.0.0.0") -> Any:
+    """Serve /metrics over HTTP on `port`; returns the server (or None when port is 0)."""
+    if port == 0:
+        return None
+    server, _thread = start_http_server(port, addr=host, registry=REGISTRY)
+    return server
+
+
+# go-grpc-prometheus spells codes as Go's codes.Code.String(): CamelCase.
+_GO_CODE_NAMES = {code: "".join(part.capitalize() for part in code.name.split("_")) for code in grpc.StatusCode}
+_GO_CODE_NAMES[grpc.StatusCode.OK] = "OK"
+
+
+def go_code_name(code: grpc.StatusCode | None) -> str:
+    """`grpc.StatusCode.INVALID_ARGUMENT` -> `InvalidArgument` (as go-grpc-prometheus)."""
+    return _GO_CODE_NAMES[code or grpc.StatusCode.OK]
+
+
+def _split_method(full: str) -> tuple[str, str]:
+    _, service, method = full.split("/", 2)
+    return service, method
+
+
+def _code_of(context: grpc.ServicerContext, failed: bool) -> grpc.StatusCode:
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code
+    return grpc.StatusCode.UNKNOWN if failed else grpc.StatusCode.OK
+
+
+class MetricsInterceptor(grpc.ServerInterceptor):
+    """Counts and times every RPC, unary and server-streaming alike."""
+
+    def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        service, method = _split_method(handler_call_details.method)
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(handler.unary_unary, service, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(handler.unary_stream, service, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+    @staticmethod
+    def _wrap_unary(behavior: Callable, service: str, method: str) -> Callable:
+        labels = ("unary", service, method)
+
+        def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
+            GRPC_STARTED.labels(*labels).inc()
+            IN_FLIGHT.labels(method).inc()
+            started = time.perf_counter()
+            failed = False
+            try:
+                response = behavior(request, context)
+                GRPC_MSG_SENT.labels(*labels).inc()
+                return response
+            except BaseException:
+                failed = True
+                raise
+            finally:
+                IN_FLIGHT.labels(method).dec()
+                GRPC_HANDLING_SECONDS.labels(*labels).observe(time.perf_counter() - started)
+                GRPC_HANDLED.labels(*labels, go_code_name(_code_of(context, failed))).inc()
+
+        return wrapped
+
+    @staticmethod
+    def _wrap_stream(behavior: Callable, service: str, method: str) -> Callable:
+        labels = ("server_stream", service, method)
+
+        def wrapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            GRPC_STARTED.labels(*labels).inc()
+            IN_FLIGHT.labels(method).inc()
+            started = time.perf_counter()
+            failed = False
+            try:
+                for response in behavior(request, context):
+                    GRPC_MSG_SENT.labels(*labels).inc()
+                    yield response
+            except BaseException:
+                failed = True
+                raise
+            finally:
+                IN_FLIGHT.labels(method).dec()
+                GRPC_HANDLING_SECONDS.labels(*labels).observe(time.perf_counter() - started)
+                GRPC_HANDLED.labels(*labels, go_code_name(_code_of(context, failed))).inc()
+
+        return wrapped

@@ -1,0 +1,174 @@
+"""Server wiring: the gRPC server with health, reflection and metrics, its start-up and shutdown.
+
+`serve(settings)` builds and starts a server and returns a `RunningServer` (tests use
+it in-process on port 0); `main()` is the `kinship-server` console script: it reads
+`KINSHIP_*` settings, serves, and on SIGTERM or SIGINT marks health NOT_SERVING,
+stops accepting RPCs and gives in-flight ones `KINSHIP_GRACE_SECONDS` to finish.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from kinship_client.v1 import service_pb2, service_pb2_grpc
+
+from . import __version__, metrics
+from .api import KinshipServicer
+from .config import ConfigError, Settings
+
+SERVICE_NAME = service_pb2.DESCRIPTOR.services_by_name["KinshipService"].full_name
+
+log = logging.getLogger("kinship.server")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, with any `extra=` fields included."""
+
+    _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in self._STANDARD and not key.startswith("_"):
+                entry[key] = value
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(settings: Settings) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if settings.log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(settings.log_level)
+
+
+def grpc_options(settings: Settings) -> list[tuple[str, Any]]:
+    """Channel options: explicit message limits, keepalive, and connection ageing so load rebalances."""
+    return [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.max_connection_age_ms", 30 * 60_000),
+        ("grpc.max_connection_age_grace_ms", 5 * 60_000),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+@dataclass
+class RunningServer:
+    """A started server and what is needed to stop it."""
+
+    server: grpc.Server
+    health: health.HealthServicer
+    servicer: KinshipServicer
+    port: int
+    settings: Settings
+    metrics_server: Any = None
+
+    @property
+    def address(self) -> str:
+        host = "127.0.0.1" if self.settings.host in ("0.0.0.0", "[::]", "") else self.settings.host
+        return f"{host}:{self.port}"
+
+    def stop(self, grace: float | None = None) -> None:
+        """Mark every service NOT_SERVING, then stop, giving in-flight RPCs `grace` seconds."""
+        self.health.enter_graceful_shutdown()
+        grace = self.settings.grace_seconds if grace is None else grace
+        self.server.stop(grace).wait()
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+
+
+def serve(settings: Settings) -> RunningServer:
+    """Build, bind and start the server; health turns SERVING once it is ready."""
+    servicer = KinshipServicer(settings)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="rpc"),
+        interceptors=[metrics.MetricsInterceptor()],
+        options=grpc_options(settings),
+        maximum_concurrent_rpcs=settings.max_workers * 4,
+    )
+    service_pb2_grpc.add_KinshipServiceServicer_to_server(servicer, server)
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
+    address = f"{settings.host}:{settings.port}"
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise RuntimeError(f"cannot bind {address}: is the port in use?")
+    metrics_server = metrics.start_metrics_server(settings.metrics_port, settings.host)
+    server.start()
+    metrics.BUILD_INFO.labels(__version__, str(servicer.device)).set(1)
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info(
+        "serving",
+        extra={"address": address, "port": port, "metrics_port": settings.metrics_port, "device": str(servicer.device)},
+    )
+    return RunningServer(server, health_servicer, servicer, port, settings, metrics_server)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`kinship-server`: serve until SIGTERM or SIGINT. Configuration comes from KINSHIP_* variables."""
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv and argv[0] in ("-h", "--help"):
+        print("usage: kinship-server\n\nConfigured with KINSHIP_* environment variables; see the README.")
+        return 0
+    if argv and argv[0] == "--version":
+        print(__version__)
+        return 0
+    try:
+        settings = Settings.from_env()
+    except ConfigError as exc:
+        print(f"kinship-server: configuration error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings)
+    try:
+        running = serve(settings)
+    except (RuntimeError, OSError) as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    # Tells a parent process (tests, the demo) which port was bound when KINSHIP_PORT=0.
+    print(f"kinship-server listening on {running.address}", flush=True)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("shutting down", extra={"signal": signal.Signals(signum).name, "grace_seconds": settings.grace_seconds})
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    stop.wait()
+    running.stop()
+    log.info("stopped")
+    return 0

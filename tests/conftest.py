@@ -1,0 +1,77 @@
+"""Shared fixtures: a real gRPC server on a loopback port, and checkpoint families on disk."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+import torch
+
+from kinship_client import KinshipClient
+from kinship_service.config import Settings
+from kinship_service.server import RunningServer, serve
+from kinship_service.synthetic import LlamaShape, make_base, make_family, save_checkpoint
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+SMALL = LlamaShape(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
+
+
+@pytest.fixture
+def model_root(tmp_path: Path) -> Path:
+    """The directory the test server may read (its only allowed root)."""
+    root = tmp_path / "models"
+    root.mkdir()
+    return root
+
+
+@pytest.fixture
+def server_factory(tmp_path: Path, model_root: Path) -> Iterator[Callable[..., RunningServer]]:
+    """Start in-process servers on free loopback ports; each is stopped at teardown."""
+    started: list[RunningServer] = []
+
+    def start(**overrides: object) -> RunningServer:
+        values: dict[str, object] = {
+            "host": "127.0.0.1",
+            "port": 0,
+            "metrics_port": 0,
+            "allowed_roots": (model_root,),
+            "cache_dir": tmp_path / "cache",
+            "output_root": tmp_path / "merges",
+            "log_format": "text",
+            "device": "cpu",
+            "grace_seconds": 0.0,
+        }
+        values.update(overrides)
+        running = serve(Settings.from_env({}, **values))
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        running.stop(0)
+
+
+@pytest.fixture
+def server(server_factory: Callable[..., RunningServer]) -> RunningServer:
+    return server_factory()
+
+
+@pytest.fixture
+def client(server: RunningServer) -> Iterator[KinshipClient]:
+    with KinshipClient(server.address, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture
+def family(model_root: Path) -> dict[str, object]:
+    """A float32 base and three fine-tunes (task-vector correlation about 0.5), single-file checkpoints."""
+    base = make_base(SMALL, seed=0)
+    models = make_family(base, 3, rho=0.5, seed=1)
+    paths = {"base": save_checkpoint(base, model_root / "base", config=SMALL.config(torch.float32))}
+    for i, model in enumerate(models):
+        paths[f"m{i}"] = save_checkpoint(model, model_root / f"m{i}", config=SMALL.config(torch.float32))
+    return {"base": base, "models": models, "paths": paths, "shape": SMALL}
