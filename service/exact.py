@@ -8,6 +8,7 @@ once per request whatever n is, and memory stays at a few chunk buffers.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Protocol, Sequence
@@ -176,8 +177,10 @@ def exact_kinship(
         )
     n = len(models)
     # One float64 row per checkpoint; bounded by chunk_bytes whatever the model size.
-    max_elements = max(4096, chunk_bytes // (8 * (n + 1)))
-    buffer = torch.empty((n + 1, max_elements), dtype=torch.float64, device=device)
+    max_elements = max(256, chunk_bytes // (8 * (n + 1)))
+    # A chunk holds at least one row (dimension 0 slice), so the buffer must fit the widest row.
+    widest_row = max(math.prod(t.shape[1:]) for t in plan.tensors)
+    buffer = torch.empty((n + 1, max(max_elements, widest_row)), dtype=torch.float64, device=device)
     moments: dict[str, PairwiseMoments] = {}
     tensors_by_group: dict[str, int] = {}
     for tensor in plan.tensors:

@@ -111,7 +111,10 @@ def resolve(spec: CheckpointSpec, allowed_roots: Sequence[Path], field_name: str
     resolved = check_allowed(spec.path, allowed_roots, field_name)
     if not resolved.exists():
         raise NotFound(f"{spec.path} does not exist", reason="CHECKPOINT_NOT_FOUND", field=field_name)
-    return _resolve_local(resolved, spec.path, field_name)
+    checkpoint = _resolve_local(resolved, spec.path, field_name)
+    for file in checkpoint.files:  # a shard may be a symlink leading out of the roots
+        check_allowed(str(file), allowed_roots, field_name)
+    return checkpoint
 
 
 def _resolve_local(path: Path, label: str, field_name: str, revision: str = "") -> Checkpoint:
@@ -149,11 +152,11 @@ def _from_index(directory: Path, index: Path, label: str, field_name: str, revis
             reason="BAD_INDEX",
             field=field_name,
         ) from None
-    root = directory.resolve()
     weight_map: dict[str, Path] = {}
     for name, shard in weight_map_raw.items():
-        shard_path = (directory / str(shard)).resolve()
-        if not shard_path.is_relative_to(root):
+        # Lexical check here; where symlinks lead is checked against the allowed roots in resolve().
+        shard_path = Path(os.path.normpath(directory / str(shard)))
+        if not shard_path.is_relative_to(directory) or "\x00" in str(shard):
             raise PermissionDenied(f"{index} points outside its directory: {shard}", field=field_name)
         if not shard_path.is_file():
             raise FailedPrecondition(
@@ -200,4 +203,8 @@ def _resolve_hub(spec: HubRepo, field_name: str) -> Checkpoint:
         raise Unavailable(f"{label}: the Hub could not be reached ({exc}); retry later", reason="HUB_UNAVAILABLE") from None
     folder_path = Path(folder)
     revision = folder_path.name  # snapshots/<commit hash>
-    return _resolve_local(folder_path, label, field_name, revision=revision)
+    checkpoint = _resolve_local(folder_path, label, field_name, revision=revision)
+    repo_cache = folder_path.parent.parent  # models--owner--name: snapshots link to its blobs
+    for file in checkpoint.files:
+        check_allowed(str(file), [repo_cache], field_name)
+    return checkpoint

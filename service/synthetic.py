@@ -122,6 +122,60 @@ def make_family(
     return models
 
 
+def write_family_streaming(
+    root: Path,
+    shape: LlamaShape,
+    n_models: int,
+    *,
+    rho: float = 0.5,
+    scale: float = 0.01,
+    dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+) -> list[Path]:
+    """Write `root/base` and `root/m0..` one decoder layer (shard) at a time, for models too big to build in memory.
+
+    Returns [base, m0, m1, ...]. Memory stays at one layer's tensors for every checkpoint.
+    """
+    names = list(shape.tensor_shapes())
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        parts = name.split(".")
+        key = f"layer{int(parts[2]):04d}" if parts[1] == "layers" else "other"
+        groups.setdefault(key, []).append(name)
+    keys = sorted(groups)
+    dirs = [Path(root) / "base", *(Path(root) / f"m{i}" for i in range(n_models))]
+    weight_maps: list[dict[str, str]] = [{} for _ in dirs]
+    generator = torch.Generator().manual_seed(seed)
+    shapes = shape.tensor_shapes()
+    for index, key in enumerate(keys):
+        file = f"model-{index + 1:05d}-of-{len(keys):05d}.safetensors"
+        base = {}
+        for name in groups[key]:
+            dims = shapes[name]
+            if len(dims) == 1:
+                base[name] = 1.0 + 0.05 * torch.randn(dims, generator=generator)
+            else:
+                base[name] = torch.randn(dims, generator=generator) * (1.0 / math.sqrt(dims[-1]))
+        shared = {name: torch.randn(t.shape, generator=generator) for name, t in base.items()}
+        outputs = [base] + [
+            {
+                name: t + scale * (math.sqrt(rho) * shared[name] + math.sqrt(1 - rho) * torch.randn(t.shape, generator=generator))
+                for name, t in base.items()
+            }
+            for _ in range(n_models)
+        ]
+        for directory, tensors, weight_map in zip(dirs, outputs, weight_maps):
+            directory.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.to(dtype).contiguous() for k, v in tensors.items()}, str(directory / file), metadata={"format": "pt"})
+            weight_map.update({name: file for name in tensors})
+        del base, shared, outputs
+    for directory, weight_map in zip(dirs, weight_maps):
+        index_doc = {"metadata": {}, "weight_map": weight_map}
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index_doc, indent=2))
+        (directory / "config.json").write_text(json.dumps(shape.config(dtype), indent=2))
+    return dirs
+
+
 def save_checkpoint(
     tensors: Mapping[str, torch.Tensor],
     directory: Path,

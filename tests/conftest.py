@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -14,7 +15,9 @@ from kinship_service.config import Settings
 from kinship_service.server import RunningServer, serve
 from kinship_service.synthetic import LlamaShape, make_base, make_family, save_checkpoint
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# No network in tests: Hub checkpoints resolve only from a cache layout a test builds here.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="kinship-hf-cache-")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 SMALL = LlamaShape(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2)

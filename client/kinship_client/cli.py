@@ -27,10 +27,10 @@ def _fmt(value: float, width: int = 9) -> str:
     return f"{value:{width}.6f}"
 
 
-def format_kinship_table(result: KinshipResult) -> str:
-    """A human-readable table of a KinshipResult."""
+def format_kinship_table(result: KinshipResult, names: Sequence[str] | None = None) -> str:
+    """A human-readable table of a KinshipResult (`names` overrides the model labels)."""
     lines = []
-    names = result.models
+    names = list(names) if names is not None else result.models
     width = max(len(n) for n in names)
     lines.append(f"{'model A'.ljust(width)}  {'model B'.ljust(width)}  {'PCC':>9}  {'cosine':>9}  {'euclidean':>11}")
     for pair in result.pairs:

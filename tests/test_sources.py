@@ -1,0 +1,147 @@
+"""Checkpoint sources: local files, sharded directories, an offline Hub cache, and refusals."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from kinship_service.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from kinship_service.sources import HubRepo, LocalPath, resolve
+from kinship_service.streaming import CheckpointReader
+from kinship_service.synthetic import make_base, make_family, save_checkpoint
+
+from .conftest import SMALL
+
+
+def build_hub_cache(repo_id: str, source: Path, commit: str = "a" * 40, branch: str = "main") -> Path:
+    """Lay out `source`'s files as huggingface_hub's cache does: blobs by hash, snapshot symlinks, a ref."""
+    cache = Path(os.environ["HF_HUB_CACHE"])
+    repo_dir = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo_dir / "snapshots" / commit
+    (repo_dir / "blobs").mkdir(parents=True, exist_ok=True)
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for file in source.iterdir():
+        data = file.read_bytes()
+        blob = repo_dir / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        link = snapshot / file.name
+        if link.exists() or link.is_symlink():
+            link.unlink()
+        link.symlink_to(os.path.relpath(blob, snapshot))
+    (repo_dir / "refs").mkdir(exist_ok=True)
+    (repo_dir / "refs" / branch).write_text(commit)
+    return snapshot
+
+
+def test_hub_checkpoints_resolve_offline_from_the_cache(client, tmp_path, model_root):
+    base = make_base(SMALL, seed=20)
+    a, b = make_family(base, 2, rho=0.5, seed=21)
+    save_checkpoint(base, model_root / "base")
+    for name, tensors in (("a", a), ("b", b)):
+        save_checkpoint(tensors, tmp_path / f"src-{name}", shards=2, config=SMALL.config(torch.float32))
+        build_hub_cache(f"kinship-test/{name}", tmp_path / f"src-{name}", commit=(name * 40)[:40])
+    hub = client.kinship(str(model_root / "base"), ["hf://kinship-test/a", "hf://kinship-test/b@main"], mode="exact")
+    save_checkpoint(a, model_root / "a")
+    save_checkpoint(b, model_root / "b")
+    local = client.kinship(str(model_root / "base"), [str(model_root / "a"), str(model_root / "b")], mode="exact")
+    assert hub.pairs[0].values == local.pairs[0].values
+
+    checkpoint = resolve(HubRepo("kinship-test/a", "main"), [])
+    assert checkpoint.revision == "a" * 40
+    assert len(checkpoint.files) == 2
+    assert len(CheckpointReader(checkpoint).tensors()) == len(SMALL.tensor_shapes())
+
+
+def test_unknown_hub_repo_is_not_found_offline():
+    with pytest.raises(NotFound, match="HF_HUB_OFFLINE"):
+        resolve(HubRepo("kinship-test/never-cached"), [])
+
+
+def test_bad_hub_repo_id_is_invalid():
+    with pytest.raises(InvalidArgument):
+        resolve(HubRepo("../../etc"), [])
+
+
+def test_single_file_and_directory_forms(model_root):
+    base = make_base(SMALL, seed=22)
+    directory = save_checkpoint(base, model_root / "single")
+    by_dir = resolve(LocalPath(str(directory)), [model_root])
+    by_file = resolve(LocalPath(str(directory / "model.safetensors")), [model_root])
+    assert by_dir.files == by_file.files
+    loose = model_root / "loose"
+    loose.mkdir()
+    shutil.copy(directory / "model.safetensors", loose / "weights.safetensors")
+    assert resolve(LocalPath(str(loose)), [model_root]).files == (loose / "weights.safetensors",)
+
+
+def test_paths_outside_the_roots_are_denied(model_root, tmp_path):
+    outside = tmp_path / "outside"
+    save_checkpoint(make_base(SMALL), outside)
+    with pytest.raises(PermissionDenied):
+        resolve(LocalPath(str(outside)), [model_root])
+    with pytest.raises(PermissionDenied):
+        resolve(LocalPath(str(model_root / ".." / "outside")), [model_root])
+    (model_root / "escape").symlink_to(outside)
+    with pytest.raises(PermissionDenied):
+        resolve(LocalPath(str(model_root / "escape")), [model_root])
+    with pytest.raises(PermissionDenied, match="KINSHIP_ALLOWED_ROOTS"):
+        resolve(LocalPath(str(outside)), [])
+    # Denied before existence is checked: no probing outside the roots.
+    with pytest.raises(PermissionDenied):
+        resolve(LocalPath("/no/such/place"), [model_root])
+    with pytest.raises(InvalidArgument):
+        resolve(LocalPath(str(model_root) + "/a\x00b"), [model_root])
+
+
+def test_refusals(model_root):
+    with pytest.raises(NotFound):
+        resolve(LocalPath(str(model_root / "missing")), [model_root])
+    pickle_dir = model_root / "pickled"
+    pickle_dir.mkdir()
+    torch.save({"w": torch.zeros(2)}, pickle_dir / "pytorch_model.bin")
+    with pytest.raises(FailedPrecondition, match="safe_serialization"):
+        resolve(LocalPath(str(pickle_dir)), [model_root])
+    with pytest.raises(FailedPrecondition, match="pickle"):
+        resolve(LocalPath(str(pickle_dir / "pytorch_model.bin")), [model_root])
+    (model_root / "notes.txt").write_text("hello")
+    with pytest.raises(InvalidArgument, match="not a .safetensors"):
+        resolve(LocalPath(str(model_root / "notes.txt")), [model_root])
+    empty = model_root / "empty"
+    empty.mkdir()
+    with pytest.raises(FailedPrecondition, match="no .safetensors"):
+        resolve(LocalPath(str(empty)), [model_root])
+
+
+def test_index_problems(model_root):
+    directory = save_checkpoint(make_base(SMALL), model_root / "sharded", shards=2)
+    index = directory / "model.safetensors.index.json"
+    doc = json.loads(index.read_text())
+    doc["weight_map"]["model.norm.weight"] = "../../etc/passwd"
+    index.write_text(json.dumps(doc))
+    with pytest.raises(PermissionDenied):
+        resolve(LocalPath(str(directory)), [model_root])
+    doc["weight_map"]["model.norm.weight"] = "model-00009-of-00009.safetensors"
+    index.write_text(json.dumps(doc))
+    with pytest.raises(FailedPrecondition, match="missing"):
+        resolve(LocalPath(str(directory)), [model_root])
+    index.write_text("{not json")
+    with pytest.raises(FailedPrecondition, match="index"):
+        resolve(LocalPath(str(directory)), [model_root])
+
+
+def test_corrupt_and_truncated_files_name_the_file(model_root):
+    directory = save_checkpoint(make_base(SMALL), model_root / "bad")
+    file = directory / "model.safetensors"
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2])
+    with pytest.raises(FailedPrecondition, match="model.safetensors"):
+        CheckpointReader(resolve(LocalPath(str(directory)), [model_root])).tensors()
+    file.write_bytes(b"\xff" * 8 + b"{}")
+    with pytest.raises(FailedPrecondition, match="not a readable safetensors"):
+        CheckpointReader(resolve(LocalPath(str(directory)), [model_root])).tensors()
