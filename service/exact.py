@@ -18,7 +18,10 @@ import torch
 from .errors import InvalidArgument
 from .kinship_math import PairwiseMoments, Similarities, layer_group, similarities
 from .sources import Checkpoint
-from .streaming import CheckpointReader, ReadStats, TensorInfo
+from .streaming import ITEMSIZE, CheckpointReader, ReadStats, TensorInfo
+
+# Elements per float64 compute block on CPU: (n + 1) rows of it stay in L2/L3 between ops.
+COMPUTE_BLOCK_ELEMENTS = 1 << 16
 
 SKIP_MISSING = "missing"
 SKIP_SHAPE = "shape_mismatch"
@@ -176,11 +179,14 @@ def exact_kinship(
             field="models",
         )
     n = len(models)
-    # One float64 row per checkpoint; bounded by chunk_bytes whatever the model size.
-    max_elements = max(256, chunk_bytes // (8 * (n + 1)))
-    # A chunk holds at least one row (dimension 0 slice), so the buffer must fit the widest row.
+    # Reads: each chunk is a memory-mapped slice of at most chunk_bytes / (n + 1) bytes per checkpoint.
+    itemsize = max(ITEMSIZE[h[t.name].dtype] for h in headers for t in plan.tensors)
+    read_elements = max(256, chunk_bytes // ((n + 1) * itemsize))
+    # Math: float64 blocks small enough to stay in the CPU cache between the ops that use them.
+    block = COMPUTE_BLOCK_ELEMENTS if device.type == "cpu" else max(256, chunk_bytes // (8 * (n + 1)))
     widest_row = max(math.prod(t.shape[1:]) for t in plan.tensors)
-    buffer = torch.empty((n + 1, max(max_elements, widest_row)), dtype=torch.float64, device=device)
+    buffer = torch.empty((n + 1, max(block, min(widest_row, read_elements))), dtype=torch.float64, device=device)
+    block = buffer.shape[1]
     moments: dict[str, PairwiseMoments] = {}
     tensors_by_group: dict[str, int] = {}
     for tensor in plan.tensors:
@@ -188,16 +194,19 @@ def exact_kinship(
         group = moments.setdefault(tensor.group, PairwiseMoments(n, device=device))
         tensors_by_group[tensor.group] = tensors_by_group.get(tensor.group, 0) + 1
         offset = 0
-        for chunks in _lockstep(readers, tensor, max_elements):
-            k = chunks[0].numel()
-            for row, chunk in enumerate(chunks):
-                buffer[row, :k].copy_(chunk.reshape(-1))
-            deltas = buffer[1:, :k]
-            deltas.sub_(buffer[0, :k])
-            group.update(deltas)
-            for observer in observers:
-                observer.observe(tensor, offset, deltas)
-            offset += k
+        for chunks in _lockstep(readers, tensor, read_elements):
+            flat = [c.reshape(-1) for c in chunks]
+            size = flat[0].numel()
+            for start in range(0, size, block):
+                k = min(block, size - start)
+                for row, values in enumerate(flat):
+                    buffer[row, :k].copy_(values[start : start + k])
+                deltas = buffer[1:, :k]
+                deltas.sub_(buffer[0, :k])
+                group.update(deltas)
+                for observer in observers:
+                    observer.observe(tensor, offset, deltas)
+                offset += k
             check_cancelled()
     total = PairwiseMoments(n, device=device)
     for group_moments in moments.values():

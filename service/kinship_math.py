@@ -65,15 +65,17 @@ class PairwiseMoments:
         self.count += k
         self.sums += deltas.sum(dim=1)
         self.gram.addmm_(deltas, deltas.T)
-        if self._scratch is None or self._scratch.shape[0] < k:
-            self._scratch = torch.empty(k, dtype=torch.float64, device=deltas.device)
-        diff = self._scratch[:k]
-        for i in range(self.n):
-            for j in range(i + 1, self.n):
-                torch.sub(deltas[i], deltas[j], out=diff)
-                value = torch.dot(diff, diff)
-                self.sq_dist[i, j] += value
-                self.sq_dist[j, i] += value
+        if self.n < 2:
+            return
+        if self._scratch is None or self._scratch.shape[1] < k:
+            self._scratch = torch.empty(self.n - 1, k, dtype=torch.float64, device=deltas.device)
+        for i in range(self.n - 1):
+            # Rows i+1.. minus row i at once: the squared distances of n-1-i pairs in two ops.
+            diff = self._scratch[: self.n - 1 - i, :k]
+            torch.sub(deltas[i + 1 :], deltas[i], out=diff)
+            squared = torch.linalg.vecdot(diff, diff)
+            self.sq_dist[i, i + 1 :] += squared
+            self.sq_dist[i + 1 :, i] += squared
 
     def merge(self, other: "PairwiseMoments") -> None:
         """Add another accumulator's statistics (disjoint elements)."""

@@ -1,7 +1,7 @@
 """Tensor streaming: read a checkpoint's tensors one at a time, in bounded chunks, with safetensors.
 
-Each tensor is read through its own short-lived `safe_open`, so the memory map (and
-the page-cache pages it pins in our RSS) is released as soon as the tensor is done:
+Each chunk is read through its own short-lived `safe_open`, so the memory map (and
+the page-cache pages it pins in our RSS) is released as soon as the chunk is done:
 a 70B checkpoint streams through the same few hundred MiB as a 1B one. Every byte
 read is counted in a `ReadStats`, which tests use to prove one-pass reading and
 the server exports as a metric.
@@ -136,7 +136,9 @@ class CheckpointReader:
         """Yield tensor `name` (or its leading slice of `shape`) in chunks along dimension 0.
 
         Each chunk holds at most `max_elements` elements (at least one row) in the stored
-        dtype. A chunk is valid until the next one is requested: copy what you keep.
+        dtype. It may be a view of a memory map that is closed when the next chunk is
+        requested, so copy what you keep. Mapping each chunk separately keeps the
+        file pages this process holds (and its RSS) bounded by one chunk per file.
         """
         info = self.tensors()[name]
         target = tuple(info.shape) if shape is None else tuple(shape)
@@ -147,25 +149,22 @@ class CheckpointReader:
             )
         itemsize = ITEMSIZE[info.dtype]
         try:
-            with safe_open(str(info.file), framework="pt") as handle:
-                if len(target) == 0:
-                    tensor = handle.get_tensor(name)
+            if len(target) == 0:
+                with safe_open(str(info.file), framework="pt") as handle:
                     self.stats.add(info.file, name, itemsize, True)
-                    yield tensor
-                    return
-                piece = handle.get_slice(name)
-                row_elements = max(1, math.prod(target[1:]))
-                rows = max(1, max_elements // row_elements)
-                tail = tuple(slice(0, d) for d in target[1:])
-                first = True
-                for start in range(0, target[0], rows):
-                    stop = min(start + rows, target[0])
-                    chunk = piece[(slice(start, stop), *tail)]
-                    self.stats.add(info.file, name, chunk.numel() * itemsize, first)
-                    first = False
+                    yield handle.get_tensor(name)
+                return
+            row_elements = max(1, math.prod(target[1:]))
+            rows = max(1, max_elements // row_elements)
+            tail = tuple(slice(0, d) for d in target[1:])
+            if target[0] == 0:
+                self.stats.add(info.file, name, 0, True)
+            for start in range(0, target[0], rows):
+                stop = min(start + rows, target[0])
+                with safe_open(str(info.file), framework="pt") as handle:
+                    chunk = handle.get_slice(name)[(slice(start, stop), *tail)]
+                    self.stats.add(info.file, name, chunk.numel() * itemsize, start == 0)
                     yield chunk
-                if target[0] == 0:
-                    self.stats.add(info.file, name, 0, True)
         except (SafetensorError, OSError) as exc:
             raise _open_error(info.file, self.checkpoint.label, exc) from None
 
