@@ -52,6 +52,15 @@ EXACT_BYTES_PER_SECOND = Gauge(
 )
 BUILD_INFO = Gauge("kinship_build_info", "Version and compute device of this server.", ["version", "device"], registry=REGISTRY)
 
+# Cache (issue 3). `kind` is fp (fingerprints), delta, dchunk (delta chunks), pair (pair results) or mem (in-memory fingerprints).
+CACHE_HITS = Counter("kinship_cache_hits_total", "Cache lookups answered from the cache.", ["kind"], registry=REGISTRY)
+CACHE_MISSES = Counter("kinship_cache_misses_total", "Cache lookups that found nothing usable.", ["kind"], registry=REGISTRY)
+CACHE_BYTES_READ = Counter("kinship_cache_bytes_read_total", "Bytes read from the cache.", ["kind"], registry=REGISTRY)
+CACHE_BYTES_WRITTEN = Counter("kinship_cache_bytes_written_total", "Bytes written to the cache.", ["kind"], registry=REGISTRY)
+CACHE_EVICTIONS = Counter("kinship_cache_evictions_total", "Entries evicted (least recently used) to stay under the size limit.", registry=REGISTRY)
+CACHE_CORRUPT = Counter("kinship_cache_corrupt_total", "Corrupted or truncated cache entries detected and dropped.", registry=REGISTRY)
+KINSHIP_MODE_USED = Counter("kinship_mode_used_total", "Kinship requests by the mode actually used.", ["mode"], registry=REGISTRY)
+
 
 def start_metrics_server(port: int, host: str = "0.0.0.0") -> Any:
     """Serve /metrics over HTTP on `port`; returns the server (or None when port is 0)."""
@@ -137,16 +146,21 @@ class MetricsInterceptor(grpc.ServerInterceptor):
             IN_FLIGHT.labels(method).inc()
             started = time.perf_counter()
             failed = False
+            cancelled = False
             try:
                 for response in behavior(request, context):
                     GRPC_MSG_SENT.labels(*labels).inc()
                     yield response
+            except GeneratorExit:  # the client went away mid-stream
+                cancelled = True
+                raise
             except BaseException:
                 failed = True
                 raise
             finally:
                 IN_FLIGHT.labels(method).dec()
                 GRPC_HANDLING_SECONDS.labels(*labels).observe(time.perf_counter() - started)
-                GRPC_HANDLED.labels(*labels, go_code_name(_code_of(context, failed))).inc()
+                code = grpc.StatusCode.CANCELLED if cancelled else _code_of(context, failed)
+                GRPC_HANDLED.labels(*labels, go_code_name(code)).inc()
 
         return wrapped
