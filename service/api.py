@@ -23,7 +23,12 @@ from .config import Settings
 from .errors import Cancelled, DeadlineExceeded, Internal, InvalidArgument, KinshipError, to_rpc_status
 from .exact import SKIP_MISSING, SKIP_NOT_FLOATING, SKIP_SHAPE, ExactKinship, exact_kinship, resolve_device
 from .kinship_math import Similarities
+from .registry import AUTO, EXACT, FINGERPRINT, KinshipCache
 from .sources import CheckpointSpec, HubRepo, LocalPath, resolve
+from . import recommend, recommend_rpc
+from .population_kinship import pairwise_kinship
+from . import merge_protos
+from .jobs import MergeJobManager
 
 log = logging.getLogger("kinship.api")
 
@@ -120,6 +125,11 @@ class KinshipServicer(service_pb2_grpc.KinshipServiceServicer):
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.device = resolve_device(settings.device)
+        self.jobs = MergeJobManager(settings)
+        self.jobs.start()
+        # Fingerprints, deltas and pair results (issue 3); other RPCs may call
+        # self.kinship_cache.fingerprint_matrix(base, checkpoints, metric).
+        self.kinship_cache = KinshipCache(settings, self.device)
 
     # -- Kinship -----------------------------------------------------------------------
     @rpc_method
@@ -130,57 +140,151 @@ class KinshipServicer(service_pb2_grpc.KinshipServiceServicer):
             raise InvalidArgument(
                 f"kinship needs at least two models, got {len(request.models)}", field="models"
             )
-        if request.mode == common_pb2.KINSHIP_MODE_FINGERPRINT:
-            raise InvalidArgument(
-                "FINGERPRINT mode needs the fingerprint cache, which this server does not have yet; use EXACT",
-                reason="MODE_UNAVAILABLE",
-                field="mode",
-            )
-        roots = self.settings.allowed_roots
-        base = resolve(spec_from_ref(request.base, "base"), roots, "base")
-        models = [resolve(spec_from_ref(m, f"models[{i}]"), roots, f"models[{i}]") for i, m in enumerate(request.models)]
+        mode = _MODES.get(request.mode)
+        if mode is None:
+            raise InvalidArgument(f"unknown kinship mode {request.mode}; use EXACT, FINGERPRINT or AUTO", field="mode")
+        # Resolved (and confined to the allowed roots) by the cache layer, which can also answer
+        # for Hub checkpoints pinned to a commit that have left the Hub cache.
+        base = spec_from_ref(request.base, "base")
+        models = [spec_from_ref(m, f"models[{i}]") for i, m in enumerate(request.models)]
         policy = request.shape_mismatch_policy
         if policy == common_pb2.SHAPE_MISMATCH_POLICY_ERROR:
             raise InvalidArgument("kinship takes SKIP or LEADING_SLICE, not ERROR", field="shape_mismatch_policy")
-        result = exact_kinship(
+        outcome = self.kinship_cache.kinship(
             base,
             models,
+            mode=mode,
             leading_slice=policy == common_pb2.SHAPE_MISMATCH_POLICY_LEADING_SLICE,
-            device=self.device,
-            chunk_bytes=self.settings.chunk_bytes,
+            per_layer=request.per_layer,
             check_cancelled=cancellation_check(context),
         )
-        _record_exact(result)
-        return kinship_response(result, per_layer=request.per_layer)
+        if outcome.source == "pass":  # weights were read
+            _record_exact(outcome.result)
+        response = kinship_response(outcome.result, per_layer=request.per_layer)
+        response.mode_used = common_pb2.KINSHIP_MODE_FINGERPRINT if outcome.mode_used == FINGERPRINT else common_pb2.KINSHIP_MODE_EXACT
+        for summary, identity in zip(response.models, outcome.identities):
+            summary.identity = identity
+        return response
 
     # -- Later issues ------------------------------------------------------------------
     def _unimplemented(self, context: grpc.ServicerContext, what: str) -> None:
         context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{what} is not implemented by this server version yet")
 
-    def RankCandidates(self, request: recommend_pb2.RankCandidatesRequest, context: grpc.ServicerContext) -> Any:
-        self._unimplemented(context, "RankCandidates")
+    # -- RankCandidates and ShouldStop (logic in recommend.py, protos in recommend_rpc.py) --
+    def _top_k_kinship(
+        self, request: Any, top: list[str], metric: str, known: dict[recommend.Pair, float], context: grpc.ServicerContext
+    ) -> tuple[dict[recommend.Pair, float], str]:
+        """Kinship of every top-k pair: `known_kinship` first, the rest from one pass over the needed members."""
+        base = spec_from_ref(request.base, "base") if request.HasField("base") else None
+        return pairwise_kinship(
+            self.settings,
+            self.device,
+            base,
+            recommend_rpc.member_checkpoints(request.members, top, spec_from_ref),
+            metric,
+            recommend_rpc.mode_of(request.mode),
+            known,
+            cancellation_check(context),
+            on_exact=_record_exact,
+        )
 
-    def ShouldStop(self, request: recommend_pb2.ShouldStopRequest, context: grpc.ServicerContext) -> Any:
-        self._unimplemented(context, "ShouldStop")
+    @rpc_method
+    def RankCandidates(
+        self, request: recommend_pb2.RankCandidatesRequest, context: grpc.ServicerContext
+    ) -> recommend_pb2.RankCandidatesResponse:
+        metric = recommend_rpc.metric_of(request.metric)
+        recommend_rpc.mode_of(request.mode)
+        members = recommend_rpc.members_of(request.members)
+        names = [m.name for m in recommend.validate_population(members, request.top_k).values()]
+        merged = recommend.validate_pairs(recommend_rpc.pairs_of(request.merged_pairs), names, field="merged_pairs")
+        known = recommend.validate_known(recommend_rpc.known_of(request.known_kinship), names, metric)
+        top = recommend.select_top_k(members, request.top_k)
+        values, mode_used = self._top_k_kinship(request, top, metric, known, context)
+        ranking = recommend.rank_candidates(
+            members, request.top_k, recommend.lookup(values), metric=metric, merged_pairs=merged
+        )
+        return recommend_rpc.rank_response(ranking, mode_used)
 
-    def RegisterCheckpoint(self, request: kinship_pb2.RegisterCheckpointRequest, context: grpc.ServicerContext) -> Any:
-        self._unimplemented(context, "RegisterCheckpoint")
+    @rpc_method
+    def ShouldStop(self, request: recommend_pb2.ShouldStopRequest, context: grpc.ServicerContext) -> recommend_pb2.ShouldStopResponse:
+        metric = recommend_rpc.metric_of(request.metric)
+        recommend_rpc.mode_of(request.mode)
+        aggregation = recommend_rpc.aggregation_of(request.aggregation)
+        members = recommend_rpc.members_of(request.members)
+        names = [m.name for m in recommend.validate_population(members, request.top_k).values()]
+        known = recommend.validate_known(recommend_rpc.known_of(request.known_kinship), names, metric)
+        options: dict[str, Any] = dict(
+            metric=metric,
+            previous_top_k=list(request.previous_top_k),
+            kinship_threshold=request.kinship_threshold if request.HasField("kinship_threshold") else None,
+            aggregation=aggregation,
+            gain_window=request.gain_window,
+            gain_threshold=request.gain_threshold if request.HasField("gain_threshold") else None,
+        )
+        recommend.validate_stop_options(members, **options)  # cheap errors before any weights are read
+        top = recommend.select_top_k(members, request.top_k)
+        values, mode_used = self._top_k_kinship(request, top, metric, known, context)
+        decision = recommend.should_stop(members, request.top_k, recommend.lookup(values), **options)
+        return recommend_rpc.stop_response(decision, mode_used)
 
-    def StartMerge(self, request: merge_pb2.StartMergeRequest, context: grpc.ServicerContext) -> Any:
-        self._unimplemented(context, "StartMerge")
+    @rpc_method
+    def RegisterCheckpoint(
+        self, request: kinship_pb2.RegisterCheckpointRequest, context: grpc.ServicerContext
+    ) -> kinship_pb2.RegisterCheckpointResponse:
+        if not request.HasField("checkpoint"):
+            raise InvalidArgument("checkpoint is required: the model to register", field="checkpoint")
+        if not request.HasField("base"):
+            raise InvalidArgument("base is required: the checkpoint the model was fine-tuned from", field="base")
+        checkpoint = spec_from_ref(request.checkpoint, "checkpoint")
+        base = spec_from_ref(request.base, "base")
+        reg = self.kinship_cache.register(checkpoint, base, check_cancelled=cancellation_check(context))
+        metrics.BYTES_READ.inc(reg.bytes_read)
+        return kinship_pb2.RegisterCheckpointResponse(
+            identity=reg.identity,
+            base_identity=reg.base_identity,
+            already_registered=reg.already_registered,
+            tensors=reg.tensors,
+            elements=reg.elements,
+            size_bytes=reg.size_bytes,
+            delta_sum=reg.delta_sum,
+            delta_sum_squares=reg.delta_sum_squares,
+            layer_norms=[kinship_pb2.LayerNorm(group=g, norm=v) for g, v in reg.layer_norms],
+            fingerprint_bytes=reg.fingerprint_bytes,
+            delta_bytes=reg.delta_bytes,
+            seconds=reg.seconds,
+        )
 
-    def GetMergeJob(self, request: merge_pb2.GetMergeJobRequest, context: grpc.ServicerContext) -> Any:
-        self._unimplemented(context, "GetMergeJob")
+    # -- Merge jobs (SLERP) ----------------------------------------------------------------
+    @rpc_method
+    def StartMerge(self, request: merge_pb2.StartMergeRequest, context: grpc.ServicerContext) -> merge_pb2.StartMergeResponse:
+        merge = merge_protos.merge_request(request, self.settings.allowed_roots)
+        return merge_pb2.StartMergeResponse(job=merge_protos.job_proto(self.jobs.submit(merge)))
 
-    def ListMergeJobs(self, request: merge_pb2.ListMergeJobsRequest, context: grpc.ServicerContext) -> Any:
-        self._unimplemented(context, "ListMergeJobs")
+    @rpc_method
+    def GetMergeJob(self, request: merge_pb2.GetMergeJobRequest, context: grpc.ServicerContext) -> merge_pb2.GetMergeJobResponse:
+        return merge_pb2.GetMergeJobResponse(job=merge_protos.job_proto(self.jobs.get(request.job_id)))
 
-    def CancelMergeJob(self, request: merge_pb2.CancelMergeJobRequest, context: grpc.ServicerContext) -> Any:
-        self._unimplemented(context, "CancelMergeJob")
+    @rpc_method
+    def ListMergeJobs(self, request: merge_pb2.ListMergeJobsRequest, context: grpc.ServicerContext) -> merge_pb2.ListMergeJobsResponse:
+        jobs, token = self.jobs.list(request.page_size, request.page_token, merge_protos.state_filter(request.state))
+        return merge_pb2.ListMergeJobsResponse(jobs=[merge_protos.job_proto(j) for j in jobs], next_page_token=token)
 
-    def WatchMergeJob(self, request: merge_pb2.WatchMergeJobRequest, context: grpc.ServicerContext) -> Iterator[Any]:
-        self._unimplemented(context, "WatchMergeJob")
-        yield from ()
+    @rpc_method
+    def CancelMergeJob(self, request: merge_pb2.CancelMergeJobRequest, context: grpc.ServicerContext) -> merge_pb2.CancelMergeJobResponse:
+        return merge_pb2.CancelMergeJobResponse(job=merge_protos.job_proto(self.jobs.cancel(request.job_id)))
+
+    @rpc_stream_method
+    def WatchMergeJob(self, request: merge_pb2.WatchMergeJobRequest, context: grpc.ServicerContext) -> Iterator[merge_pb2.WatchMergeJobResponse]:
+        for record in self.jobs.watch(request.job_id, context.is_active):
+            yield merge_pb2.WatchMergeJobResponse(job=merge_protos.job_proto(record))
+
+
+_MODES = {
+    common_pb2.KINSHIP_MODE_UNSPECIFIED: AUTO,
+    common_pb2.KINSHIP_MODE_AUTO: AUTO,
+    common_pb2.KINSHIP_MODE_EXACT: EXACT,
+    common_pb2.KINSHIP_MODE_FINGERPRINT: FINGERPRINT,
+}
 
 
 def _record_exact(result: ExactKinship) -> None:

@@ -69,6 +69,10 @@ class Settings:
     """Working memory for streamed tensor chunks (all checkpoints of one request together)."""
     grace_seconds: float = 20.0
     """On SIGTERM, in-flight RPCs get this long to finish before they are cancelled."""
+    drain_seconds: float = 0.0
+    """On SIGTERM, health answers NOT_SERVING this long while RPCs are still served, before the grace period."""
+    health_port: int = 0
+    """Extra plaintext port serving only grpc.health.v1 (Kubernetes probes when TLS is on); 0: none."""
     log_level: str = "INFO"
     """Python logging level."""
     log_format: str = "json"
@@ -122,6 +126,8 @@ class Settings:
                 raise ConfigError(f"KINSHIP_{name.upper()} must be at least 1")
         if self.max_queued_merge_jobs < 0 or self.grace_seconds < 0:
             raise ConfigError("KINSHIP_MAX_QUEUED_MERGE_JOBS and KINSHIP_GRACE_SECONDS must be >= 0")
+        if self.drain_seconds < 0 or not 0 <= self.health_port <= 65535:
+            raise ConfigError("KINSHIP_DRAIN_SECONDS must be >= 0 and KINSHIP_HEALTH_PORT in 0..65535")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ConfigError("set both KINSHIP_TLS_CERT_FILE and KINSHIP_TLS_KEY_FILE, or neither")
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
@@ -142,8 +148,10 @@ def _convert(name: str, raw: str) -> object:
         return int(raw)
     if name in ("cache_size_limit", "max_message_bytes", "chunk_bytes"):
         return parse_bytes(raw)
-    if name == "grace_seconds":
+    if name in ("grace_seconds", "drain_seconds"):
         return float(raw)
+    if name == "health_port":
+        return int(raw)
     if name == "allowed_roots":
         return tuple(Path(p).expanduser() for p in raw.split(os.pathsep) if p)
     if name in ("cache_dir", "output_root"):

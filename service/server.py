@@ -24,7 +24,7 @@ from grpc_reflection.v1alpha import reflection
 
 from kinship_client.v1 import service_pb2, service_pb2_grpc
 
-from . import __version__, metrics
+from . import __version__, auth, metrics
 from .api import KinshipServicer
 from .config import ConfigError, Settings
 
@@ -89,27 +89,45 @@ class RunningServer:
     port: int
     settings: Settings
     metrics_server: Any = None
+    health_server: grpc.Server | None = None
 
     @property
     def address(self) -> str:
         host = "127.0.0.1" if self.settings.host in ("0.0.0.0", "[::]", "") else self.settings.host
         return f"{host}:{self.port}"
 
-    def stop(self, grace: float | None = None) -> None:
-        """Mark every service NOT_SERVING, then stop, giving in-flight RPCs `grace` seconds."""
+    def stop(self, grace: float | None = None, drain: float = 0.0) -> None:
+        """Mark every service NOT_SERVING, keep serving `drain` seconds, then stop, giving in-flight RPCs `grace` seconds.
+
+        The drain lets probes and load balancers see NOT_SERVING and route elsewhere
+        while the server still accepts calls; after `grace` unfinished RPCs are cancelled
+        (their work stops at its next cancellation check).
+        """
         self.health.enter_graceful_shutdown()
+        if drain > 0:
+            time.sleep(drain)
         grace = self.settings.grace_seconds if grace is None else grace
-        self.server.stop(grace).wait()
+        stopped = self.server.stop(grace)
+        # Merge jobs get the same grace to finish; then they stop and leave no partial output.
+        self.servicer.jobs.shutdown(grace)
+        stopped.wait()
+        if self.health_server is not None:
+            self.health_server.stop(0).wait()
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
 
 
 def serve(settings: Settings) -> RunningServer:
     """Build, bind and start the server; health turns SERVING once it is ready."""
+    credentials = auth.server_credentials(settings)  # ConfigError on unreadable PEM files, before any work
+    interceptors: list[grpc.ServerInterceptor] = [metrics.MetricsInterceptor()]  # outermost: counts refusals too
+    tokens = auth.token_source(settings)
+    if tokens is not None:
+        interceptors.append(auth.BearerTokenInterceptor(tokens))
     servicer = KinshipServicer(settings)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="rpc"),
-        interceptors=[metrics.MetricsInterceptor()],
+        interceptors=interceptors,
         options=grpc_options(settings),
         maximum_concurrent_rpcs=settings.max_workers * 4,
     )
@@ -122,9 +140,20 @@ def serve(settings: Settings) -> RunningServer:
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
     address = f"{settings.host}:{settings.port}"
-    port = server.add_insecure_port(address)
+    if credentials is not None:
+        port = server.add_secure_port(address, credentials)
+    else:
+        port = server.add_insecure_port(address)
     if port == 0:
         raise RuntimeError(f"cannot bind {address}: is the port in use?")
+    health_server = None
+    if settings.health_port:
+        # Plaintext, health only: Kubernetes' native gRPC probes speak neither TLS nor tokens.
+        health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="health"))
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        if health_server.add_insecure_port(f"{settings.host}:{settings.health_port}") == 0:
+            raise RuntimeError(f"cannot bind health port {settings.health_port}: is it in use?")
+        health_server.start()
     metrics_server = metrics.start_metrics_server(settings.metrics_port, settings.host)
     server.start()
     metrics.BUILD_INFO.labels(__version__, str(servicer.device)).set(1)
@@ -132,9 +161,18 @@ def serve(settings: Settings) -> RunningServer:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info(
         "serving",
-        extra={"address": address, "port": port, "metrics_port": settings.metrics_port, "device": str(servicer.device)},
+        extra={
+            "address": address,
+            "port": port,
+            "metrics_port": settings.metrics_port,
+            "health_port": settings.health_port,
+            "device": str(servicer.device),
+            "tls": credentials is not None,
+            "mutual_tls": settings.tls_client_ca_file is not None,
+            "auth": tokens is not None,
+        },
     )
-    return RunningServer(server, health_servicer, servicer, port, settings, metrics_server)
+    return RunningServer(server, health_servicer, servicer, port, settings, metrics_server, health_server)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,22 +191,34 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kinship-server: configuration error: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings)
+    stop = threading.Event()
+    received: list[int] = []
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        received.append(signum)
+        log.info(
+            "shutting down",
+            extra={
+                "signal": signal.Signals(signum).name,
+                "drain_seconds": settings.drain_seconds,
+                "grace_seconds": settings.grace_seconds,
+            },
+        )
+        stop.set()
+
+    # Installed before the server starts, so a SIGTERM right after start-up still shuts down gracefully.
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     try:
         running = serve(settings)
-    except (RuntimeError, OSError) as exc:
+    except (ConfigError, RuntimeError, OSError) as exc:
         log.error("cannot start: %s", exc)
         return 1
     # Tells a parent process (tests, the demo) which port was bound when KINSHIP_PORT=0.
     print(f"kinship-server listening on {running.address}", flush=True)
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        log.info("shutting down", extra={"signal": signal.Signals(signum).name, "grace_seconds": settings.grace_seconds})
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    stop.wait()
-    running.stop()
+    while not stop.wait(1.0):  # a timed wait keeps the main thread responsive to signals
+        pass
+    # Ctrl-C (SIGINT) skips the drain: nobody routes traffic by probe to an interactive server.
+    running.stop(drain=settings.drain_seconds if received[0] == signal.SIGTERM else 0.0)
     log.info("stopped")
     return 0

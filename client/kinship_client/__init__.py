@@ -10,6 +10,18 @@ from .client import (
     checkpoint_label,
     checkpoint_ref,
 )
+from .merge import MergeError, MergeJobInfo, MergeOperation
+from .population import (
+    KinshipMatrix,
+    Member,
+    MemberGain,
+    Population,
+    PopulationFileError,
+    RankResult,
+    Recommendation,
+    StopResult,
+    load_population,
+)
 
 __all__ = [
     "KinshipClient",
@@ -20,4 +32,16 @@ __all__ = [
     "Values",
     "checkpoint_label",
     "checkpoint_ref",
+    "KinshipMatrix",
+    "Member",
+    "MemberGain",
+    "Population",
+    "PopulationFileError",
+    "RankResult",
+    "Recommendation",
+    "StopResult",
+    "load_population",
+    "MergeError",
+    "MergeJobInfo",
+    "MergeOperation",
 ]

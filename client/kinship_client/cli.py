@@ -2,6 +2,8 @@
 
     kinship kinship --base /models/base /models/a /models/b        # table
     kinship --target host:50051 kinship --json --base ... A B       # JSON for machines
+    kinship rank population.yaml --top-k 3                          # which pairs to merge next
+    kinship should-stop population.yaml --exit-code                 # stop (exit 3) or continue (0)
 
 Connection options come before the subcommand; `KINSHIP_TARGET`, `KINSHIP_TOKEN`
 and `KINSHIP_TLS_CA` set their defaults. Exit status: 0 on success, 1 when the
@@ -19,6 +21,16 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .client import KinshipClient, KinshipResult, KinshipRpcError
+from .merge_cli import add_merge_commands
+from .population import (
+    KinshipMatrix,
+    MemberGain,
+    Population,
+    PopulationFileError,
+    RankResult,
+    StopResult,
+    load_population,
+)
 
 
 def _fmt(value: float, width: int = 9) -> str:
@@ -110,8 +122,176 @@ def cmd_kinship(client: KinshipClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_register(client: KinshipClient, args: argparse.Namespace) -> int:
+    reg = client.register_checkpoint(args.checkpoint, args.base, timeout=args.timeout)
+    if args.json:
+        data = {k: v for k, v in vars(reg).items() if k != "raw"}
+        _print_json(data)
+        return 0
+    state = "already registered" if reg.already_registered else "registered"
+    print(f"{args.checkpoint}: {state}, identity {reg.identity} (base {reg.base_identity})")
+    print(
+        f"tensors={reg.tensors} elements={reg.elements} size_bytes={reg.size_bytes} "
+        f"delta_norm={math.sqrt(max(reg.delta_sum_squares, 0.0)):.6g} "
+        f"delta_mean={(reg.delta_sum / reg.elements if reg.elements else float('nan')):.6g}"
+    )
+    print(f"fingerprint_bytes={reg.fingerprint_bytes} delta_bytes={reg.delta_bytes} seconds={reg.seconds:.3f}")
+    for group, norm in reg.layer_norms.items():
+        print(f"  {group:<12} norm={norm:.6g}")
+    return 0
+
+
+def format_matrix(matrix: KinshipMatrix) -> list[str]:
+    """A kinship matrix as aligned text rows."""
+    width = max([len(n) for n in matrix.names] + [9])
+    lines = [f"kinship matrix ({matrix.metric}):", " " * width + "  " + "  ".join(n.rjust(width) for n in matrix.names)]
+    for name, row in zip(matrix.names, matrix.values):
+        lines.append(name.ljust(width) + "  " + "  ".join(_fmt(v, width) for v in row))
+    return lines
+
+
+def _gains_lines(title: str, gains: Sequence[MemberGain]) -> list[str]:
+    if not gains:
+        return []
+    lines = [title]
+    for g in gains:
+        generation = f" (generation {g.generation})" if g.generation is not None else ""
+        lines.append(f"  {g.name}: {g.gain:+.4f}{generation}")
+    return lines
+
+
+def _mode_line(mode: str) -> str:
+    return "mode=none (every kinship value came from known_kinship)" if mode == "unspecified" else f"mode={mode}"
+
+
+def format_rank(result: RankResult, population: Population) -> str:
+    """Human-readable RankCandidates output."""
+    scores = {m.name: m.score for m in population.members}
+    lines = ["top-k: " + ", ".join(f"{n} ({scores.get(n)})" for n in result.top_k)]
+    if not result.recommendations:
+        lines.append("no recommendations: every pair among the top-k was merged already")
+    width = max([len(n) for n in result.top_k] + [6])
+    lines.append(f" #  {'kind':<12} {'first'.ljust(width)}  {'second'.ljust(width)}  {'mean score':>10}  {'kinship':>9}")
+    for i, r in enumerate(result.recommendations, 1):
+        lines.append(
+            f"{i:>2}  {r.kind:<12} {r.first.ljust(width)}  {r.second.ljust(width)}  {r.mean_score:>10.4f}  {_fmt(r.kinship)}"
+        )
+        lines.append(f"    {r.reason}")
+    lines += format_matrix(result.matrix)
+    lines += _gains_lines("merge gains:", result.gains)
+    lines.append(_mode_line(result.mode))
+    return "\n".join(lines)
+
+
+def format_stop(result: StopResult) -> str:
+    """Human-readable ShouldStop output."""
+    lines = [("STOP" if result.stop else "CONTINUE") + (": " + ", ".join(result.reasons) if result.reasons else ""), result.summary]
+    lines.append(f"top-k: {', '.join(result.top_k)}")
+    lines.append(f"aggregated kinship {result.aggregated_kinship:.6f}, threshold {result.kinship_threshold:g}")
+    lines += format_matrix(result.matrix)
+    lines += _gains_lines("recent merge gains:", result.recent_gains)
+    lines.append(_mode_line(result.mode))
+    return "\n".join(lines)
+
+
+def _matrix_json(matrix: KinshipMatrix) -> dict[str, Any]:
+    return {"names": matrix.names, "values": matrix.values, "metric": matrix.metric}
+
+
+def _gain_json(gain: MemberGain) -> dict[str, Any]:
+    return {"name": gain.name, "gain": gain.gain, "generation": gain.generation}
+
+
+def rank_to_json(result: RankResult) -> dict[str, Any]:
+    return {
+        "recommendations": [
+            {k: getattr(r, k) for k in ("first", "second", "kind", "kinship", "mean_score", "reason")}
+            for r in result.recommendations
+        ],
+        "top_k": result.top_k,
+        "matrix": _matrix_json(result.matrix),
+        "gains": [_gain_json(g) for g in result.gains],
+        "mode": result.mode,
+    }
+
+
+def stop_to_json(result: StopResult) -> dict[str, Any]:
+    return {
+        "stop": result.stop,
+        "reasons": result.reasons,
+        "summary": result.summary,
+        "top_k": result.top_k,
+        "aggregated_kinship": result.aggregated_kinship,
+        "kinship_threshold": result.kinship_threshold,
+        "matrix": _matrix_json(result.matrix),
+        "recent_gains": [_gain_json(g) for g in result.recent_gains],
+        "mode": result.mode,
+    }
+
+
+def _load_population(args: argparse.Namespace) -> tuple[Population, int]:
+    """The population file and the top-k to use (flag, else the file's `top_k`)."""
+    population = load_population(args.population)
+    top_k = args.top_k if args.top_k is not None else population.top_k
+    if top_k is None:
+        raise PopulationFileError(f"{args.population}: give --top-k or a top_k key in the file")
+    return population, top_k
+
+
+def cmd_rank(client: KinshipClient, args: argparse.Namespace) -> int:
+    try:
+        population, top_k = _load_population(args)
+    except PopulationFileError as exc:
+        print(f"kinship: {exc}", file=sys.stderr)
+        return 2
+    result = client.rank_candidates(
+        population.members,
+        top_k=top_k,
+        base=args.base or population.base,
+        merged_pairs=population.merged_pairs,
+        metric=args.metric,
+        mode=args.mode,
+        known_kinship=population.known_kinship,
+        timeout=args.timeout,
+    )
+    if args.json:
+        _print_json(rank_to_json(result))
+    else:
+        print(format_rank(result, population))
+    return 0
+
+
+def cmd_should_stop(client: KinshipClient, args: argparse.Namespace) -> int:
+    try:
+        population, top_k = _load_population(args)
+    except PopulationFileError as exc:
+        print(f"kinship: {exc}", file=sys.stderr)
+        return 2
+    result = client.should_stop(
+        population.members,
+        top_k=top_k,
+        base=args.base or population.base,
+        previous_top_k=population.previous_top_k,
+        kinship_threshold=args.threshold,
+        aggregation=args.aggregation,
+        metric=args.metric,
+        gain_window=args.gain_window,
+        gain_threshold=args.gain_threshold,
+        mode=args.mode,
+        known_kinship=population.known_kinship,
+        timeout=args.timeout,
+    )
+    if args.json:
+        _print_json(stop_to_json(result))
+    else:
+        print(format_stop(result))
+    return 3 if args.exit_code and result.stop else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kinship", description="Client of the model-kinship gRPC service.")
+    parser = argparse.ArgumentParser(
+        prog="kinship", description="Client of the model-kinship gRPC service.", allow_abbrev=False  # `merge --t` is not `--target`
+    )
     parser.add_argument("--target", default=os.environ.get("KINSHIP_TARGET", "localhost:50051"), help="server host:port")
     parser.add_argument("--token", default=os.environ.get("KINSHIP_TOKEN"), help="bearer token (or KINSHIP_TOKEN)")
     parser.add_argument("--tls-ca", default=os.environ.get("KINSHIP_TLS_CA"), help="CA bundle (PEM): use TLS")
@@ -128,6 +308,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shape-mismatch", choices=["skip", "leading_slice"], default="skip")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_kinship)
+
+    p = sub.add_parser("register", help="cache a checkpoint's fingerprint and delta against a base ahead of time")
+    p.add_argument("--base", required=True, help="base checkpoint: server path or hf://owner/name[@rev]")
+    p.add_argument("checkpoint", help="the checkpoint to register")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=cmd_register)
+
+    for name, help_text, func in (
+        ("rank", "which pairs of a population to merge next (RankCandidates)", cmd_rank),
+        ("should-stop", "whether a merging loop should stop (ShouldStop)", cmd_should_stop),
+    ):
+        p = sub.add_parser(name, help=help_text, description=help_text + "; the population file format is in docs/population.md")
+        p.add_argument("population", help="population file (.json, or .yaml/.yml with PyYAML installed)")
+        p.add_argument("--top-k", type=int, default=None, help="top-k size (default: the file's top_k)")
+        p.add_argument("--base", default=None, help="base checkpoint (default: the file's base)")
+        p.add_argument("--metric", choices=["pcc", "cosine", "euclidean"], default="pcc")
+        p.add_argument("--mode", choices=["auto", "exact", "fingerprint"], default="auto")
+        p.add_argument("--json", action="store_true", help="print JSON instead of text")
+        p.set_defaults(func=func)
+        if name == "should-stop":
+            p.add_argument("--threshold", type=float, default=None, help="kinship threshold (default 0.9; required for euclidean)")
+            p.add_argument("--aggregation", choices=["mean", "min", "max"], default="mean")
+            p.add_argument("--gain-window", type=int, default=0, help="GAIN_PLATEAU over the last N merges (0: off)")
+            p.add_argument("--gain-threshold", type=float, default=None, help="GAIN_PLATEAU fires below this gain (default 0)")
+            p.add_argument("--exit-code", action="store_true", help="exit with status 3 when the answer is stop")
+    add_merge_commands(sub)
     return parser
 
 

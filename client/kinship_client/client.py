@@ -15,11 +15,15 @@ request field at fault.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence, Union
+from typing import Any, Iterator, Sequence, Union
 
 import grpc
 
 from .v1 import common_pb2, kinship_pb2, service_pb2_grpc
+from .merge import MergeJobInfo, MergeOperation, TLike, dtype_value, interpolation_factor, iter_watch, state_value
+from .v1 import merge_pb2
+from .v1 import recommend_pb2
+from .population import AGGREGATIONS, METRICS, KnownKinshipLike, Member, RankResult, StopResult, known_kinship_triples
 
 CheckpointLike = Union[str, common_pb2.CheckpointRef]
 
@@ -171,6 +175,25 @@ class KinshipResult:
         return out
 
 
+@dataclass(frozen=True)
+class Registration:
+    """The answer of RegisterCheckpoint. `raw` is the response proto."""
+
+    identity: str
+    base_identity: str
+    already_registered: bool
+    tensors: int
+    elements: int
+    size_bytes: int
+    delta_sum: float
+    delta_sum_squares: float
+    layer_norms: dict[str, float]
+    fingerprint_bytes: int
+    delta_bytes: int
+    seconds: float
+    raw: kinship_pb2.RegisterCheckpointResponse = field(repr=False)
+
+
 def _pairs(messages: Sequence[kinship_pb2.PairKinship]) -> list[Pair]:
     return [Pair(p.first, p.second, Values.from_proto(p.values)) for p in messages]
 
@@ -233,6 +256,129 @@ class KinshipClient:
         except grpc.FutureTimeoutError:
             raise KinshipRpcError(grpc.StatusCode.UNAVAILABLE, f"server not reachable within {timeout}s") from None
 
+    # -- merge jobs ----------------------------------------------------------------------
+    def _merge_request(
+        self,
+        model_a: CheckpointLike | None,
+        model_b: CheckpointLike | None,
+        t: TLike | None,
+        output_path: str,
+        dtype: str | None,
+        request_id: str | None,
+        overwrite: bool,
+        max_shard_bytes: int,
+        shape_mismatch: str,
+        mergekit_yaml: str | None,
+    ) -> merge_pb2.StartMergeRequest:
+        if shape_mismatch not in ("error", "leading_slice"):
+            raise ValueError("shape_mismatch is 'error' or 'leading_slice'")
+        request = merge_pb2.StartMergeRequest(
+            request_id=request_id or "",
+            output_path=output_path,
+            dtype=dtype_value(dtype),
+            max_shard_bytes=max_shard_bytes,
+            shape_mismatch_policy=_POLICIES[shape_mismatch],
+            overwrite=overwrite,
+        )
+        if mergekit_yaml:
+            request.mergekit_yaml = mergekit_yaml
+        else:
+            if model_a is None or model_b is None:
+                raise ValueError("give model_a and model_b, or mergekit_yaml")
+            request.model_a.CopyFrom(checkpoint_ref(model_a))
+            request.model_b.CopyFrom(checkpoint_ref(model_b))
+            request.t.CopyFrom(interpolation_factor(0.5 if t is None else t))
+        return request
+
+    def start_merge(
+        self,
+        model_a: CheckpointLike | None,
+        model_b: CheckpointLike | None,
+        *,
+        t: TLike = 0.5,
+        output_path: str,
+        dtype: str | None = None,
+        request_id: str | None = None,
+        overwrite: bool = False,
+        max_shard_bytes: int = 0,
+        shape_mismatch: str = "error",
+        mergekit_yaml: str | None = None,
+        timeout: float | None = None,
+    ) -> MergeJobInfo:
+        """Start a SLERP merge of `model_a` (t = 0) and `model_b` (t = 1) into `output_path` (under the server's output root).
+
+        Returns at once with the queued job. `t`: a float, a list of layer anchors, or a list of
+        `{"filter": ..., "value": ...}` entries. `dtype`: bfloat16, float16 or float32 (default: A's).
+        `request_id` makes the call idempotent. `mergekit_yaml` (the text of a mergekit slerp
+        config) replaces model_a, model_b and t.
+        """
+        request = self._merge_request(
+            model_a, model_b, t, output_path, dtype, request_id, overwrite, max_shard_bytes, shape_mismatch, mergekit_yaml
+        )
+        response: merge_pb2.StartMergeResponse = self._call(self.stub.StartMerge, request, timeout)
+        return MergeJobInfo.from_proto(response.job)
+
+    def merge(
+        self,
+        model_a: CheckpointLike | None,
+        model_b: CheckpointLike | None,
+        *,
+        t: TLike = 0.5,
+        output_path: str,
+        dtype: str | None = None,
+        request_id: str | None = None,
+        overwrite: bool = False,
+        max_shard_bytes: int = 0,
+        shape_mismatch: str = "error",
+        mergekit_yaml: str | None = None,
+        timeout: float | None = None,
+    ) -> MergeOperation:
+        """Like start_merge, returning a MergeOperation: `op.wait()` follows the job to its end."""
+        info = self.start_merge(
+            model_a,
+            model_b,
+            t=t,
+            output_path=output_path,
+            dtype=dtype,
+            request_id=request_id,
+            overwrite=overwrite,
+            max_shard_bytes=max_shard_bytes,
+            shape_mismatch=shape_mismatch,
+            mergekit_yaml=mergekit_yaml,
+            timeout=timeout,
+        )
+        return MergeOperation(self, info)
+
+    def get_merge_job(self, job_id: str, *, timeout: float | None = None) -> MergeJobInfo:
+        """The job's current state and progress."""
+        response = self._call(self.stub.GetMergeJob, merge_pb2.GetMergeJobRequest(job_id=job_id), timeout)
+        return MergeJobInfo.from_proto(response.job)
+
+    def list_merge_jobs(
+        self, page_size: int = 0, page_token: str = "", state: str | None = None, *, timeout: float | None = None
+    ) -> tuple[list[MergeJobInfo], str]:
+        """One page of jobs, newest first, and the token of the next page ('' on the last)."""
+        request = merge_pb2.ListMergeJobsRequest(page_size=page_size, page_token=page_token, state=state_value(state))
+        response = self._call(self.stub.ListMergeJobs, request, timeout)
+        return [MergeJobInfo.from_proto(j) for j in response.jobs], response.next_page_token
+
+    def cancel_merge_job(self, job_id: str, *, timeout: float | None = None) -> MergeJobInfo:
+        """Cancel a job; returns it cancelled, or in its final state when it had already ended."""
+        response = self._call(self.stub.CancelMergeJob, merge_pb2.CancelMergeJobRequest(job_id=job_id), timeout)
+        return MergeJobInfo.from_proto(response.job)
+
+    def watch_merge_job(self, job_id: str, *, timeout: float | None = None) -> Iterator[MergeJobInfo]:
+        """Updates of a job as they happen; the iterator ends after its final state."""
+        try:
+            stream = self.stub.WatchMergeJob(
+                merge_pb2.WatchMergeJobRequest(job_id=job_id),
+                timeout=self.timeout if timeout is None else timeout,
+                metadata=self._metadata,
+            )
+            yield from iter_watch(stream)
+        except grpc.RpcError as error:
+            raise KinshipRpcError.from_rpc_error(error) from None
+
     def kinship(
         self,
         base: CheckpointLike,
@@ -270,6 +416,121 @@ class KinshipClient:
             ],
             bytes_read=response.bytes_read,
             device=response.device,
+            seconds=response.seconds,
+            raw=response,
+        )
+
+    # -- RankCandidates and ShouldStop --------------------------------------------------
+    def _population(
+        self, members: Sequence[Member], known_kinship: KnownKinshipLike
+    ) -> tuple[list[recommend_pb2.PopulationMember], list[recommend_pb2.KnownKinship]]:
+        protos = []
+        for m in members:
+            message = recommend_pb2.PopulationMember(name=m.name, parents=list(m.parents))
+            if m.checkpoint is not None:
+                message.checkpoint.CopyFrom(checkpoint_ref(m.checkpoint))
+            if m.score is not None:
+                message.score = m.score
+            if m.generation is not None:
+                message.generation = m.generation
+            protos.append(message)
+        known = [
+            recommend_pb2.KnownKinship(pair=recommend_pb2.MemberPair(first=a, second=b), value=v)
+            for a, b, v in known_kinship_triples(known_kinship)
+        ]
+        return protos, known
+
+    def rank_candidates(
+        self,
+        members: Sequence[Member],
+        *,
+        top_k: int,
+        base: CheckpointLike | None = None,
+        merged_pairs: Sequence[tuple[str, str]] = (),
+        metric: str = "pcc",
+        mode: str = "auto",
+        known_kinship: KnownKinshipLike = (),
+        timeout: float | None = None,
+    ) -> RankResult:
+        """Which pairs of the population to merge next (greedy pairs among the top-k, then one exploration merge).
+
+        `base` is needed unless every kinship value among the top-k is in `known_kinship`
+        (`{(a, b): value}` or `[(a, b, value)]`). `metric`: pcc, cosine or euclidean.
+        """
+        protos, known = self._population(members, known_kinship)
+        request = recommend_pb2.RankCandidatesRequest(
+            members=protos,
+            merged_pairs=[recommend_pb2.MemberPair(first=a, second=b) for a, b in merged_pairs],
+            top_k=top_k,
+            metric=METRICS[metric],
+            mode=_MODES[mode],
+            known_kinship=known,
+        )
+        if base is not None:
+            request.base.CopyFrom(checkpoint_ref(base))
+        return RankResult.from_proto(self._call(self.stub.RankCandidates, request, timeout))
+
+    def should_stop(
+        self,
+        members: Sequence[Member],
+        *,
+        top_k: int,
+        base: CheckpointLike | None = None,
+        previous_top_k: Sequence[str] = (),
+        kinship_threshold: float | None = None,
+        aggregation: str = "mean",
+        metric: str = "pcc",
+        gain_window: int = 0,
+        gain_threshold: float | None = None,
+        mode: str = "auto",
+        known_kinship: KnownKinshipLike = (),
+        timeout: float | None = None,
+    ) -> StopResult:
+        """Whether the merging loop should stop, with every reason that fired and the evidence.
+
+        KINSHIP_SATURATED: `aggregation` (mean, min or max) of the top-k kinship reaches
+        `kinship_threshold` (0.9 by default; required for euclidean, where it is a distance
+        ceiling). TOPK_UNCHANGED: the top-k equals `previous_top_k` (when given).
+        GAIN_PLATEAU: the last `gain_window` merged members all gained < `gain_threshold` (0).
+        """
+        protos, known = self._population(members, known_kinship)
+        request = recommend_pb2.ShouldStopRequest(
+            members=protos,
+            top_k=top_k,
+            previous_top_k=list(previous_top_k),
+            aggregation=AGGREGATIONS[aggregation],
+            metric=METRICS[metric],
+            gain_window=gain_window,
+            mode=_MODES[mode],
+            known_kinship=known,
+        )
+        if base is not None:
+            request.base.CopyFrom(checkpoint_ref(base))
+        if kinship_threshold is not None:
+            request.kinship_threshold = kinship_threshold
+        if gain_threshold is not None:
+            request.gain_threshold = gain_threshold
+        return StopResult.from_proto(self._call(self.stub.ShouldStop, request, timeout))
+
+    def register_checkpoint(self, checkpoint: CheckpointLike, base: CheckpointLike, *, timeout: float | None = None) -> Registration:
+        """Compute and cache `checkpoint`'s fingerprint and lossless delta against `base` ahead of time.
+
+        Later FINGERPRINT / AUTO kinship queries about it answer without reading weights.
+        """
+        request = kinship_pb2.RegisterCheckpointRequest(checkpoint=checkpoint_ref(checkpoint), base=checkpoint_ref(base))
+        response: kinship_pb2.RegisterCheckpointResponse = self._call(self.stub.RegisterCheckpoint, request, timeout)
+        return Registration(
+            identity=response.identity,
+            base_identity=response.base_identity,
+            already_registered=response.already_registered,
+            tensors=response.tensors,
+            elements=response.elements,
+            size_bytes=response.size_bytes,
+            delta_sum=response.delta_sum,
+            delta_sum_squares=response.delta_sum_squares,
+            layer_norms={n.group: n.norm for n in response.layer_norms},
+            fingerprint_bytes=response.fingerprint_bytes,
+            delta_bytes=response.delta_bytes,
             seconds=response.seconds,
             raw=response,
         )

@@ -1,0 +1,365 @@
+"""Merging populations for RankCandidates and ShouldStop: members, the population file, typed results.
+
+A population file (JSON always; YAML when PyYAML is installed) describes the models a
+merging loop has so far; `docs/population.md` documents the format:
+
+    base: /models/base
+    top_k: 3
+    members:
+      - {name: metamath, checkpoint: /models/metamath, score: 63.72, generation: 0}
+      - {name: model-1-1, checkpoint: /models/m11, score: 62.17, generation: 1, parents: [metamath, instruct]}
+    merged_pairs: [[metamath, instruct]]
+    known_kinship: [{pair: [metamath, instruct], value: 0.01}]
+    previous_top_k: [metamath, open-chat, instruct]
+
+Only grpcio and protobuf are needed (PyYAML is optional).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence, Union
+
+from .v1 import common_pb2, recommend_pb2
+
+METRICS = {"pcc": common_pb2.METRIC_PCC, "cosine": common_pb2.METRIC_COSINE, "euclidean": common_pb2.METRIC_EUCLIDEAN}
+AGGREGATIONS = {"mean": recommend_pb2.AGGREGATION_MEAN, "min": recommend_pb2.AGGREGATION_MIN, "max": recommend_pb2.AGGREGATION_MAX}
+
+KnownKinshipLike = Union[Mapping[tuple[str, str], float], Iterable[tuple[str, str, float]]]
+"""Kinship values already known: `{(a, b): value}` or `[(a, b, value), ...]`."""
+
+
+@dataclass(frozen=True)
+class Member:
+    """One model of a merging population.
+
+    `checkpoint` is a server path or `hf://owner/name[@revision]` (None when every kinship
+    value it needs is sent as known kinship); `score` its evaluation score (the service
+    never evaluates); `generation` 0 for foundation models; `parents` the members it was
+    merged from.
+    """
+
+    name: str
+    score: float | None = None
+    checkpoint: str | None = None
+    generation: int | None = None
+    parents: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Population:
+    """The contents of a population file."""
+
+    members: list[Member]
+    base: str | None = None
+    top_k: int | None = None
+    merged_pairs: list[tuple[str, str]] = field(default_factory=list)
+    known_kinship: list[tuple[str, str, float]] = field(default_factory=list)
+    previous_top_k: list[str] = field(default_factory=list)
+
+
+class PopulationFileError(ValueError):
+    """A population file cannot be read or does not have the documented shape."""
+
+
+@dataclass(frozen=True)
+class KinshipMatrix:
+    """A square kinship matrix between named members."""
+
+    names: list[str]
+    values: list[list[float]]
+    metric: str
+
+    def value(self, a: str, b: str) -> float:
+        """The kinship of members `a` and `b`."""
+        return self.values[self.names.index(a)][self.names.index(b)]
+
+    @classmethod
+    def from_proto(cls, message: recommend_pb2.KinshipMatrix) -> "KinshipMatrix":
+        n = len(message.names)
+        flat = list(message.values)
+        return cls(
+            names=list(message.names),
+            values=[flat[i * n : (i + 1) * n] for i in range(n)],
+            metric=_enum_name(common_pb2.Metric, message.metric, "METRIC_"),
+        )
+
+
+@dataclass(frozen=True)
+class MemberGain:
+    """Merge gain of a merged member: its score minus the mean of its parents' scores."""
+
+    name: str
+    gain: float
+    generation: int | None
+
+    @classmethod
+    def from_proto(cls, message: recommend_pb2.MemberGain) -> "MemberGain":
+        return cls(message.name, message.gain, message.generation if message.HasField("generation") else None)
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """A recommended merge: `kind` is `greedy` or `exploration`."""
+
+    first: str
+    second: str
+    kind: str
+    kinship: float
+    mean_score: float
+    reason: str
+
+    @classmethod
+    def from_proto(cls, message: recommend_pb2.Recommendation) -> "Recommendation":
+        return cls(
+            message.pair.first,
+            message.pair.second,
+            _enum_name(recommend_pb2.RecommendationKind, message.kind, "RECOMMENDATION_KIND_"),
+            message.kinship,
+            message.mean_score,
+            message.reason,
+        )
+
+
+@dataclass(frozen=True)
+class RankResult:
+    """The answer of RankCandidates. `mode` is `exact`, `fingerprint` or `unspecified` (all values known)."""
+
+    recommendations: list[Recommendation]
+    top_k: list[str]
+    matrix: KinshipMatrix
+    gains: list[MemberGain]
+    mode: str
+    raw: recommend_pb2.RankCandidatesResponse = field(repr=False)
+
+    @property
+    def greedy(self) -> list[Recommendation]:
+        """The greedy recommendations, in order."""
+        return [r for r in self.recommendations if r.kind == "greedy"]
+
+    @property
+    def exploration(self) -> Recommendation | None:
+        """The exploration recommendation, if any."""
+        return next((r for r in self.recommendations if r.kind == "exploration"), None)
+
+    @classmethod
+    def from_proto(cls, message: recommend_pb2.RankCandidatesResponse) -> "RankResult":
+        return cls(
+            recommendations=[Recommendation.from_proto(r) for r in message.recommendations],
+            top_k=list(message.top_k),
+            matrix=KinshipMatrix.from_proto(message.matrix),
+            gains=[MemberGain.from_proto(g) for g in message.gains],
+            mode=_enum_name(common_pb2.KinshipMode, message.mode_used, "KINSHIP_MODE_"),
+            raw=message,
+        )
+
+
+@dataclass(frozen=True)
+class StopResult:
+    """The answer of ShouldStop. `reasons` are `kinship_saturated`, `topk_unchanged`, `gain_plateau`."""
+
+    stop: bool
+    reasons: list[str]
+    top_k: list[str]
+    aggregated_kinship: float
+    kinship_threshold: float
+    matrix: KinshipMatrix
+    recent_gains: list[MemberGain]
+    summary: str
+    mode: str
+    raw: recommend_pb2.ShouldStopResponse = field(repr=False)
+
+    @classmethod
+    def from_proto(cls, message: recommend_pb2.ShouldStopResponse) -> "StopResult":
+        return cls(
+            stop=message.stop,
+            reasons=[_enum_name(recommend_pb2.StopReason, r, "STOP_REASON_") for r in message.reasons],
+            top_k=list(message.top_k),
+            aggregated_kinship=message.aggregated_kinship,
+            kinship_threshold=message.kinship_threshold,
+            matrix=KinshipMatrix.from_proto(message.matrix),
+            recent_gains=[MemberGain.from_proto(g) for g in message.recent_gains],
+            summary=message.summary,
+            mode=_enum_name(common_pb2.KinshipMode, message.mode_used, "KINSHIP_MODE_"),
+            raw=message,
+        )
+
+
+def _enum_name(enum: Any, value: int, prefix: str) -> str:
+    return str(enum.Name(value)).removeprefix(prefix).lower()
+
+
+def known_kinship_triples(known: KnownKinshipLike) -> list[tuple[str, str, float]]:
+    """Known kinship as (first, second, value) triples, from a dict or an iterable of triples."""
+    if isinstance(known, Mapping):
+        return [(a, b, float(v)) for (a, b), v in known.items()]
+    return [(a, b, float(v)) for a, b, v in known]
+
+
+# -- population files ---------------------------------------------------------------------
+
+
+def load_population(path: str | Path) -> Population:
+    """Read a population file: `.json`, or `.yaml`/`.yml` (needs PyYAML); other names are tried as JSON, then YAML."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise PopulationFileError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        data = _parse_json(text, path)
+    elif suffix in (".yaml", ".yml"):
+        data = _parse_yaml(text, path)
+    else:
+        try:
+            data = _parse_json(text, path)
+        except PopulationFileError:
+            data = _parse_yaml(text, path)
+    return parse_population(data, str(path))
+
+
+def _parse_json(text: str, path: Path) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PopulationFileError(f"{path}: not valid JSON: {exc}") from None
+
+
+def _parse_yaml(text: str, path: Path) -> Any:
+    try:
+        import yaml
+    except ImportError:
+        raise PopulationFileError(
+            f"{path}: reading YAML needs PyYAML (`pip install PyYAML`); or write the population as JSON"
+        ) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise PopulationFileError(f"{path}: not valid YAML: {exc}") from None
+
+
+def parse_population(data: Any, source: str = "population") -> Population:
+    """Check the shape of a decoded population document and build a Population.
+
+    Only types are checked here; the server checks the meaning (unique names, finite
+    scores, known parents, ...) and names the field at fault.
+    """
+    if not isinstance(data, Mapping):
+        raise PopulationFileError(f"{source}: the top level must be a mapping with a 'members' list")
+    unknown = sorted(set(data) - {"base", "top_k", "members", "merged_pairs", "known_kinship", "previous_top_k"})
+    if unknown:
+        raise PopulationFileError(f"{source}: unknown key(s) {', '.join(map(str, unknown))}")
+    raw_members = data.get("members")
+    if not isinstance(raw_members, list) or not raw_members:
+        raise PopulationFileError(f"{source}: 'members' must be a non-empty list")
+    members = [_member(m, f"{source}: members[{i}]") for i, m in enumerate(raw_members)]
+    base = data.get("base")
+    if base is not None and not isinstance(base, str):
+        raise PopulationFileError(f"{source}: 'base' must be a path or hf://owner/name[@revision]")
+    top_k = data.get("top_k")
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool)):
+        raise PopulationFileError(f"{source}: 'top_k' must be an integer")
+    merged = [_pair(p, f"{source}: merged_pairs[{i}]") for i, p in enumerate(_list(data, "merged_pairs", source))]
+    known = [_known(k, f"{source}: known_kinship[{i}]") for i, k in enumerate(_list(data, "known_kinship", source))]
+    previous = _list(data, "previous_top_k", source)
+    if not all(isinstance(n, str) for n in previous):
+        raise PopulationFileError(f"{source}: 'previous_top_k' must be a list of member names")
+    return Population(members, base, top_k, merged, known, [str(n) for n in previous])
+
+
+def _list(data: Mapping[str, Any], key: str, source: str) -> list[Any]:
+    value = data.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise PopulationFileError(f"{source}: '{key}' must be a list")
+    return value
+
+
+def _member(raw: Any, where: str) -> Member:
+    if not isinstance(raw, Mapping):
+        raise PopulationFileError(f"{where}: must be a mapping with name, checkpoint and score")
+    unknown = sorted(set(raw) - {"name", "checkpoint", "score", "generation", "parents"})
+    if unknown:
+        raise PopulationFileError(f"{where}: unknown key(s) {', '.join(map(str, unknown))}")
+    name = raw.get("name")
+    if not isinstance(name, str):
+        raise PopulationFileError(f"{where}: 'name' must be a string")
+    score = raw.get("score")
+    if score is not None:
+        if isinstance(score, bool) or not isinstance(score, (int, float)):
+            # Strings such as "nan" or ".nan" would be silently ambiguous; numbers only.
+            raise PopulationFileError(f"{where}: 'score' must be a number")
+        score = float(score)
+    checkpoint = raw.get("checkpoint")
+    if checkpoint is not None and not isinstance(checkpoint, str):
+        raise PopulationFileError(f"{where}: 'checkpoint' must be a path or hf://owner/name[@revision]")
+    generation = raw.get("generation")
+    if generation is not None and (not isinstance(generation, int) or isinstance(generation, bool)):
+        raise PopulationFileError(f"{where}: 'generation' must be an integer")
+    parents = raw.get("parents") or []
+    if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
+        raise PopulationFileError(f"{where}: 'parents' must be a list of member names")
+    return Member(name=name, score=score, checkpoint=checkpoint, generation=generation, parents=tuple(parents))
+
+
+def _pair(raw: Any, where: str) -> tuple[str, str]:
+    if isinstance(raw, Mapping) and set(raw) == {"first", "second"}:
+        raw = [raw["first"], raw["second"]]
+    if not isinstance(raw, list) or len(raw) != 2 or not all(isinstance(n, str) for n in raw):
+        raise PopulationFileError(f"{where}: a pair is [name, name] or {{first: name, second: name}}")
+    return (raw[0], raw[1])
+
+
+def _known(raw: Any, where: str) -> tuple[str, str, float]:
+    if isinstance(raw, Mapping):
+        if set(raw) != {"pair", "value"}:
+            raise PopulationFileError(f"{where}: known kinship is {{pair: [name, name], value: number}}")
+        first, second = _pair(raw["pair"], where)
+        value = raw["value"]
+    elif isinstance(raw, list) and len(raw) == 3:
+        first, second = _pair(raw[:2], where)
+        value = raw[2]
+    else:
+        raise PopulationFileError(f"{where}: known kinship is {{pair: [name, name], value: number}} or [name, name, number]")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise PopulationFileError(f"{where}: 'value' must be a number")
+    return (first, second, float(value))
+
+
+def population_to_json(population: Population) -> dict[str, Any]:
+    """A population as a JSON-ready document in the file format (the inverse of `parse_population`)."""
+
+    def member(m: Member) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": m.name}
+        if m.checkpoint is not None:
+            out["checkpoint"] = m.checkpoint
+        if m.score is not None:
+            out["score"] = m.score
+        if m.generation is not None:
+            out["generation"] = m.generation
+        if m.parents:
+            out["parents"] = list(m.parents)
+        return out
+
+    doc: dict[str, Any] = {}
+    if population.base is not None:
+        doc["base"] = population.base
+    if population.top_k is not None:
+        doc["top_k"] = population.top_k
+    doc["members"] = [member(m) for m in population.members]
+    if population.merged_pairs:
+        doc["merged_pairs"] = [list(p) for p in population.merged_pairs]
+    if population.known_kinship:
+        doc["known_kinship"] = [{"pair": [a, b], "value": v} for a, b, v in population.known_kinship]
+    if population.previous_top_k:
+        doc["previous_top_k"] = list(population.previous_top_k)
+    return doc
+
+
+def members_from(items: Sequence[Member | Mapping[str, Any]]) -> list[Member]:
+    """Members given as Member objects or as mappings in the file format."""
+    return [m if isinstance(m, Member) else _member(m, f"members[{i}]") for i, m in enumerate(items)]

@@ -1,0 +1,156 @@
+"""examples/evolve.py end to end: a real server merges, ranks and stops on small generated checkpoints."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from kinship_client import KinshipClient
+from kinship_service.synthetic import make_base, make_family, save_checkpoint
+
+from .conftest import SMALL
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "evolve.py"
+
+
+def load_example():
+    spec = importlib.util.spec_from_file_location("evolve_example", EXAMPLE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+def read_weights(directory: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory (single file or shards), with safetensors."""
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            for name in handle.keys():
+                tensors[name] = handle.get_tensor(name)
+    return tensors
+
+
+class StandInEvaluation:
+    """A deterministic 'benchmark': 100 x cosine between a model's task vector and a hidden target.
+
+    The target is the sum of the foundation task vectors, so merges that combine them score
+    higher, like the paper's learning stage. Computed in float64 from the weights on disk.
+    """
+
+    def __init__(self, base: dict[str, torch.Tensor], foundation: list[dict[str, torch.Tensor]]) -> None:
+        self.names = sorted(base)
+        self.base = torch.cat([base[n].double().ravel() for n in self.names])
+        self.target = sum(torch.cat([m[n].double().ravel() for n in self.names]) - self.base for m in foundation)
+        self.calls: list[str] = []
+
+    def __call__(self, path: str) -> float:
+        self.calls.append(path)
+        weights = read_weights(path)
+        delta = torch.cat([weights[n].double().ravel() for n in self.names]) - self.base
+        return float(100.0 * (delta @ self.target) / (delta.norm() * self.target.norm()))
+
+
+def test_evolve_runs_algorithm_1_until_should_stop(server_factory, model_root, tmp_path):
+    merges = tmp_path / "merges"
+    merges.mkdir()
+    server = server_factory(allowed_roots=(model_root, merges), output_root=merges)
+    base = make_base(SMALL, seed=0)
+    family = make_family(base, 3, rho=0.2, seed=7)
+    foundation = {}
+    for name, model in zip(["alpha", "beta", "gamma"], family):
+        foundation[name] = str(save_checkpoint(model, model_root / name, config=SMALL.config(torch.float32)))
+    base_path = str(save_checkpoint(base, model_root / "base", config=SMALL.config(torch.float32)))
+    evaluate = StandInEvaluation(base, family)
+    evolve = load_example()
+    lines: list[str] = []
+    with KinshipClient(server.address, timeout=120) as client:
+        result = evolve.evolve(
+            client, base_path, foundation, evaluate, top_k=3, output_prefix="run1", max_generations=6, log=lines.append
+        )
+
+    # It stopped because ShouldStop said so, not at the generation limit.
+    assert result.stop_reasons and set(result.stop_reasons) <= {"kinship_saturated", "topk_unchanged", "gain_plateau"}
+    last = result.generations[-1]
+    assert last.decision.startswith("stop (")
+    assert all(not r.decision.startswith("stop") for r in result.generations[:-1])
+    # Generation 1 merged every pair of the three foundation models.
+    first = [m for m in result.models.values() if m.generation == 1]
+    assert {frozenset(m.parents) for m in first} == {
+        frozenset(p) for p in [("alpha", "beta"), ("alpha", "gamma"), ("beta", "gamma")]
+    }
+    # Every merged model exists under the output root, was evaluated once, and its gain is
+    # its score minus its parents' mean.
+    merged = [m for m in result.models.values() if m.parents]
+    assert result.merges == len(merged) >= 3
+    assert len(evaluate.calls) == len(result.models)
+    for m in merged:
+        assert Path(m.path).is_dir() and Path(m.path).resolve().is_relative_to(merges.resolve())
+        parents = [result.models[p] for p in m.parents]
+        assert m.gain == pytest.approx(m.score - sum(p.score for p in parents) / 2, abs=1e-12)
+        assert m.score == pytest.approx(evaluate(m.path), abs=1e-12)  # deterministic
+        assert -1.0 <= m.parent_kinship <= 1.0
+    # The merge of two equally scored orthogonal-ish models lies between them: SLERP at t=0.5.
+    ab = next(m for m in first if set(m.parents) == {"alpha", "beta"})
+    w_ab = read_weights(ab.path)
+    w_a = read_weights(foundation["alpha"])
+    w_b = read_weights(foundation["beta"])
+    name = "model.layers.0.mlp.up_proj.weight"
+    a, b = w_a[name].double().ravel(), w_b[name].double().ravel()
+    dot = float((a / a.norm()) @ (b / b.norm()))
+    theta = math.acos(max(-1.0, min(1.0, dot)))
+    expected = (math.sin(theta / 2) / math.sin(theta)) * (a + b)
+    assert torch.allclose(w_ab[name].double().ravel(), expected, rtol=1e-5, atol=1e-7)
+    # Merging improved on the foundation models (the stand-in rewards combining them).
+    assert result.best.generation >= 1
+    assert result.best.score > max(result.models[n].score for n in foundation)
+
+    tree = "\n".join(lines)
+    assert "generation 0 (foundation)" in tree and "generation 1: top-3 pcc kinship" in tree
+    assert f"best: {result.best.name}" in tree
+    assert "stopped after generation " in tree and "gain" in tree and "└── " in tree
+    # The final population feeds straight into RankCandidates / ShouldStop.
+    population = result.population()
+    with KinshipClient(server.address, timeout=120) as client:
+        again = client.should_stop(population.members, top_k=3, base=base_path, previous_top_k=population.previous_top_k)
+    assert again.stop
+
+
+def test_evolve_command_line(server_factory, model_root, tmp_path, capsys, monkeypatch):
+    merges = tmp_path / "merges"
+    merges.mkdir()
+    server = server_factory(allowed_roots=(model_root, merges), output_root=merges)
+    base = make_base(SMALL, seed=1)
+    family = make_family(base, 2, rho=0.5, seed=2)
+    args = ["--target", server.address, "--base", str(save_checkpoint(base, model_root / "base"))]
+    for name, model in zip(["x", "y"], family):
+        args += ["--model", f"{name}={save_checkpoint(model, model_root / name)}"]
+    # A user's evaluation module on the import path.
+    (tmp_path / "user_eval.py").write_text(
+        "from pathlib import Path\n"
+        "from safetensors.torch import load_file\n"
+        "def score(path):\n"
+        "    weights = load_file(str(sorted(Path(path).glob('*.safetensors'))[0]))\n"
+        "    return float(-weights['lm_head.weight'].double().abs().sum())\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out_file = tmp_path / "population.json"
+    evolve = load_example()
+    code = evolve.main(
+        args + ["--evaluate", "user_eval:score", "--output-prefix", "cli", "--max-generations", "3",
+                "--population-out", str(out_file)]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "generation 1" in printed and "best: " in printed
+    from kinship_client import load_population
+
+    population = load_population(out_file)
+    assert {m.name for m in population.members} >= {"x", "y", "model-1-1"}
