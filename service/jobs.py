@@ -59,7 +59,7 @@ from .merge_writer import (
     temp_dir_for,
 )
 from .slerp import InterpolationSpec
-from .sources import CheckpointSpec, HubRepo, LocalPath, check_allowed, describe, resolve
+from .sources import CheckpointSpec, HubRepo, LocalPath, describe, resolve
 
 log = logging.getLogger("kinship.jobs")
 
@@ -116,12 +116,15 @@ class MergeRequest:
     leading_slice: bool = False
     overwrite: bool = False
     num_layers: Optional[int] = None
+    base: Optional[CheckpointSpec] = None
+    """When set, the output is registered against this base before the job succeeds."""
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["model_a"] = _spec_to_json(self.model_a)
         data["model_b"] = _spec_to_json(self.model_b)
         data["t"] = self.t.to_json()
+        data["base"] = _spec_to_json(self.base) if self.base is not None else None
         return data
 
     @classmethod
@@ -130,6 +133,7 @@ class MergeRequest:
         values["model_a"] = _spec_from_json(values["model_a"])
         values["model_b"] = _spec_from_json(values["model_b"])
         values["t"] = InterpolationSpec.from_json(values["t"])
+        values["base"] = _spec_from_json(values["base"]) if values.get("base") else None
         return cls(**values)
 
 
@@ -362,6 +366,8 @@ class MergeJobManager:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.tensor_observer_factory: Optional[Callable[[JobRecord], Optional[TensorObserver]]] = None
         """Set by the server wiring to observe every output tensor of a job (e.g. the fingerprint cache)."""
+        self.output_registrar: Optional[Callable[[CheckpointSpec, CheckpointSpec], None]] = None
+        """Set by the server wiring: `registrar(output, base)` caches a finished output's fingerprint and delta."""
         self._store: Optional[_Store] = None
         self._cond = threading.Condition()
         self._live: dict[str, _Live] = {}
@@ -370,6 +376,20 @@ class MergeJobManager:
         self._closing = False
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
+
+    def _register_output(self, live: "_Live", base: CheckpointSpec) -> None:
+        """Cache the finished output's fingerprint and delta; a failure here does not fail the merge.
+
+        The output was just written, so this pass reads it from the page cache, not the disk.
+        """
+        assert self.output_registrar is not None
+        try:
+            self.output_registrar(LocalPath(live.record.output_dir), base)
+        except Exception as exc:  # noqa: BLE001 - the merged model is complete and valid either way
+            log.warning(
+                "merged model not registered in the cache",
+                extra={"job_id": live.record.job_id, "error": str(exc)},
+            )
 
     # -- life cycle ----------------------------------------------------------------------------
     @property
@@ -720,8 +740,7 @@ class MergeJobManager:
                     leading_slice=request.leading_slice,
                     num_layers=request.num_layers,
                 ),
-                chunk_elements=max(1 << 16, self.settings.chunk_bytes // 64),
-                hold_bytes=4 * self.settings.chunk_bytes,
+                chunk_elements=min(1 << 18, max(1 << 12, self.settings.chunk_bytes // 64)),
                 allowed_roots=roots,
                 progress=progress,
                 check_cancelled=check_cancelled,
@@ -737,6 +756,8 @@ class MergeJobManager:
             )
             summary = runner.run(Path(live.record.tmp_dir), Path(live.record.output_dir), overwrite=request.overwrite, card=card)
             self._update(live, True, bytes_done=summary.bytes_written, tensors_done=summary.tensors)
+            if request.base is not None and self.output_registrar is not None:
+                self._register_output(live, request.base)
             self._finish(live, SUCCEEDED, None)
         except Cancelled:
             remove_tree(Path(live.record.tmp_dir))

@@ -125,7 +125,9 @@ def merge_request(request: merge_pb2.StartMergeRequest, allowed_roots: tuple) ->
         model_a = _spec_from_ref(request.model_a, "model_a")
         model_b = _spec_from_ref(request.model_b, "model_b")
         spec = spec_from_factor(request.t)
+    base = _spec_from_ref(request.base, "base") if request.HasField("base") else None
     return MergeRequest(
+        base=base,
         model_a=model_a,
         model_b=model_b,
         t=spec,

@@ -269,6 +269,7 @@ class KinshipClient:
         max_shard_bytes: int,
         shape_mismatch: str,
         mergekit_yaml: str | None,
+        base: CheckpointLike | None = None,
     ) -> merge_pb2.StartMergeRequest:
         if shape_mismatch not in ("error", "leading_slice"):
             raise ValueError("shape_mismatch is 'error' or 'leading_slice'")
@@ -280,6 +281,8 @@ class KinshipClient:
             shape_mismatch_policy=_POLICIES[shape_mismatch],
             overwrite=overwrite,
         )
+        if base is not None:
+            request.base.CopyFrom(checkpoint_ref(base))
         if mergekit_yaml:
             request.mergekit_yaml = mergekit_yaml
         else:
@@ -303,6 +306,7 @@ class KinshipClient:
         max_shard_bytes: int = 0,
         shape_mismatch: str = "error",
         mergekit_yaml: str | None = None,
+        base: CheckpointLike | None = None,
         timeout: float | None = None,
     ) -> MergeJobInfo:
         """Start a SLERP merge of `model_a` (t = 0) and `model_b` (t = 1) into `output_path` (under the server's output root).
@@ -310,10 +314,11 @@ class KinshipClient:
         Returns at once with the queued job. `t`: a float, a list of layer anchors, or a list of
         `{"filter": ..., "value": ...}` entries. `dtype`: bfloat16, float16 or float32 (default: A's).
         `request_id` makes the call idempotent. `mergekit_yaml` (the text of a mergekit slerp
-        config) replaces model_a, model_b and t.
+        config) replaces model_a, model_b and t. `base`: cache the merged model's fingerprint
+        against this base before the job succeeds, so kinship questions about it are instant.
         """
         request = self._merge_request(
-            model_a, model_b, t, output_path, dtype, request_id, overwrite, max_shard_bytes, shape_mismatch, mergekit_yaml
+            model_a, model_b, t, output_path, dtype, request_id, overwrite, max_shard_bytes, shape_mismatch, mergekit_yaml, base
         )
         response: merge_pb2.StartMergeResponse = self._call(self.stub.StartMerge, request, timeout)
         return MergeJobInfo.from_proto(response.job)
@@ -331,6 +336,7 @@ class KinshipClient:
         max_shard_bytes: int = 0,
         shape_mismatch: str = "error",
         mergekit_yaml: str | None = None,
+        base: CheckpointLike | None = None,
         timeout: float | None = None,
     ) -> MergeOperation:
         """Like start_merge, returning a MergeOperation: `op.wait()` follows the job to its end."""
@@ -345,6 +351,7 @@ class KinshipClient:
             max_shard_bytes=max_shard_bytes,
             shape_mismatch=shape_mismatch,
             mergekit_yaml=mergekit_yaml,
+            base=base,
             timeout=timeout,
         )
         return MergeOperation(self, info)

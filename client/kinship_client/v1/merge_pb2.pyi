@@ -66,7 +66,7 @@ class InterpolationFactor(_message.Message):
     def __init__(self, entries: _Optional[_Iterable[_Union[FilteredFactor, _Mapping]]] = ...) -> None: ...
 
 class StartMergeRequest(_message.Message):
-    __slots__ = ("request_id", "model_a", "model_b", "t", "mergekit_yaml", "output_path", "dtype", "max_shard_bytes", "shape_mismatch_policy", "overwrite")
+    __slots__ = ("request_id", "model_a", "model_b", "t", "mergekit_yaml", "output_path", "dtype", "max_shard_bytes", "shape_mismatch_policy", "overwrite", "base")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_A_FIELD_NUMBER: _ClassVar[int]
     MODEL_B_FIELD_NUMBER: _ClassVar[int]
@@ -77,6 +77,7 @@ class StartMergeRequest(_message.Message):
     MAX_SHARD_BYTES_FIELD_NUMBER: _ClassVar[int]
     SHAPE_MISMATCH_POLICY_FIELD_NUMBER: _ClassVar[int]
     OVERWRITE_FIELD_NUMBER: _ClassVar[int]
+    BASE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model_a: _common_pb2.CheckpointRef
     model_b: _common_pb2.CheckpointRef
@@ -87,7 +88,8 @@ class StartMergeRequest(_message.Message):
     max_shard_bytes: int
     shape_mismatch_policy: _common_pb2.ShapeMismatchPolicy
     overwrite: bool
-    def __init__(self, request_id: _Optional[str] = ..., model_a: _Optional[_Union[_common_pb2.CheckpointRef, _Mapping]] = ..., model_b: _Optional[_Union[_common_pb2.CheckpointRef, _Mapping]] = ..., t: _Optional[_Union[InterpolationFactor, _Mapping]] = ..., mergekit_yaml: _Optional[str] = ..., output_path: _Optional[str] = ..., dtype: _Optional[_Union[Dtype, str]] = ..., max_shard_bytes: _Optional[int] = ..., shape_mismatch_policy: _Optional[_Union[_common_pb2.ShapeMismatchPolicy, str]] = ..., overwrite: _Optional[bool] = ...) -> None: ...
+    base: _common_pb2.CheckpointRef
+    def __init__(self, request_id: _Optional[str] = ..., model_a: _Optional[_Union[_common_pb2.CheckpointRef, _Mapping]] = ..., model_b: _Optional[_Union[_common_pb2.CheckpointRef, _Mapping]] = ..., t: _Optional[_Union[InterpolationFactor, _Mapping]] = ..., mergekit_yaml: _Optional[str] = ..., output_path: _Optional[str] = ..., dtype: _Optional[_Union[Dtype, str]] = ..., max_shard_bytes: _Optional[int] = ..., shape_mismatch_policy: _Optional[_Union[_common_pb2.ShapeMismatchPolicy, str]] = ..., overwrite: _Optional[bool] = ..., base: _Optional[_Union[_common_pb2.CheckpointRef, _Mapping]] = ...) -> None: ...
 
 class MergeProgress(_message.Message):
     __slots__ = ("tensors_done", "tensors_total", "bytes_done", "bytes_total", "eta_seconds")
