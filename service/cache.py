@@ -202,7 +202,10 @@ class CacheStore:
 
     def contains(self, key: str) -> bool:
         """Whether `key` is present (without reading or verifying it, and without touching its LRU time)."""
-        return key in self._cache
+        try:
+            return key in self._cache
+        except (sqlite3.Error, diskcache.Timeout):
+            return False
 
     def delete(self, key: str) -> None:
         try:

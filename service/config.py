@@ -51,6 +51,8 @@ class Settings:
     """Directories local checkpoints may be read from (`:`-separated). Empty: no local paths."""
     device: str = "auto"
     """Torch device for the math: `auto` (CUDA when present, else CPU), `cpu` or `cuda:N`."""
+    cpu_kernel: bool = True
+    """On CPU, use the fused numba kernel for exact passes (and their fingerprints) when numba is available."""
     cache_dir: Path = field(default_factory=_default_cache_dir)
     """Directory of the fingerprint, delta and pair cache (diskcache)."""
     cache_size_limit: int = 50 * 2**30
@@ -63,6 +65,10 @@ class Settings:
     """Merge jobs waiting for a worker before StartMerge answers RESOURCE_EXHAUSTED."""
     max_workers: int = 32
     """gRPC handler threads (concurrent RPCs)."""
+    heavy_workers: int = 1
+    """Heavy computations (exact passes, registrations) running at once on the heavy executor; see docs/reliability.md."""
+    heavy_queue: int = 8
+    """Heavy computations waiting for a heavy worker; beyond it heavy calls get RESOURCE_EXHAUSTED with a retry hint."""
     max_message_bytes: int = 16 * 2**20
     """Largest request or response message, in bytes."""
     chunk_bytes: int = 256 * 2**20
@@ -121,9 +127,11 @@ class Settings:
             raise ConfigError(f"KINSHIP_DEVICE={self.device!r}: use auto, cpu, cuda or cuda:N")
         if self.log_format not in ("json", "text"):
             raise ConfigError(f"KINSHIP_LOG_FORMAT={self.log_format!r}: use json or text")
-        for name in ("max_merge_jobs", "max_workers", "max_message_bytes", "chunk_bytes"):
+        for name in ("max_merge_jobs", "max_workers", "max_message_bytes", "chunk_bytes", "heavy_workers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"KINSHIP_{name.upper()} must be at least 1")
+        if self.heavy_queue < 0:
+            raise ConfigError("KINSHIP_HEAVY_QUEUE must be >= 0")
         if self.max_queued_merge_jobs < 0 or self.grace_seconds < 0:
             raise ConfigError("KINSHIP_MAX_QUEUED_MERGE_JOBS and KINSHIP_GRACE_SECONDS must be >= 0")
         if self.drain_seconds < 0 or not 0 <= self.health_port <= 65535:
@@ -143,8 +151,18 @@ class Settings:
         return self.auth_token
 
 
+def _parse_bool(raw: str) -> bool:
+    """1/0, true/false, yes/no, on/off (any case)."""
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("use true or false (1/0, yes/no)")
+
+
 def _convert(name: str, raw: str) -> object:
-    if name in ("port", "metrics_port", "max_merge_jobs", "max_queued_merge_jobs", "max_workers"):
+    if name in ("port", "metrics_port", "max_merge_jobs", "max_queued_merge_jobs", "max_workers", "heavy_workers", "heavy_queue"):
         return int(raw)
     if name in ("cache_size_limit", "max_message_bytes", "chunk_bytes"):
         return parse_bytes(raw)
@@ -152,6 +170,8 @@ def _convert(name: str, raw: str) -> object:
         return float(raw)
     if name == "health_port":
         return int(raw)
+    if name == "cpu_kernel":
+        return _parse_bool(raw)
     if name == "allowed_roots":
         return tuple(Path(p).expanduser() for p in raw.split(os.pathsep) if p)
     if name in ("cache_dir", "output_root"):

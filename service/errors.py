@@ -98,18 +98,33 @@ def status_code_number(code: grpc.StatusCode) -> int:
     return int(code.value[0])
 
 
+MAX_MESSAGE_BYTES = 1024
+"""Longest status message (UTF-8 bytes). Messages quote request values (paths, ids) and travel in
+trailers, which clients refuse beyond a few KiB: a longer one would reach the caller as a garbled
+RESOURCE_EXHAUSTED instead of the real status."""
+
+
+def clip_message(text: str, limit: int = MAX_MESSAGE_BYTES) -> str:
+    """`text`, cut to at most `limit` UTF-8 bytes (marked) so it fits in a status trailer."""
+    raw = text.encode("utf-8", "replace")
+    if len(raw) <= limit:
+        return text
+    return raw[: limit - 16].decode("utf-8", "ignore") + " ...(truncated)"
+
+
 def to_rpc_status(error: KinshipError) -> grpc.Status:
     """A rich gRPC status: one ErrorInfo, plus BadRequest or RetryInfo when they apply (AIP-193)."""
     details: list[any_pb2.Any] = []
+    message = clip_message(error.message)
     info = error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN)
     if error.field:
-        info.metadata["field"] = error.field
+        info.metadata["field"] = clip_message(error.field, 256)
     packed = any_pb2.Any()
     packed.Pack(info)
     details.append(packed)
     if error.field and error.code == grpc.StatusCode.INVALID_ARGUMENT:
         bad = error_details_pb2.BadRequest(
-            field_violations=[error_details_pb2.BadRequest.FieldViolation(field=error.field, description=error.message)]
+            field_violations=[error_details_pb2.BadRequest.FieldViolation(field=clip_message(error.field, 256), description=message)]
         )
         packed = any_pb2.Any()
         packed.Pack(bad)
@@ -120,7 +135,7 @@ def to_rpc_status(error: KinshipError) -> grpc.Status:
         packed = any_pb2.Any()
         packed.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
         details.append(packed)
-    status = status_pb2.Status(code=status_code_number(error.code), message=error.message, details=details)
+    status = status_pb2.Status(code=status_code_number(error.code), message=message, details=details)
     return rpc_status.to_status(status)
 
 

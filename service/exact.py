@@ -15,6 +15,7 @@ from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
 
+from . import cpu_kernel
 from .errors import InvalidArgument
 from .kinship_math import PairwiseMoments, Similarities, layer_group, similarities
 from .sources import Checkpoint
@@ -155,12 +156,16 @@ def exact_kinship(
     check_cancelled: Callable[[], None] = lambda: None,
     observers: Sequence[ChunkObserver] = (),
     stats: ReadStats | None = None,
+    use_cpu_kernel: bool = True,
 ) -> ExactKinship:
     """Compute PCC, cosine and Euclidean distance between the task vectors of `models` against `base`.
 
     Raises InvalidArgument when fewer than two models are given, when no tensor is
     shared with the base, or when a task vector is all zeros (similarity undefined).
     `check_cancelled` is called between chunks and should raise to abort the pass.
+    On CPU, with `use_cpu_kernel` (Settings.cpu_kernel) and numba present, the fused
+    kernel (`cpu_kernel.py`) does the math, and the fingerprint observer's work too,
+    when every observer is one it can fuse (`cpu_kernel.fused_observer`); else torch.
     """
     started = time.perf_counter()
     if len(models) < 2:
@@ -182,13 +187,28 @@ def exact_kinship(
     # Reads: each chunk is a memory-mapped slice of at most chunk_bytes / (n + 1) bytes per checkpoint.
     itemsize = max(ITEMSIZE[h[t.name].dtype] for h in headers for t in plan.tensors)
     read_elements = max(256, chunk_bytes // ((n + 1) * itemsize))
+    moments: dict[str, PairwiseMoments] = {}
+    tensors_by_group: dict[str, int] = {}
+    fused = _fused_kernel(device, observers, use_cpu_kernel)
+    if fused is not None:
+        sketch = fused[0] if fused else None
+        for tensor in plan.tensors:
+            check_cancelled()
+            group = moments.setdefault(tensor.group, PairwiseMoments(n, device=device))
+            tensors_by_group[tensor.group] = tensors_by_group.get(tensor.group, 0) + 1
+            offset = 0
+            for chunks in _lockstep(readers, tensor, read_elements):
+                cpu_kernel.accumulate(chunks, group, sketch=sketch, tensor=tensor.name, offset=offset)
+                offset += chunks[0].numel()
+                check_cancelled()
+        if sketch is not None:
+            sketch.finish(moments)
+        return _result(moments, tensors_by_group, plan, models, stats, device, started)
     # Math: float64 blocks small enough to stay in the CPU cache between the ops that use them.
     block = COMPUTE_BLOCK_ELEMENTS if device.type == "cpu" else max(256, chunk_bytes // (8 * (n + 1)))
     widest_row = max(math.prod(t.shape[1:]) for t in plan.tensors)
     buffer = torch.empty((n + 1, max(block, min(widest_row, read_elements))), dtype=torch.float64, device=device)
     block = buffer.shape[1]
-    moments: dict[str, PairwiseMoments] = {}
-    tensors_by_group: dict[str, int] = {}
     for tensor in plan.tensors:
         check_cancelled()
         group = moments.setdefault(tensor.group, PairwiseMoments(n, device=device))
@@ -208,6 +228,35 @@ def exact_kinship(
                     observer.observe(tensor, offset, deltas)
                 offset += k
             check_cancelled()
+    return _result(moments, tensors_by_group, plan, models, stats, device, started)
+
+
+def _fused_kernel(
+    device: torch.device, observers: Sequence[ChunkObserver], enabled: bool
+) -> list[cpu_kernel.FusedFingerprint] | None:
+    """The observers as fused-kernel targets ([] when none), or None: use the torch loop.
+
+    None unless enabled, on CPU, numba is present and every observer (at most one) is a
+    fingerprint observer the kernel can fill itself (`cpu_kernel.fused_observer`).
+    """
+    if not enabled or device.type != "cpu" or not cpu_kernel.available() or len(observers) > 1:
+        return None
+    targets = [cpu_kernel.fused_observer(o) for o in observers]
+    if any(t is None for t in targets):
+        return None
+    return [t for t in targets if t is not None]
+
+
+def _result(
+    moments: dict[str, PairwiseMoments],
+    tensors_by_group: dict[str, int],
+    plan: ComparisonPlan,
+    models: Sequence[Checkpoint],
+    stats: ReadStats,
+    device: torch.device,
+    started: float,
+) -> ExactKinship:
+    n = len(models)
     total = PairwiseMoments(n, device=device)
     for group_moments in moments.values():
         total.merge(group_moments)

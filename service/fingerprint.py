@@ -63,6 +63,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from .kinship_math import Similarities
@@ -216,6 +217,66 @@ def _workspace(n: int, width: int) -> torch.Tensor:
     return _WORKSPACE[0][: n * width].view(n, width)
 
 
+def _clamp(value: float, low: float, high: float) -> float:
+    """torch.clamp on one float: NaN stays NaN."""
+    return value if math.isnan(value) else min(high, max(low, value))
+
+
+def _estimate_small(fingerprints: Sequence[Fingerprint], totals: Sequence[GroupStats], count: int) -> Similarities:
+    """`estimate` for a few fingerprints (the FINGERPRINT RPC hot path) in plain floats, the same formulas.
+
+    A few float32 dot products and scalar arithmetic: tens of microseconds, where the
+    vectorised n x n path costs hundreds in per-op overhead. NumPy's dot, not torch.dot:
+    torch.dot fans out to the intra-op thread pool, which costs milliseconds per call when
+    the cores are busy (heavy work, other processes). The same kernel gives the diagonal,
+    so identical sketches give exactly 1.
+    """
+    n = len(fingerprints)
+    nan = math.nan
+    arrays = [fp.sketch.numpy() for fp in fingerprints]
+    gram = [[0.0] * n for _ in range(n)]
+    for i in range(n):
+        for j in range(i, n):
+            gram[i][j] = gram[j][i] = float(np.dot(arrays[i], arrays[j]))
+    sketch_norms = [math.sqrt(max(gram[i][i], 0.0)) for i in range(n)]
+    norms = [t.norm for t in totals]
+    sums = [t.sum for t in totals]
+    squares = [t.sum_squares for t in totals]
+    var = [count * squares[i] - sums[i] * sums[i] for i in range(n)]
+    pcc = [[nan] * n for _ in range(n)]
+    cosine = [[nan] * n for _ in range(n)]
+    euclid = [[0.0] * n for _ in range(n)]
+    for i in range(n):
+        cosine[i][i] = 1.0 if norms[i] > 0 else nan
+        pcc[i][i] = 1.0 if var[i] > 0 and count > 0 else nan
+        for j in range(n):
+            if i == j:
+                continue
+            denominator = sketch_norms[i] * sketch_norms[j]
+            cos_hat = _clamp(gram[i][j] / denominator, -1.0, 1.0) if denominator > 0 else nan
+            both = norms[i] > 0 and norms[j] > 0
+            cos = cos_hat if both else nan
+            cross = cos * (norms[i] * norms[j])
+            if var[i] > 0 and var[j] > 0 and both and count > 0:
+                value = (count * cross - sums[i] * sums[j]) / math.sqrt(max(var[i] * var[j], 1e-300))
+                pcc[i][j] = _clamp(value, -1.0, 1.0)
+            pair_squares = squares[i] + squares[j]
+            if both:
+                distance = pair_squares - 2.0 * cross
+                euclid[i][j] = nan if math.isnan(cos) else math.sqrt(max(distance, 0.0))
+            else:
+                euclid[i][j] = math.sqrt(max(pair_squares, 0.0))
+            cosine[i][j] = cos
+    return Similarities(
+        pcc=pcc,
+        cosine=cosine,
+        euclidean=euclid,
+        norms=norms,
+        means=[t.sum / count if count else nan for t in totals],
+        count=count,
+    )
+
+
 def estimate(fingerprints: Sequence[Fingerprint]) -> Similarities:
     """Estimated PCC, cosine and Euclidean matrices of n comparable fingerprints.
 
@@ -233,17 +294,11 @@ def estimate(fingerprints: Sequence[Fingerprint]) -> Similarities:
     totals = [fp.total for fp in fingerprints]
     count = totals[0].count
     if n <= 8:
-        # A few float32 dot products: no stacking or conversion (the RPC hot path). The same
-        # kernel gives the diagonal, so identical sketches give exactly 1.
-        gram_hat = torch.empty(n, n, dtype=torch.float64)
-        for i in range(n):
-            for j in range(i, n):
-                gram_hat[i, j] = gram_hat[j, i] = float(torch.dot(fingerprints[i].sketch, fingerprints[j].sketch))
-    else:
-        with _WORKSPACE_LOCK:
-            sketches = _workspace(n, first.width)
-            torch.stack([fp.sketch for fp in fingerprints], out=sketches)
-            gram_hat = (sketches @ sketches.T).to(torch.float64)
+        return _estimate_small(fingerprints, totals, count)
+    with _WORKSPACE_LOCK:
+        sketches = _workspace(n, first.width)
+        torch.stack([fp.sketch for fp in fingerprints], out=sketches)
+        gram_hat = (sketches @ sketches.T).to(torch.float64)
     sketch_norms = gram_hat.diagonal().clamp_min(0).sqrt()
     denominator = torch.outer(sketch_norms, sketch_norms)
     nan = torch.full_like(gram_hat, math.nan)

@@ -581,7 +581,9 @@ class MergeJobManager:
                 token = json.loads(base64.urlsafe_b64decode(page_token.encode()))
                 before = int(token["before"])
                 token_state = token.get("state")
-            except (ValueError, KeyError, TypeError):
+                if not 0 <= before < 2**63:  # SQLite integers; a forged token must not reach the query
+                    raise ValueError("before out of range")
+            except (ValueError, KeyError, TypeError, OverflowError, AttributeError):
                 raise InvalidArgument("page_token is not a token from ListMergeJobs", field="page_token") from None
             if token_state != state:
                 raise InvalidArgument("page_token belongs to a listing with another state filter", field="page_token")

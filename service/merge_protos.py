@@ -13,9 +13,9 @@ from google.protobuf import timestamp_pb2
 from kinship_client.v1 import common_pb2, merge_pb2
 
 from .errors import InvalidArgument
+from .refs import ref_from_spec, spec_from_ref
 from .jobs import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobRecord, MergeRequest, model_spec_from_name
 from .slerp import FactorEntry, InterpolationSpec, parse_mergekit_yaml, validate_spec
-from .sources import CheckpointSpec, HubRepo, LocalPath
 
 _STATE_TO_PROTO = {
     QUEUED: merge_pb2.MERGE_JOB_STATE_QUEUED,
@@ -70,23 +70,6 @@ def factor_from_spec(spec: InterpolationSpec) -> merge_pb2.InterpolationFactor:
     return factor
 
 
-def _spec_from_ref(ref: common_pb2.CheckpointRef, field: str) -> CheckpointSpec:
-    which = ref.WhichOneof("source")
-    if which == "path":
-        return LocalPath(ref.path)
-    if which == "hub":
-        if not ref.hub.repo_id:
-            raise InvalidArgument("hub.repo_id is empty", field=f"{field}.hub.repo_id")
-        return HubRepo(ref.hub.repo_id, ref.hub.revision)
-    raise InvalidArgument(f"{field} is not set: give a local path or a Hub repo", field=field)
-
-
-def ref_from_spec(spec: CheckpointSpec) -> common_pb2.CheckpointRef:
-    if isinstance(spec, HubRepo):
-        return common_pb2.CheckpointRef(hub=common_pb2.HubCheckpoint(repo_id=spec.repo_id, revision=spec.revision))
-    return common_pb2.CheckpointRef(path=spec.path)
-
-
 def merge_request(request: merge_pb2.StartMergeRequest, allowed_roots: tuple) -> MergeRequest:
     """Validate a StartMergeRequest (INVALID_ARGUMENT naming the field) into a MergeRequest."""
     if request.dtype not in (merge_pb2.DTYPE_UNSPECIFIED, *_DTYPES):
@@ -122,10 +105,10 @@ def merge_request(request: merge_pb2.StartMergeRequest, allowed_roots: tuple) ->
         for name in ("model_a", "model_b", "t"):
             if not request.HasField(name):
                 raise InvalidArgument(f"{name} is required (or give mergekit_yaml)", field=name)
-        model_a = _spec_from_ref(request.model_a, "model_a")
-        model_b = _spec_from_ref(request.model_b, "model_b")
+        model_a = spec_from_ref(request.model_a, "model_a")
+        model_b = spec_from_ref(request.model_b, "model_b")
         spec = spec_from_factor(request.t)
-    base = _spec_from_ref(request.base, "base") if request.HasField("base") else None
+    base = spec_from_ref(request.base, "base") if request.HasField("base") else None
     return MergeRequest(
         base=base,
         model_a=model_a,

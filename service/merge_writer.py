@@ -1,9 +1,12 @@
 """Stream a SLERP merge of two checkpoints to disk: tensor by tensor, chunk by chunk, never half-written.
 
-Memory stays bounded by a few chunk buffers (`chunk_elements` elements each), whatever the model
-size: each tensor is read in chunks twice (once for the norms and the dot product, once to
-interpolate and write; a tensor that fits one chunk is read once), and each output chunk goes
-straight to its shard file. No whole tensor, model or shard is ever held.
+Memory stays bounded by a few cache-sized chunk buffers per worker, whatever the model size:
+each tensor is read in chunks twice (once for the norms and the dot product, once to
+interpolate; a tensor that fits one chunk is read once), which measured twice as fast as
+keeping whole converted tensors between the passes, since everything stays in the CPU cache and
+the second read comes from the page cache. Each output chunk goes straight to its place in its
+shard file (`pwrite`): no tensor, shard or model is ever held. Ranges of a tensor are processed
+by a few worker threads, each doing its torch math single-threaded.
 
 We write the safetensors format ourselves (8-byte little-endian header length, a JSON header with
 dtype, shape and data_offsets, then the raw bytes) instead of calling `safetensors.torch.save_file`:
@@ -27,11 +30,11 @@ import math
 import os
 import re
 import shutil
-import queue
 import struct
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -149,7 +152,8 @@ def safetensors_header(entries: Sequence[HeaderEntry], metadata: dict[str, str] 
 
 
 class SafetensorsWriter:
-    """Writes one safetensors file whose tensors arrive as byte chunks in header order.
+    """Writes one safetensors file: the header first, then tensor bytes appended in header order
+    (`write`) or placed at their offsets from any thread (`write_at`).
 
     `finish()` checks every declared byte arrived, then flushes and fsyncs; `abort()` closes
     without any guarantee (the caller deletes the temporary directory).
@@ -160,9 +164,12 @@ class SafetensorsWriter:
         self.entries = list(entries)
         self.expected = sum(e.nbytes for e in self.entries)
         self.written = 0
+        self._lock = threading.Lock()
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        header = safetensors_header(self.entries, metadata)
+        self._data_start = len(header)
         try:
-            self._write_all(safetensors_header(self.entries, metadata))
+            self._write_all(header)
         except BaseException:
             self.abort()
             raise
@@ -180,6 +187,20 @@ class SafetensorsWriter:
             raise Internal(f"{self.path.name}: more tensor bytes than the header declares")
         self._write_all(data)
         self.written += size
+
+    def write_at(self, offset: int, data: memoryview | bytes) -> None:
+        """Write tensor bytes at `offset` of the data section (thread-safe; any order)."""
+        view = memoryview(data).cast("B")
+        size = view.nbytes
+        if offset < 0 or offset + size > self.expected:
+            raise Internal(f"{self.path.name}: a write at {offset} falls outside the declared tensor bytes")
+        position = self._data_start + offset
+        while view:
+            n = os.pwrite(self._fd, view, position)
+            view = view[n:]
+            position += n
+        with self._lock:
+            self.written += size
 
     def finish(self) -> None:
         if self.written != self.expected:
@@ -440,7 +461,7 @@ class _TorchThreads:
 
     def __enter__(self) -> "_TorchThreads":
         if self.n > 0 and self.supported():
-            self._own = torch.get_num_threads()
+            self._own = torch.get_num_threads()  # also runs ATen's lazy per-thread initialisation first
             self._global = int(_in_fresh_thread(torch.get_num_threads))  # type: ignore[arg-type]
             torch.set_num_threads(self.n)
             _in_fresh_thread(lambda: torch.set_num_threads(self._global))
@@ -452,58 +473,15 @@ class _TorchThreads:
             _in_fresh_thread(lambda: torch.set_num_threads(self._global))
 
 
-class _WriteBehind:
-    """A writer thread: output chunks are written (and shards fsynced) while the next chunk is computed.
-
-    At most `depth` chunks wait, so memory stays bounded; a write error (disk full...) is raised in
-    the producing thread at its next call.
-    """
-
-    def __init__(self, depth: int = 4) -> None:
-        self._queue: queue.Queue[tuple[str, SafetensorsWriter, torch.Tensor | None, Callable[[], None] | None]] = queue.Queue(
-            maxsize=depth
-        )
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._loop, name="merge-writer", daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while True:
-            op, writer, chunk, release = self._queue.get()
-            if op == "stop":
-                return
-            try:
-                if self._error is not None:
-                    continue  # drain without writing after a failure
-                if op == "write":
-                    assert chunk is not None
-                    writer.write(tensor_bytes(chunk))
-                else:
-                    writer.finish()
-            except BaseException as exc:  # noqa: BLE001 - handed to the producer
-                self._error = exc
-            finally:
-                if release is not None:
-                    release()
-
-    def _check(self) -> None:
-        if self._error is not None:
-            raise self._error
-
-    def write(self, writer: SafetensorsWriter, chunk: torch.Tensor, release: Callable[[], None] | None = None) -> None:
-        """Queue `chunk` (the caller must not modify it until `release` is called after the write)."""
-        self._check()
-        self._queue.put(("write", writer, chunk, release))
-
-    def finish(self, writer: SafetensorsWriter) -> None:
-        self._check()
-        self._queue.put(("finish", writer, None, None))
-
-    def close(self) -> None:
-        """Wait for every queued write; raise the first error."""
-        self._queue.put(("stop", None, None, None))  # type: ignore[arg-type]
-        self._thread.join()
-        self._check()
+def _pin_one_torch_thread() -> None:
+    """Thread-pool initializer: this worker does its torch math single-threaded (see _TorchThreads)."""
+    if _TorchThreads.supported():
+        # get_num_threads() first: it runs ATen's lazy per-thread initialisation, which would
+        # otherwise reset this thread to the process default at its first parallel op.
+        torch.get_num_threads()
+        default = int(_in_fresh_thread(torch.get_num_threads))  # type: ignore[arg-type]
+        torch.set_num_threads(1)
+        _in_fresh_thread(lambda: torch.set_num_threads(default))
 
 
 @dataclass(frozen=True)
@@ -543,7 +521,14 @@ class _Source:
 
 
 class MergeRunner:
-    """Executes a MergePlan into a temporary directory and renames it into place."""
+    """Executes a MergePlan into a temporary directory and renames it into place.
+
+    A SLERP tensor is cut into ranges of `chunk_elements`; `threads` workers (each doing its torch
+    math single-threaded, so no OpenMP barrier waits on a busy machine) read, reduce, interpolate
+    and `pwrite` their ranges at their final offsets, so reading, math and writing of different
+    ranges overlap. The partial reductions are summed in range order: the output does not depend
+    on the thread count or timing.
+    """
 
     def __init__(
         self,
@@ -551,18 +536,15 @@ class MergeRunner:
         checkpoint_b: Checkpoint,
         settings: MergeSettings,
         *,
-        chunk_elements: int = 1 << 20,
+        chunk_elements: int = 1 << 18,
         allowed_roots: Sequence[Path] = (),
         progress: ProgressFn | None = None,
         check_cancelled: Callable[[], None] | None = None,
         on_tensor: TensorObserver | None = None,
-        threads: int = 1,
-        hold_bytes: int = 2**30,
+        threads: int = 2,
     ) -> None:
-        """`threads`: torch threads for the math in the calling thread (thread-local with OpenMP). One
-        thread keeps a merge from fighting the server's other work for cores; the reads and writes
-        overlap with it on a writer thread. `hold_bytes`: a tensor whose two inputs fit in this many
-        bytes (in the working dtype) is read once and kept for the second pass instead of re-read."""
+        """`threads`: math workers. `chunk_elements`: elements per range (cache-sized works best).
+        `on_tensor(name, tensor)` sees every output tensor, whole, in the output dtype."""
         self.a = checkpoint_a
         self.b = checkpoint_b
         self.settings = settings
@@ -571,20 +553,20 @@ class MergeRunner:
         self.progress = progress
         self.check_cancelled = check_cancelled or (lambda: None)
         self.on_tensor = on_tensor
+        self.threads = max(1, threads)
         self.reader_a = CheckpointReader(checkpoint_a)
         self.reader_b = CheckpointReader(checkpoint_b)
         self._offsets: dict[Path, _FileOffsets] = {}
         self._fds: dict[Path, int] = {}
         self._buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
         self.linear = 0
         self.slerped = 0
         self._tensors_done = 0
         self._bytes_done = 0
         self._plan: MergePlan | None = None
-        self._writer: _WriteBehind | None = None
-        self._pools: dict[torch.dtype, queue.Queue[torch.Tensor]] = {}
-        self.threads = threads
-        self.hold_bytes = hold_bytes
 
     # -- planning ------------------------------------------------------------------------------
     def plan(self) -> MergePlan:
@@ -595,11 +577,19 @@ class MergeRunner:
 
     # -- buffers and reading -------------------------------------------------------------------
     def _buffer(self, key: str, dtype: torch.dtype, numel: int) -> torch.Tensor:
-        buf = self._buffers.get((key, dtype))
+        """A reusable buffer of the calling thread's own (main thread: the shared held buffers)."""
+        buffers = self._buffers if threading.current_thread() is threading.main_thread() else self._thread_buffers()
+        buf = buffers.get((key, dtype))
         if buf is None or buf.numel() < numel:
             buf = torch.empty(max(numel, 1), dtype=dtype)
-            self._buffers[(key, dtype)] = buf
+            buffers[(key, dtype)] = buf
         return buf[:numel]
+
+    def _thread_buffers(self) -> dict[tuple[str, torch.dtype], torch.Tensor]:
+        buffers = getattr(self._local, "buffers", None)
+        if buffers is None:
+            buffers = self._local.buffers = {}
+        return buffers
 
     def _source(self, reader: CheckpointReader, name: str) -> _Source:
         info = reader.tensors()[name]
@@ -615,81 +605,76 @@ class MergeRunner:
             raise FailedPrecondition(f"tensor {name} in {info.file.name} has an inconsistent size", reason="CORRUPT_SAFETENSORS")
         return source
 
+    def _read_range(self, source: _Source, key: str, start: int, stop: int) -> torch.Tensor:
+        """Elements [start, stop) of a tensor in its stored dtype, in a reusable buffer of this thread."""
+        dtype = DTYPES[source.info.dtype]
+        itemsize = ITEMSIZE[source.info.dtype]
+        count = stop - start
+        buf = self._buffer(key, dtype, max(count, 1))[:count]
+        nbytes = count * itemsize
+        view = tensor_bytes(buf)
+        offset = source.byte_range()[0] + start * itemsize
+        done = 0
+        while done < nbytes:
+            got = os.preadv(source.fd, [view[done:]], offset + done)
+            if got <= 0:
+                raise FailedPrecondition(
+                    f"{source.info.file.name} of {source.reader.checkpoint.label} ended inside tensor "
+                    f"{source.info.name}; the file was truncated or rewritten during the merge",
+                    reason="CHECKPOINT_CHANGED",
+                )
+            done += got
+        source.reader.stats.add(source.info.file, source.info.name, nbytes, start == 0)
+        return buf
+
     def _chunks(self, source: _Source, key: str, shape: tuple[int, ...], sliced: bool) -> Iterator[torch.Tensor]:
         """Flat chunks of a tensor (or its leading slice of `shape`) in its stored dtype; each valid until the next."""
-        dtype = DTYPES[source.info.dtype]
         if sliced:
             for chunk in source.reader.read_chunks(source.info.name, max_elements=self.chunk, shape=shape):
                 yield chunk.reshape(-1)
             return
-        itemsize = ITEMSIZE[source.info.dtype]
-        begin, _ = source.byte_range()
         numel = source.info.numel
-        buf = self._buffer(key, dtype, min(self.chunk, max(numel, 1)))
-        raw = tensor_bytes(buf)
-        first = True
         for start in range(0, max(numel, 1), self.chunk):
-            count = min(self.chunk, numel - start)
-            nbytes = count * itemsize
-            view = raw[:nbytes]
-            offset = begin + start * itemsize
-            done = 0
-            while done < nbytes:
-                got = os.preadv(source.fd, [view[done:]], offset + done)
-                if got <= 0:
-                    raise FailedPrecondition(
-                        f"{source.info.file.name} of {source.reader.checkpoint.label} ended inside tensor "
-                        f"{source.info.name}; the file was truncated or rewritten during the merge",
-                        reason="CHECKPOINT_CHANGED",
-                    )
-                done += got
-            source.reader.stats.add(source.info.file, source.info.name, nbytes, first)
-            first = False
-            yield buf[:count]
+            yield self._read_range(source, key, start, min(start + self.chunk, numel))
 
-    # -- per-tensor work -----------------------------------------------------------------------
-    def _emit(
-        self, writer: SafetensorsWriter, chunk: torch.Tensor, sink: torch.Tensor | None, offset: int, release: Callable[[], None] | None = None
-    ) -> None:
-        """Hand an output chunk to the writer thread; `chunk` must stay untouched until `release` runs."""
-        assert self._writer is not None
-        self._writer.write(writer, chunk, release)
+    # -- writing -------------------------------------------------------------------------------
+    def _write(self, writer: SafetensorsWriter, offset: int, chunk: torch.Tensor, sink: torch.Tensor | None, element: int) -> None:
+        """Write an output chunk at byte `offset` of the file's data and mirror it into the observer's tensor."""
+        writer.write_at(offset, tensor_bytes(chunk))
         if sink is not None:
-            sink.view(-1)[offset : offset + chunk.numel()].copy_(chunk)
-        self._bytes_done += chunk.numel() * chunk.element_size()
-
-    def _out_chunk(self, dtype: torch.dtype, numel: int) -> tuple[torch.Tensor, Callable[[], None] | None]:
-        """An output buffer from a small pool (reused once the writer thread wrote it), or a fresh one."""
-        if numel > self.chunk:
-            return torch.empty(numel, dtype=dtype), None
-        pool = self._pools.get(dtype)
-        if pool is None:
-            pool = self._pools[dtype] = queue.Queue()
-            for _ in range(POOL_BUFFERS):
-                pool.put(torch.empty(self.chunk, dtype=dtype))
-        buf = pool.get()
-        return buf[:numel], lambda: pool.put(buf)
+            sink.view(-1)[element : element + chunk.numel()].copy_(chunk.reshape(-1))
+        with self._lock:
+            self._bytes_done += chunk.numel() * chunk.element_size()
 
     def _sink(self, tensor: PlannedTensor) -> torch.Tensor | None:
         return torch.empty(tensor.shape, dtype=DTYPES[tensor.dtype]) if self.on_tensor is not None else None
 
-    def _copy(self, writer: SafetensorsWriter, tensor: PlannedTensor, reader: CheckpointReader) -> None:
+    def _map(self, fn: Callable[[tuple[int, int]], object], ranges: list[tuple[int, int]]) -> list[object]:
+        """Run `fn` over ranges on the worker threads; results in range order, the first error raised."""
+        assert self._pool is not None
+        if len(ranges) == 1:
+            return [fn(ranges[0])]
+        return list(self._pool.map(fn, ranges))
+
+    # -- per-tensor work -----------------------------------------------------------------------
+    def _copy(self, writer: SafetensorsWriter, base: int, tensor: PlannedTensor, reader: CheckpointReader) -> None:
         source = self._source(reader, tensor.name)
-        out_dtype = DTYPES.get(tensor.dtype)
+        out_dtype = DTYPES[tensor.dtype]
         sink = self._sink(tensor)
-        offset = 0
+        element = 0
         for chunk in self._chunks(source, "a", tensor.shape, False):
             self.check_cancelled()
-            chunk = chunk.to(out_dtype) if source.info.dtype != tensor.dtype else chunk.clone()
-            self._emit(writer, chunk, sink, offset)
-            offset += chunk.numel()
+            if source.info.dtype != tensor.dtype:
+                chunk = chunk.to(out_dtype)
+            self._write(writer, base + element * ITEMSIZE[tensor.dtype], chunk, sink, element)
+            element += chunk.numel()
         self._observe(tensor, sink)
 
-    def _equal(self, writer: SafetensorsWriter, tensor: PlannedTensor) -> None:
+    def _equal(self, writer: SafetensorsWriter, base: int, tensor: PlannedTensor) -> None:
         source_a = self._source(self.reader_a, tensor.name)
         source_b = self._source(self.reader_b, tensor.name)
         sink = self._sink(tensor)
-        offset = 0
+        element = 0
         for chunk_a, chunk_b in zip(self._chunks(source_a, "a", tensor.shape, False), self._chunks(source_b, "b", tensor.shape, False)):
             self.check_cancelled()
             if not torch.equal(chunk_a, chunk_b):
@@ -697,8 +682,8 @@ class MergeRunner:
                     f"non-floating tensor {tensor.name} differs between model A and model B; it can only be copied when identical",
                     reason="NON_FLOATING_MISMATCH",
                 )
-            self._emit(writer, chunk_a.clone(), sink, offset)
-            offset += chunk_a.numel()
+            self._write(writer, base + element * ITEMSIZE[tensor.dtype], chunk_a, sink, element)
+            element += chunk_a.numel()
         self._observe(tensor, sink)
 
     def _load_pair(self, pair: torch.Tensor, chunk_a: torch.Tensor, chunk_b: torch.Tensor) -> None:
@@ -708,65 +693,104 @@ class MergeRunner:
                 chunk = chunk.to(cast)  # mergekit rounds inputs to `dtype` first
             pair[row].copy_(chunk)
 
-    def _slerp(self, writer: SafetensorsWriter, tensor: PlannedTensor) -> None:
-        source_a = self._source(self.reader_a, tensor.name)
-        source_b = self._source(self.reader_b, tensor.name)
-        work = working_dtype(DTYPES[source_a.info.dtype], DTYPES[source_b.info.dtype])
-        itemsize = torch.empty((), dtype=work).element_size()
-        numel = math.prod(tensor.shape)
-        # Keep the whole converted pair when it fits the budget (inputs read once), else stream twice.
-        hold = not tensor.sliced and 2 * numel * itemsize <= max(self.hold_bytes, 2 * self.chunk * itemsize)
-        chunk = min(self.chunk, max(numel, 1))
-        if tensor.sliced:  # row-wise chunks: at least one row each
-            chunk = max(chunk, math.prod(tensor.shape[1:]))
-        width = max(numel, 1) if hold else chunk
-        pair_buf = self._buffer("pair", work, 2 * width).view(2, width)
-        stats = SlerpStats()
+    def _finish_slerp(self, pair: torch.Tensor, coefficients: Coefficients, out: torch.Tensor, intermediate: torch.dtype) -> None:
+        """`ca * a + cb * b` of a (2, k) chunk into `out` (clobbers the chunk)."""
+        if intermediate not in (pair.dtype, out.dtype):
+            # mergekit casts the result to model A's dtype (or its `dtype`) before the output dtype.
+            out.copy_(self._combine(pair, coefficients).to(intermediate))
+        else:  # the sum is rounded straight into the output dtype: one pass less
+            torch.add(pair[0].mul_(coefficients.ca), pair[1], alpha=coefficients.cb, out=out)
 
-        def chunk_pairs() -> Iterator[torch.Tensor]:
-            offset = 0
-            for chunk_a, chunk_b in zip(
-                self._chunks(source_a, "a", tensor.shape, tensor.sliced), self._chunks(source_b, "b", tensor.shape, tensor.sliced)
-            ):
-                self.check_cancelled()
-                k = chunk_a.numel()
-                pair = pair_buf[:, offset : offset + k] if hold else pair_buf[:, :k]
-                if hold:
-                    offset += k
-                self._load_pair(pair, chunk_a, chunk_b)
-                yield pair
-
-        for pair in chunk_pairs():
-            stats.update_pair(pair)
-        assert tensor.t is not None
-        coefficients = stats.coefficients(tensor.t)
+    def _count(self, coefficients: Coefficients) -> None:
         if coefficients.linear:
             self.linear += 1
         else:
             self.slerped += 1
-        # mergekit casts the result to model A's dtype (or its `dtype`) before the output dtype.
-        intermediate = DTYPES[self.settings.compute_cast or source_a.info.dtype]
+
+    def _slerp(self, writer: SafetensorsWriter, base: int, tensor: PlannedTensor) -> None:
+        source_a = self._source(self.reader_a, tensor.name)
+        source_b = self._source(self.reader_b, tensor.name)
+        work = working_dtype(DTYPES[source_a.info.dtype], DTYPES[source_b.info.dtype])
+        if tensor.sliced:
+            self._slerp_sliced(writer, base, tensor, source_a, source_b, work)
+            return
+        numel = math.prod(tensor.shape)
+        ranges = [(s, min(s + self.chunk, numel)) for s in range(0, numel, self.chunk)] or [(0, 0)]
         out_dtype = DTYPES[tensor.dtype]
+        out_size = ITEMSIZE[tensor.dtype]
+        intermediate = DTYPES[self.settings.compute_cast or source_a.info.dtype]
         sink = self._sink(tensor)
-        offset = 0
-        pairs: Iterator[torch.Tensor] = (
-            (pair_buf[:, s : s + self.chunk] for s in range(0, numel, self.chunk)) if hold else chunk_pairs()
-        )
-        for pair in pairs:
+
+        def load(span: tuple[int, int]) -> torch.Tensor:
+            # Chunks stay cache-sized: reading a range again from the page cache is cheaper than
+            # keeping whole converted tensors in memory between the two passes.
+            start, stop = span
             self.check_cancelled()
-            k = pair.shape[1]
-            result = self._combine(pair, coefficients)
-            if intermediate not in (work, out_dtype):
-                result = result.to(intermediate)
-            out, release = self._out_chunk(out_dtype, k)
-            out.copy_(result)
-            self._emit(writer, out, sink, offset, release)
-            offset += k
+            pair = self._buffer("pair", work, 2 * self.chunk).view(2, self.chunk)[:, : stop - start]
+            self._load_pair(pair, self._read_range(source_a, "a", start, stop), self._read_range(source_b, "b", start, stop))
+            return pair
+
+        def reduce(span: tuple[int, int]) -> SlerpStats:
+            stats = SlerpStats()
+            stats.update_pair(load(span))
+            return stats
+
+        def interpolate(span: tuple[int, int], pair: torch.Tensor | None = None) -> None:
+            start, stop = span
+            pair = load(span) if pair is None else pair
+            out = self._buffer("out", out_dtype, stop - start)
+            self._finish_slerp(pair, coefficients, out, intermediate)
+            self._write(writer, base + start * out_size, out, sink, start)
+
+        if len(ranges) == 1:  # one chunk: read once, keep it for the second pass
+            pair = load(ranges[0])
+            stats = SlerpStats()
+            stats.update_pair(pair)
+        else:
+            stats = SlerpStats.total(self._map(reduce, ranges))  # type: ignore[arg-type]
+        assert tensor.t is not None
+        coefficients = stats.coefficients(tensor.t)
+        self._count(coefficients)
+        if len(ranges) == 1:
+            if numel:
+                interpolate(ranges[0], pair)
+        else:
+            self._map(interpolate, ranges)
+        self._observe(tensor, sink)
+
+    def _slerp_sliced(
+        self, writer: SafetensorsWriter, base: int, tensor: PlannedTensor, source_a: _Source, source_b: _Source, work: torch.dtype
+    ) -> None:
+        """The common leading slice of differently shaped tensors: row chunks, sequentially, read twice."""
+        chunk = max(self.chunk, math.prod(tensor.shape[1:]))
+        pair_buf = self._buffer("pair", work, 2 * chunk).view(2, chunk)
+
+        def pairs() -> Iterator[torch.Tensor]:
+            for chunk_a, chunk_b in zip(self._chunks(source_a, "a", tensor.shape, True), self._chunks(source_b, "b", tensor.shape, True)):
+                self.check_cancelled()
+                pair = pair_buf[:, : chunk_a.numel()]
+                self._load_pair(pair, chunk_a, chunk_b)
+                yield pair
+
+        stats = SlerpStats()
+        for pair in pairs():
+            stats.update_pair(pair)
+        assert tensor.t is not None
+        coefficients = stats.coefficients(tensor.t)
+        self._count(coefficients)
+        intermediate = DTYPES[self.settings.compute_cast or source_a.info.dtype]
+        sink = self._sink(tensor)
+        element = 0
+        for pair in pairs():
+            out = self._buffer("out", DTYPES[tensor.dtype], pair.shape[1])
+            self._finish_slerp(pair, coefficients, out, intermediate)
+            self._write(writer, base + element * ITEMSIZE[tensor.dtype], out, sink, element)
+            element += pair.shape[1]
         self._observe(tensor, sink)
 
     @staticmethod
     def _combine(pair: torch.Tensor, coefficients: Coefficients) -> torch.Tensor:
-        """`ca * a + cb * b` in place in the pair buffer (row 0 returned), in two passes.
+        """`ca * a + cb * b` in place in the pair buffer (row 0 returned).
 
         torch may fuse `+ cb * b` into one multiply-add, so an element can differ from mergekit's
         separately rounded float32 products by one float32 ulp (far below a bf16 ulp).
@@ -795,7 +819,8 @@ class MergeRunner:
             raise AlreadyExists(f"{final_dir} already exists; set overwrite to replace it", reason="OUTPUT_EXISTS", field="output_path")
         final_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp_dir.mkdir()
-        threads = _TorchThreads(self.threads).__enter__()
+        threads = _TorchThreads(1).__enter__()
+        self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="merge-math", initializer=_pin_one_torch_thread)
         try:
             self._report()
             files = self._write_weights(tmp_dir, plan)
@@ -804,9 +829,12 @@ class MergeRunner:
             self.check_cancelled()
             self._publish(tmp_dir, final_dir, overwrite)
         except BaseException:
+            self._pool.shutdown(wait=True, cancel_futures=True)  # no worker may still write into tmp_dir
             remove_tree(tmp_dir)
             raise
         finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
             threads.__exit__()
             self.close()
         return MergeSummary(
@@ -821,38 +849,40 @@ class MergeRunner:
                 pass
         self._fds.clear()
         self._buffers.clear()
+        self._local = threading.local()
 
     def _write_weights(self, tmp_dir: Path, plan: MergePlan) -> list[str]:
+        assert self._pool is not None
         names = plan.shard_names()
         weight_map: dict[str, str] = {}
-        self._writer = _WriteBehind()
         writers: list[SafetensorsWriter] = []
+        finishing = []
         try:
             for file_name, shard in zip(names, plan.shards):
                 entries = [HeaderEntry(t.name, t.dtype, t.shape) for t in shard]
                 writer = SafetensorsWriter(tmp_dir / file_name, entries, {"format": "pt"})
                 writers.append(writer)
+                base = 0
                 for tensor in shard:
                     self.check_cancelled()
                     if tensor.kind == KIND_SLERP:
-                        self._slerp(writer, tensor)
+                        self._slerp(writer, base, tensor)
                     elif tensor.kind == KIND_EQUAL:
-                        self._equal(writer, tensor)
+                        self._equal(writer, base, tensor)
                     else:
-                        self._copy(writer, tensor, self.reader_a if tensor.kind == KIND_COPY_A else self.reader_b)
+                        self._copy(writer, base, tensor, self.reader_a if tensor.kind == KIND_COPY_A else self.reader_b)
                     weight_map[tensor.name] = file_name
-                self._writer.finish(writer)
-            self._writer.close()
+                    base += tensor.nbytes
+                finishing.append(self._pool.submit(writer.finish))  # fsync while the next shard is computed
+            for future in finishing:
+                future.result()
         except BaseException:
-            try:
-                self._writer.close()
-            except BaseException:  # noqa: BLE001 - the first error is the one to report
-                pass
+            for future in finishing:
+                future.cancel()
+            self._pool.shutdown(wait=True, cancel_futures=True)
             for writer in writers:
                 writer.abort()
             raise
-        finally:
-            self._writer = None
         if len(names) > 1:
             index = {"metadata": {"total_size": plan.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
             write_json_file(tmp_dir / INDEX_FILE, index)
@@ -911,7 +941,6 @@ class MergeRunner:
 
 
 ROW_ALIGN = 256
-POOL_BUFFERS = 6
 
 
 # --------------------------------------------------------------------------------------------

@@ -122,6 +122,7 @@ def pairwise_kinship(
                 device=device,
                 chunk_bytes=settings.chunk_bytes,
                 check_cancelled=check_cancelled,
+                use_cpu_kernel=settings.cpu_kernel,
             )
             mode_used = EXACT
             if on_exact is not None:

@@ -202,6 +202,7 @@ def validate_population(members: Sequence[Member], top_k: int, *, field: str = "
     index_of: dict[str, int] = {}
     checkpoints: dict[str, int] = {}
     with_generation = [m.generation is not None for m in members]
+    any_generation = any(with_generation)  # once: inside the loop it made validation quadratic
     for i, member in enumerate(members):
         where = f"{field}[{i}]"
         if not member.name or not member.name.strip():
@@ -239,7 +240,7 @@ def validate_population(members: Sequence[Member], top_k: int, *, field: str = "
                 f"member {member.name!r} has generation {member.generation}; use 0 for foundation models",
                 field=f"{where}.generation",
             )
-        if any(with_generation) and member.generation is None:
+        if any_generation and member.generation is None:
             first = with_generation.index(True)
             raise InvalidArgument(
                 f"member {member.name!r} has no generation but {field}[{first}] has one; give it for every member or none",
@@ -274,11 +275,21 @@ def validate_population(members: Sequence[Member], top_k: int, *, field: str = "
     return by_name
 
 
+MAX_TOP_K = 256
+"""Largest top_k: its k (k - 1) / 2 pairs are enumerated and their kinship computed in one pass."""
+
+
 def validate_top_k(top_k: int, population_size: int, *, field: str = "top_k") -> None:
-    """`top_k` must be in [2, population_size]: kinship needs a pair."""
+    """`top_k` must be in [2, min(population_size, MAX_TOP_K)]: kinship needs a pair, and the pairs must stay countable."""
     if not 2 <= top_k <= population_size:
         raise InvalidArgument(
             f"top_k must be between 2 and the population size ({population_size}), got {top_k}",
+            reason="TOP_K_OUT_OF_RANGE",
+            field=field,
+        )
+    if top_k > MAX_TOP_K:
+        raise InvalidArgument(
+            f"top_k is {top_k}; at most {MAX_TOP_K} models are compared at once ({MAX_TOP_K * (MAX_TOP_K - 1) // 2} pairs)",
             reason="TOP_K_OUT_OF_RANGE",
             field=field,
         )

@@ -219,13 +219,45 @@ def _assemble(entries: dict[tuple[int, int], dict[str, object]], n: int) -> Simi
 
 # -- observers -----------------------------------------------------------------------------
 class FingerprintObserver:
-    """Sketches and summarises every chunk of an exact pass (fingerprints for free)."""
+    """Sketches and summarises every chunk of an exact pass (fingerprints for free).
 
-    def __init__(self, n: int, device: torch.device | str) -> None:
+    The pass hands over cache-sized blocks (64 Ki elements on CPU); consecutive blocks of
+    one tensor are staged into a larger buffer first, so the per-call overhead of the
+    sketch and statistics is paid per megabytes, not per block. Call `flush()` at the end.
+    """
+
+    def __init__(self, n: int, device: torch.device | str, staging_bytes: int = 64 * 2**20) -> None:
         self.sketch = SketchBuilder(n, device=device)
         self.stats = StatsBuilder(n)
+        self._capacity = max(1 << 16, staging_bytes // (8 * n))
+        self._staging = torch.empty((n, self._capacity), dtype=torch.float64, device=device)
+        self._tensor: TensorPlan | None = None
+        self._start = 0
+        self._filled = 0
 
     def observe(self, tensor: TensorPlan, offset: int, deltas: torch.Tensor) -> None:
+        k = deltas.shape[1]
+        if k >= self._capacity:
+            self.flush()
+            self._emit(tensor, offset, deltas)
+            return
+        if self._tensor is not tensor or offset != self._start + self._filled or self._filled + k > self._capacity:
+            self.flush()
+            self._tensor, self._start = tensor, offset
+        self._staging[:, self._filled : self._filled + k].copy_(deltas)
+        self._filled += k
+
+    def fused_target(self) -> tuple[SketchBuilder, StatsBuilder]:
+        """The builders, for `cpu_kernel.fused_observer`: its kernel does `observe`'s work in the same read."""
+        self.flush()
+        return self.sketch, self.stats
+
+    def flush(self) -> None:
+        if self._tensor is not None and self._filled:
+            self._emit(self._tensor, self._start, self._staging[:, : self._filled])
+        self._tensor, self._filled = None, 0
+
+    def _emit(self, tensor: TensorPlan, offset: int, deltas: torch.Tensor) -> None:
         self.sketch.add(tensor.name, offset, deltas)
         self.stats.add(tensor.group, deltas)
 
@@ -301,7 +333,12 @@ class KinshipCache:
     def __init__(self, settings: Settings, device: torch.device | str = "cpu", store: CacheStore | None = None) -> None:
         self.settings = settings
         self.device = torch.device(device)
-        self.store = store if store is not None else CacheStore(settings.cache_dir, settings.cache_size_limit)
+        try:
+            self.store = store if store is not None else CacheStore(settings.cache_dir, settings.cache_size_limit)
+        except (OSError, sqlite3.Error) as exc:
+            raise RuntimeError(
+                f"cannot open the cache in {settings.cache_dir} ({exc}); set KINSHIP_CACHE_DIR to a writable directory"
+            ) from None
         self.identities = IdentityResolver()
         self._memory: OrderedDict[str, Fingerprint] = OrderedDict()
         self._memory_bytes = 0
@@ -625,11 +662,13 @@ class KinshipCache:
             check_cancelled=check_cancelled,
             observers=[observer] if observer is not None else [],
             stats=ReadStats(),
+            use_cpu_kernel=self.settings.cpu_kernel,
         )
         if not self._unchanged([base_ident, *idents]):
             return result
         try:
             if observer is not None:
+                observer.flush()
                 skipped = [_skipped_tuples(self._pair_plan(base_ident, ident).skipped) for ident in idents]
                 fps = build_fingerprints(observer.sketch.sketch, observer.stats, _tensor_list(plan), skipped)
                 for i, ident in enumerate(idents):
@@ -897,6 +936,17 @@ class KinshipCache:
         return fp, manifest
 
     # -- matrices for other RPCs -------------------------------------------------------------
+    def compute(
+        self, base: CheckpointLike, models: Sequence[CheckpointLike], mode: str, check_cancelled: Callable[[], None]
+    ) -> tuple[ExactKinship, str]:
+        """The `population_kinship.KinshipBackend` seam: kinship of `models` in `mode`, and the mode used.
+
+        Pass `compute=servicer.kinship_cache.compute` to `pairwise_kinship` and RankCandidates /
+        ShouldStop get FINGERPRINT and AUTO (cached pair results, deltas, fingerprints) for free.
+        """
+        outcome = self.kinship(base, models, mode=mode, check_cancelled=check_cancelled)
+        return outcome.result, outcome.mode_used
+
     def fingerprint_matrix(
         self, base: CheckpointLike, checkpoints: Sequence[CheckpointLike], metric: str = "pcc"
     ) -> list[list[float]] | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -159,6 +160,8 @@ def serve(settings: Settings) -> RunningServer:
     metrics.BUILD_INFO.labels(__version__, str(servicer.device)).set(1)
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    if settings.cpu_kernel and servicer.device.type == "cpu":
+        threading.Thread(target=_warm_up_cpu_kernel, name="cpu-kernel-warm-up", daemon=True).start()
     log.info(
         "serving",
         extra={
@@ -173,6 +176,21 @@ def serve(settings: Settings) -> RunningServer:
         },
     )
     return RunningServer(server, health_servicer, servicer, port, settings, metrics_server, health_server)
+
+
+def _warm_up_cpu_kernel() -> None:
+    """Compile (or load from numba's cache) the fused CPU kernel, so the first exact pass does not wait for it."""
+    from . import cpu_kernel
+
+    if not cpu_kernel.available():
+        log.info("fused CPU kernel unavailable (numba not installed); exact passes use torch")
+        return
+    try:
+        seconds = cpu_kernel.warm_up()
+    except Exception:  # the first pass compiles it instead, or falls back
+        log.exception("fused CPU kernel warm-up failed")
+        return
+    log.info("fused CPU kernel ready", extra={"seconds": round(seconds, 3)})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -221,4 +239,26 @@ def main(argv: list[str] | None = None) -> int:
     # Ctrl-C (SIGINT) skips the drain: nobody routes traffic by probe to an interactive server.
     running.stop(drain=settings.drain_seconds if received[0] == signal.SIGTERM else 0.0)
     log.info("stopped")
+    _exit_soon_if_work_lingers(EXIT_WAIT_SECONDS)
     return 0
+
+
+EXIT_WAIT_SECONDS = 5.0
+"""After the grace period, how long cancelled work may take to reach its next cancellation check."""
+
+
+def _exit_soon_if_work_lingers(seconds: float) -> None:
+    """Bound the exit: interpreter shutdown joins worker threads, and a cancelled pass that is
+    mid-chunk could hold it past the pod's termination budget. A daemon watchdog ends the
+    process after `seconds`; everything it cuts short is crash-safe (atomic cache writes,
+    merge outputs renamed into place only when complete), as after SIGKILL."""
+
+    def watchdog() -> None:
+        time.sleep(seconds)
+        others = (threading.current_thread(), threading.main_thread())
+        busy = [t.name for t in threading.enumerate() if t not in others]
+        log.warning("work still running %.0fs after the grace period; exiting without it", seconds, extra={"threads": busy})
+        logging.shutdown()
+        os._exit(0)
+
+    threading.Thread(target=watchdog, name="exit-watchdog", daemon=True).start()

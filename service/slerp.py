@@ -207,6 +207,17 @@ class SlerpStats:
             self.bb += float(torch.dot(rest[1], rest[1]))
             self.ab += float(torch.dot(rest[0], rest[1]))
 
+    @classmethod
+    def total(cls, parts: Iterable["SlerpStats"]) -> "SlerpStats":
+        """The sum of partial statistics, added in the given order (deterministic)."""
+        out = cls()
+        for part in parts:
+            out.aa += part.aa
+            out.bb += part.bb
+            out.ab += part.ab
+            out.count += part.count
+        return out
+
     def coefficients(self, t: float) -> "Coefficients":
         return slerp_coefficients(self.aa, self.bb, self.ab, t)
 
@@ -347,6 +358,35 @@ def _model_name(value: Any, where: str) -> str:
     return value.strip()
 
 
+MAX_YAML_NODES = 10_000
+"""Values a mergekit_yaml document may hold once its aliases are expanded (real configs hold tens)."""
+
+
+def _check_expanded_size(doc: Any) -> None:
+    """INVALID_ARGUMENT for a document that expands to more than MAX_YAML_NODES values.
+
+    YAML aliases let a few hundred bytes stand for billions of values ("billion laughs"), or a
+    structure that contains itself; anything that walks, prints or compares such a document
+    would never finish. Counting with a bounded walk stops after MAX_YAML_NODES steps.
+    """
+    stack = [doc]
+    seen = 0
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > MAX_YAML_NODES:
+            raise InvalidArgument(
+                f"mergekit_yaml expands to more than {MAX_YAML_NODES} values (YAML aliases?); send a plain SLERP config",
+                reason="YAML_TOO_LARGE",
+                field="mergekit_yaml",
+            )
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
+
+
 def parse_mergekit_yaml(text: str) -> MergekitConfig:
     """Read a mergekit SLERP configuration (`slices:` or `models:` form) into our structures.
 
@@ -358,8 +398,9 @@ def parse_mergekit_yaml(text: str) -> MergekitConfig:
     """
     try:
         doc = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise InvalidArgument(f"mergekit_yaml is not valid YAML: {exc}", field="mergekit_yaml") from None
+    except (yaml.YAMLError, RecursionError) as exc:
+        raise InvalidArgument(f"mergekit_yaml is not valid YAML: {str(exc)[:500]}", field="mergekit_yaml") from None
+    _check_expanded_size(doc)
     if not isinstance(doc, dict):
         raise InvalidArgument("mergekit_yaml must be a mapping with merge_method, base_model and models or slices", field="mergekit_yaml")
     method = str(doc.get("merge_method", "")).lower()

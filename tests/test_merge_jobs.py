@@ -2,7 +2,8 @@
 overwrite and path rules; cancellation, SIGKILL of a real server process, and disk errors.
 
 Merges that must be interrupted use a ~63M-parameter float32 pair (250 MB per model, generated
-once per module), big enough that the merge is still running when the test acts on it.
+once per module) on a server with small work chunks (`chunk_bytes`, so the merge works in 4096-
+element ranges), which keeps the merge running for seconds while the test acts on it.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ SMALL = LlamaShape(vocab_size=96, hidden_size=32, intermediate_size=64, num_laye
 # About 63M parameters: 250 MB per float32 checkpoint; merging it takes seconds here.
 BIG = LlamaShape(vocab_size=8192, hidden_size=1024, intermediate_size=2816, num_layers=4, num_heads=8, num_kv_heads=4)
 # About 3.2M parameters (13 MB in float32), for the file-size-limit test.
+SMALL_CHUNKS = 256 * 1024  # KINSHIP_CHUNK_BYTES for merges that must still be running when interrupted
 MEDIUM = LlamaShape(vocab_size=512, hidden_size=256, intermediate_size=704, num_layers=4, num_heads=4, num_kv_heads=2)
 
 
@@ -302,7 +304,7 @@ def test_tensor_in_one_model_passes_through_and_integer_tensors_must_match(clien
 
 def test_cancel_mid_merge_leaves_no_output(server_factory: Callable[..., RunningServer], model_root: Path, big_pair: tuple[Path, Path, Path]) -> None:
     root, pa, pb = big_pair
-    server = server_factory(allowed_roots=(model_root, root))
+    server = server_factory(allowed_roots=(model_root, root), chunk_bytes=SMALL_CHUNKS)
     with KinshipClient(server.address, timeout=60) as client:
         info = client.start_merge(str(pa), str(pb), t=0.5, output_path="cancelled/out")
         _wait_running(client, info.job_id)
@@ -315,7 +317,7 @@ def test_cancel_mid_merge_leaves_no_output(server_factory: Callable[..., Running
 
 def test_queue_limit_answers_resource_exhausted(server_factory: Callable[..., RunningServer], model_root: Path, big_pair: tuple[Path, Path, Path]) -> None:
     root, pa, pb = big_pair
-    server = server_factory(allowed_roots=(model_root, root), max_merge_jobs=1, max_queued_merge_jobs=1)
+    server = server_factory(allowed_roots=(model_root, root), max_merge_jobs=1, max_queued_merge_jobs=1, chunk_bytes=SMALL_CHUNKS)
     with KinshipClient(server.address, timeout=60) as client:
         running = client.start_merge(str(pa), str(pb), t=0.5, output_path="q/1")
         queued = client.start_merge(str(pa), str(pb), t=0.5, output_path="q/2")
@@ -373,6 +375,7 @@ def process_env(tmp_path: Path, model_root: Path, big_pair: tuple[Path, Path, Pa
         "KINSHIP_OUTPUT_ROOT": str(tmp_path / "merges"),
         "KINSHIP_DEVICE": "cpu",
         "KINSHIP_GRACE_SECONDS": "0",
+        "KINSHIP_CHUNK_BYTES": str(SMALL_CHUNKS),
     }
     yield env
 

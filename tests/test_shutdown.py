@@ -5,7 +5,7 @@ Service's endpoints), an RPC already running finishes, and the process exits on 
 own within the grace period; work still running when the grace period ends is
 cancelled rather than keeping the process alive.
 
-The slow in-flight request is a Kinship call over 8 models (three generated
+The slow in-flight request is a cold Kinship call over 3 models (three generated
 checkpoints of about 60 MiB, hard-linked under several names, so the disk holds only
 four files): a second or more of work on this machine. The test waits until the
 server's metrics show the call in flight before it sends SIGTERM. The call that the
@@ -39,7 +39,7 @@ pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM semanti
 
 # About 16M parameters: 62 MiB per float32 checkpoint.
 SHAPE = LlamaShape(vocab_size=4096, hidden_size=512, intermediate_size=1408, num_layers=4, num_heads=8, num_kv_heads=4)
-N_MODELS = 8  # the calls that must finish
+N_MODELS = 3  # the calls that must finish (cold cache: each also writes fingerprints and deltas)
 N_CANCELLED = 24  # the call the grace period cuts short
 
 
@@ -197,9 +197,8 @@ def test_sigterm_marks_not_serving_finishes_in_flight_and_exits(start_server, sl
     result: KinshipResult = future.result(timeout=grace + drain + 30)
     assert len(result.models) == N_MODELS
     assert len(result.pairs) == N_MODELS * (N_MODELS - 1) // 2
-    # Models with the same content (hard links) have task-vector correlation 1.
-    same = [p for p in result.pairs if p.first % 3 == p.second % 3]
-    assert all(abs(p.values.pcc - 1.0) < 1e-9 for p in same)
+    # A complete answer: the family was built with task-vector correlation about 0.5.
+    assert all(0.3 < p.values.pcc < 0.7 for p in result.pairs), result.pairs
     client.close()
 
     returncode = server.process.wait(timeout=grace + drain + 30)
