@@ -118,6 +118,7 @@ def merge(directory: Path, threads: int = 1) -> None:
 
     import torch
 
+    from kinship_service.config import Settings
     from kinship_service.merge_writer import MergeRunner, MergeSettings, ModelCard
     from kinship_service.slerp import FactorEntry, InterpolationSpec
     from kinship_service.sources import LocalPath, resolve
@@ -131,7 +132,8 @@ def merge(directory: Path, threads: int = 1) -> None:
     final = directory / "merged"
     shutil.rmtree(final, ignore_errors=True)
     started = time.perf_counter()
-    runner = MergeRunner(a, b, MergeSettings(t=spec, out_dtype="BF16"), allowed_roots=roots, threads=threads)
+    use_kernel = Settings.from_env().cpu_kernel  # KINSHIP_CPU_KERNEL=0: the torch path, for comparison
+    runner = MergeRunner(a, b, MergeSettings(t=spec, out_dtype="BF16"), allowed_roots=roots, threads=threads, use_cpu_kernel=use_kernel)
     summary = runner.run(directory / ".kinship-tmp-bench", final, overwrite=True, card=ModelCard("a", "b", "", "", spec))
     seconds = time.perf_counter() - started
     peak = _rss_kib("VmHWM")
@@ -148,6 +150,7 @@ def merge(directory: Path, threads: int = 1) -> None:
                 "peak_rss_mib": peak / 1024,
                 "peak_above_baseline_mib": (peak - baseline) / 1024,
                 "torch_threads": torch.get_num_threads(),
+                "cpu_kernel": use_kernel,
             }
         )
     )

@@ -747,6 +747,7 @@ class MergeJobManager:
                 progress=progress,
                 check_cancelled=check_cancelled,
                 on_tensor=observer,
+                use_cpu_kernel=self.settings.cpu_kernel,
             )
             card = ModelCard(
                 describe(request.model_a),

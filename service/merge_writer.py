@@ -6,7 +6,9 @@ interpolate; a tensor that fits one chunk is read once), which measured twice as
 keeping whole converted tensors between the passes, since everything stays in the CPU cache and
 the second read comes from the page cache. Each output chunk goes straight to its place in its
 shard file (`pwrite`): no tensor, shard or model is ever held. Ranges of a tensor are processed
-by a few worker threads, each doing its torch math single-threaded.
+by a few worker threads, each doing its torch math single-threaded; with numba (Settings.cpu_kernel)
+`slerp_kernel`'s fused kernels do that math instead, reading the stored chunks directly (one pass
+for the reductions, one writing the output dtype; bit-identical interpolation).
 
 We write the safetensors format ourselves (8-byte little-endian header length, a JSON header with
 dtype, shape and data_offsets, then the raw bytes) instead of calling `safetensors.torch.save_file`:
@@ -41,7 +43,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from . import __version__
+from . import __version__, slerp_kernel
 from .errors import AlreadyExists, FailedPrecondition, Internal, InvalidArgument, PermissionDenied
 from .kinship_math import layer_index
 from .slerp import Coefficients, InterpolationSpec, SlerpStats, describe_spec, resolve_t, working_dtype
@@ -542,9 +544,12 @@ class MergeRunner:
         check_cancelled: Callable[[], None] | None = None,
         on_tensor: TensorObserver | None = None,
         threads: int = 2,
+        use_cpu_kernel: bool = True,
     ) -> None:
         """`threads`: math workers. `chunk_elements`: elements per range (cache-sized works best).
-        `on_tensor(name, tensor)` sees every output tensor, whole, in the output dtype."""
+        `on_tensor(name, tensor)` sees every output tensor, whole, in the output dtype.
+        `use_cpu_kernel` (Settings.cpu_kernel): SLERP chunks go through the fused numba kernels of
+        `slerp_kernel` when numba is available and the dtypes have one; else torch."""
         self.a = checkpoint_a
         self.b = checkpoint_b
         self.settings = settings
@@ -554,6 +559,7 @@ class MergeRunner:
         self.check_cancelled = check_cancelled or (lambda: None)
         self.on_tensor = on_tensor
         self.threads = max(1, threads)
+        self.use_cpu_kernel = use_cpu_kernel
         self.reader_a = CheckpointReader(checkpoint_a)
         self.reader_b = CheckpointReader(checkpoint_b)
         self._offsets: dict[Path, _FileOffsets] = {}
@@ -715,37 +721,56 @@ class MergeRunner:
             self._slerp_sliced(writer, base, tensor, source_a, source_b, work)
             return
         numel = math.prod(tensor.shape)
-        ranges = [(s, min(s + self.chunk, numel)) for s in range(0, numel, self.chunk)] or [(0, 0)]
         out_dtype = DTYPES[tensor.dtype]
         out_size = ITEMSIZE[tensor.dtype]
         intermediate = DTYPES[self.settings.compute_cast or source_a.info.dtype]
         sink = self._sink(tensor)
+        # The fused kernels read the stored chunks directly (one pass each for the reductions and
+        # the interpolation); float64 inputs and mergekit's `dtype` cast stay on torch.
+        kernel = (
+            self.use_cpu_kernel
+            and self.settings.compute_cast is None
+            and slerp_kernel.supports(DTYPES[source_a.info.dtype], DTYPES[source_b.info.dtype], out_dtype, intermediate)
+        )
+        # Without the float32 pair buffer a kernel range needs far fewer bytes per element, so it
+        # takes KERNEL_RANGE_FACTOR times more elements: fewer per-range Python steps and syscalls.
+        step = self.chunk * KERNEL_RANGE_FACTOR if kernel else self.chunk
+        ranges = [(s, min(s + step, numel)) for s in range(0, numel, step)] or [(0, 0)]
 
-        def load(span: tuple[int, int]) -> torch.Tensor:
+        def load(span: tuple[int, int]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
             # Chunks stay cache-sized: reading a range again from the page cache is cheaper than
             # keeping whole converted tensors in memory between the two passes.
             start, stop = span
             self.check_cancelled()
+            if kernel:
+                return self._read_range(source_a, "a", start, stop), self._read_range(source_b, "b", start, stop)
             pair = self._buffer("pair", work, 2 * self.chunk).view(2, self.chunk)[:, : stop - start]
             self._load_pair(pair, self._read_range(source_a, "a", start, stop), self._read_range(source_b, "b", start, stop))
             return pair
 
-        def reduce(span: tuple[int, int]) -> SlerpStats:
+        def reduce_loaded(loaded: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> SlerpStats:
+            if isinstance(loaded, tuple):
+                return slerp_kernel.reduce_stats(*loaded)
             stats = SlerpStats()
-            stats.update_pair(load(span))
+            stats.update_pair(loaded)
             return stats
 
-        def interpolate(span: tuple[int, int], pair: torch.Tensor | None = None) -> None:
+        def reduce(span: tuple[int, int]) -> SlerpStats:
+            return reduce_loaded(load(span))
+
+        def interpolate(span: tuple[int, int], pair: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
             start, stop = span
             pair = load(span) if pair is None else pair
             out = self._buffer("out", out_dtype, stop - start)
-            self._finish_slerp(pair, coefficients, out, intermediate)
+            if isinstance(pair, tuple):
+                slerp_kernel.interpolate(pair[0], pair[1], coefficients, out, intermediate)
+            else:
+                self._finish_slerp(pair, coefficients, out, intermediate)
             self._write(writer, base + start * out_size, out, sink, start)
 
         if len(ranges) == 1:  # one chunk: read once, keep it for the second pass
             pair = load(ranges[0])
-            stats = SlerpStats()
-            stats.update_pair(pair)
+            stats = reduce_loaded(pair)
         else:
             stats = SlerpStats.total(self._map(reduce, ranges))  # type: ignore[arg-type]
         assert tensor.t is not None
@@ -941,6 +966,11 @@ class MergeRunner:
 
 
 ROW_ALIGN = 256
+KERNEL_RANGE_FACTOR = 4
+"""Elements of a SLERP range on the fused-kernel path, in units of `chunk_elements`: the stored
+chunks and the output (6 bytes per element for bf16) of 4x the elements hold less than 2x the
+bytes of a torch range (its stored chunks, float32 pair and output: 14), and measured faster
+(fewer per-range Python steps and syscalls; 1.72 vs 2.14 CPU-seconds on the 537M bench)."""
 
 
 # --------------------------------------------------------------------------------------------

@@ -191,6 +191,14 @@ def _warm_up_cpu_kernel() -> None:
         log.exception("fused CPU kernel warm-up failed")
         return
     log.info("fused CPU kernel ready", extra={"seconds": round(seconds, 3)})
+    try:  # the merge's SLERP kernels (slerp_kernel.py), so the first merge does not compile them
+        from . import slerp_kernel
+
+        seconds = slerp_kernel.warm_up()
+    except Exception:
+        log.exception("SLERP kernel warm-up failed")
+        return
+    log.info("SLERP kernels ready", extra={"seconds": round(seconds, 3)})
 
 
 def main(argv: list[str] | None = None) -> int:
