@@ -9,6 +9,7 @@ server log.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import threading
 import uuid
@@ -19,6 +20,7 @@ import grpc
 from kinship_client.v1 import common_pb2, kinship_pb2, merge_pb2, recommend_pb2, service_pb2_grpc
 
 from . import merge_protos, metrics, recommend, recommend_rpc
+from .admission import Admission
 from .config import Settings
 from .errors import Cancelled, DeadlineExceeded, Internal, InvalidArgument, KinshipError, to_rpc_status
 from .exact import SKIP_MISSING, SKIP_NOT_FLOATING, SKIP_SHAPE, ExactKinship, resolve_device
@@ -117,6 +119,9 @@ class KinshipServicer(service_pb2_grpc.KinshipServiceServicer):
         # Fingerprints, deltas and pair results (issue 3); other RPCs may call
         # self.kinship_cache.fingerprint_matrix(base, checkpoints, metric).
         self.kinship_cache = KinshipCache(settings, self.device)
+        # Heavy work (exact passes, registrations) runs on a bounded executor with coalescing
+        # (admission.py); half the handler threads at most may wait on it, so light calls always run.
+        self.admission = Admission(settings.heavy_workers, settings.heavy_queue, max_waiters=settings.max_workers // 2)
         self.jobs.output_registrar = self._register_merge_output
 
     def _register_merge_output(self, output: LocalPath, base: CheckpointSpec) -> None:
@@ -143,16 +148,25 @@ class KinshipServicer(service_pb2_grpc.KinshipServiceServicer):
         policy = request.shape_mismatch_policy
         if policy == common_pb2.SHAPE_MISMATCH_POLICY_ERROR:
             raise InvalidArgument("kinship takes SKIP or LEADING_SLICE, not ERROR", field="shape_mismatch_policy")
-        outcome = self.kinship_cache.kinship(
-            base,
-            models,
-            mode=mode,
-            leading_slice=policy == common_pb2.SHAPE_MISMATCH_POLICY_LEADING_SLICE,
-            per_layer=request.per_layer,
-            check_cancelled=cancellation_check(context),
-        )
-        if outcome.source == "pass":  # weights were read
-            _record_exact(outcome.result)
+
+        def compute(check: Callable[[], None]) -> Any:
+            outcome = self.kinship_cache.kinship(
+                base,
+                models,
+                mode=mode,
+                leading_slice=policy == common_pb2.SHAPE_MISMATCH_POLICY_LEADING_SLICE,
+                per_layer=request.per_layer,
+                check_cancelled=check,
+            )
+            if outcome.source == "pass":  # weights were read (recorded once, however many callers share it)
+                _record_exact(outcome.result)
+            return outcome
+
+        if mode == FINGERPRINT:  # light: cached fingerprints only, never a pass
+            outcome = compute(cancellation_check(context))
+        else:  # EXACT and AUTO may read weights or stored deltas: heavy, admitted and coalesced
+            key = ("Kinship", request.SerializeToString(deterministic=True))
+            outcome = self.admission.run(key, compute, cancellation_check(context), kind="kinship")
         response = kinship_response(outcome.result, per_layer=request.per_layer)
         response.mode_used = common_pb2.KINSHIP_MODE_FINGERPRINT if outcome.mode_used == FINGERPRINT else common_pb2.KINSHIP_MODE_EXACT
         for summary, identity in zip(response.models, outcome.identities):
@@ -169,18 +183,28 @@ class KinshipServicer(service_pb2_grpc.KinshipServiceServicer):
     ) -> tuple[dict[recommend.Pair, float], str]:
         """Kinship of every top-k pair: `known_kinship` first, the rest from one pass over the needed members."""
         base = spec_from_ref(request.base, "base") if request.HasField("base") else None
-        return pairwise_kinship(
-            self.settings,
-            self.device,
-            base,
-            recommend_rpc.member_checkpoints(request.members, top, spec_from_ref),
-            metric,
-            recommend_rpc.mode_of(request.mode),
-            known,
-            cancellation_check(context),
-            on_exact=_record_exact,
-            compute=self.kinship_cache.compute,
-        )
+        members = recommend_rpc.member_checkpoints(request.members, top, spec_from_ref)
+        mode = recommend_rpc.mode_of(request.mode)
+
+        def compute(check: Callable[[], None]) -> tuple[dict[recommend.Pair, float], str]:
+            return pairwise_kinship(
+                self.settings,
+                self.device,
+                base,
+                members,
+                metric,
+                mode,
+                known,
+                check,
+                on_exact=_record_exact,
+                compute=self.kinship_cache.compute,
+            )
+
+        check = cancellation_check(context)
+        if mode == FINGERPRINT or all(recommend.pair_key(a, b) in known for a, b in itertools.combinations(top, 2)):
+            return compute(check)  # light: every value given, or fingerprints only
+        key = ("population", base, tuple(members), metric, mode, tuple(sorted(known.items())))
+        return self.admission.run(key, compute, check, kind="population")
 
     @rpc_method
     def RankCandidates(
@@ -231,8 +255,14 @@ class KinshipServicer(service_pb2_grpc.KinshipServiceServicer):
             raise InvalidArgument("base is required: the checkpoint the model was fine-tuned from", field="base")
         checkpoint = spec_from_ref(request.checkpoint, "checkpoint")
         base = spec_from_ref(request.base, "base")
-        reg = self.kinship_cache.register(checkpoint, base, check_cancelled=cancellation_check(context))
-        metrics.BYTES_READ.inc(reg.bytes_read)
+
+        def register(check: Callable[[], None]) -> Any:
+            reg = self.kinship_cache.register(checkpoint, base, check_cancelled=check)
+            metrics.BYTES_READ.inc(reg.bytes_read)  # once, however many callers share the registration
+            return reg
+
+        key = ("RegisterCheckpoint", request.SerializeToString(deterministic=True))
+        reg = self.admission.run(key, register, cancellation_check(context), kind="register")
         return kinship_pb2.RegisterCheckpointResponse(
             identity=reg.identity,
             base_identity=reg.base_identity,

@@ -46,7 +46,7 @@ from . import metrics
 from .cache import CacheStore
 from .config import Settings
 from .delta import EncodedChunk, decode_delta, encode, from_bytes, to_parts
-from .errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from .errors import FailedPrecondition, InvalidArgument, KinshipError, NotFound, Unavailable
 from .exact import (
     ComparisonPlan,
     ExactKinship,
@@ -492,6 +492,17 @@ class KinshipCache:
             metrics.CACHE_CORRUPT.inc()
             return None
 
+    def _raise_if_changed(self, checkpoints: Sequence[Checkpoint], idents: Sequence[CheckpointIdentity]) -> None:
+        """FAILED_PRECONDITION (CHECKPOINT_CHANGED) naming the checkpoints whose files changed since they were identified."""
+        changed = [c.label for c, ident in zip(checkpoints, idents) if not self.identities.unchanged(ident)]
+        if changed:
+            log.warning("a checkpoint changed while it was read", extra={"checkpoints": changed})
+            raise FailedPrecondition(
+                f"{', '.join(changed)} changed (rewritten or truncated) while {'it was' if len(changed) == 1 else 'they were'} "
+                "being read, so the result would mix two versions; retry once the files are completely written",
+                reason="CHECKPOINT_CHANGED",
+            )
+
     def _unchanged(self, idents: Sequence[CheckpointIdentity]) -> bool:
         if all(self.identities.unchanged(i) for i in idents):
             return True
@@ -653,19 +664,23 @@ class KinshipCache:
             for ident in idents
         ]
         observer = FingerprintObserver(len(idents), self.device) if any(eligible) else None
-        result = exact_kinship(
-            base_ckpt,
-            model_ckpts,
-            leading_slice=leading_slice,
-            device=self.device,
-            chunk_bytes=self.settings.chunk_bytes,
-            check_cancelled=check_cancelled,
-            observers=[observer] if observer is not None else [],
-            stats=ReadStats(),
-            use_cpu_kernel=self.settings.cpu_kernel,
-        )
-        if not self._unchanged([base_ident, *idents]):
-            return result
+        try:
+            result = exact_kinship(
+                base_ckpt,
+                model_ckpts,
+                leading_slice=leading_slice,
+                device=self.device,
+                chunk_bytes=self.settings.chunk_bytes,
+                check_cancelled=check_cancelled,
+                observers=[observer] if observer is not None else [],
+                stats=ReadStats(),
+                use_cpu_kernel=self.settings.cpu_kernel,
+            )
+        except KinshipError:
+            self._raise_if_changed([base_ckpt, *model_ckpts], [base_ident, *idents])  # the real cause
+            raise
+        # A file rewritten or truncated during the pass: the numbers mix two versions; say so.
+        self._raise_if_changed([base_ckpt, *model_ckpts], [base_ident, *idents])
         try:
             if observer is not None:
                 observer.flush()

@@ -1,0 +1,424 @@
+"""Load test (issue 7): light RPCs at high concurrency while heavy work runs, against a real server.
+
+Starts `python -m kinship_service` as a subprocess on loopback (KINSHIP_PORT=0) over a fresh
+work directory, then drives it with grpc.aio:
+
+- light load: `--clients` concurrent clients (coroutines over `--channels` HTTP/2 channels),
+  each looping over FINGERPRINT Kinship between two registered checkpoints (random pair) and
+  ShouldStop over a population whose kinship values are given (`known_kinship`), half each;
+- heavy load in the background for the whole window: two loops of cold EXACT Kinship (each
+  iteration touches one of its model files first, so its identity changes and the pass reads
+  every byte again instead of answering from the cache), and one loop of SLERP merges
+  (StartMerge, watch until done, again with overwrite).
+
+Bounded in time (`--duration`) and in count (`--max-requests` light calls). Prints throughput,
+p50/p99 latency per RPC, errors by status code (light and heavy separately), how much heavy work
+ran during the window, and the server's peak RSS (VmHWM). Targets (issue 7): light calls
+>= 1,000 req/s in total with p99 < 50 ms, and no errors other than RESOURCE_EXHAUSTED on the
+heavy path.
+
+    python bench/load.py                          # 64 clients, 20 s, heavy models of 4e7 parameters
+    python bench/load.py --duration 60 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# -- server process --------------------------------------------------------------------------
+def start_server(env_overrides: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
+    env = dict(os.environ)
+    env.update(env_overrides)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kinship_service"], env=env, stdout=subprocess.PIPE, stderr=open(log, "wb"), text=True
+    )
+    assert process.stdout is not None
+    deadline = time.monotonic() + 120
+    for line in process.stdout:
+        match = re.search(r"kinship-server listening on (\S+)", line)
+        if match:
+            return process, match.group(1)
+        if time.monotonic() > deadline:
+            break
+    process.kill()
+    raise RuntimeError(f"the server did not start; see {log}")
+
+
+def proc_status(pid: int, field: str) -> float:
+    """A /proc/<pid>/status field in MiB (VmHWM: peak RSS, VmRSS: current)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used (/proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+# -- data -------------------------------------------------------------------------------------
+def make_data(work: Path, n_light: int, heavy_params: float) -> dict[str, object]:
+    import torch
+
+    from kinship_service.synthetic import LlamaShape, make_base, make_family, save_checkpoint, shape_for_parameters, write_family_streaming
+
+    light = work / "light"
+    shape = LlamaShape(vocab_size=512, hidden_size=64, intermediate_size=176, num_layers=2)
+    base = make_base(shape, seed=0)
+    save_checkpoint(base, light / "base", dtype=torch.bfloat16)
+    for i, model in enumerate(make_family(base, n_light, rho=0.5, seed=1)):
+        save_checkpoint(model, light / f"m{i}", dtype=torch.bfloat16)
+    heavy_shape = shape_for_parameters(int(heavy_params), num_layers=4, vocab_size=8192)
+    # base, m0..m3 for the two exact loops (two models each), m4 and m5 for the merges
+    dirs = write_family_streaming(work / "heavy", heavy_shape, 6, rho=0.5, dtype=torch.bfloat16, seed=3)
+    return {
+        "light_base": light / "base",
+        "light_models": [light / f"m{i}" for i in range(n_light)],
+        "heavy_base": dirs[0],
+        "heavy_models": dirs[1:],
+        "heavy_params": heavy_shape.num_parameters,
+    }
+
+
+# -- the load ---------------------------------------------------------------------------------
+class Recorder:
+    def __init__(self) -> None:
+        self.latency: dict[str, list[float]] = defaultdict(list)
+        self.codes: dict[str, Counter[str]] = defaultdict(Counter)
+        self.heavy_codes: dict[str, Counter[str]] = defaultdict(Counter)
+        self.heavy_seconds: dict[str, list[float]] = defaultdict(list)
+        self.light_calls = 0
+
+
+async def light_client(
+    stub, pb, data: dict[str, object], recorder: Recorder, stop_at: float, max_requests: int, seed: int,
+    fingerprint_share: float = 0.5,
+    interval: float = 0.0,
+) -> None:
+    """One client: calls back to back (`interval` 0, closed loop) or one call every `interval` seconds (open loop).
+
+    Open loop: each call is due at a fixed schedule and its latency counts from when it was
+    due, so a server that falls behind is charged for the wait (no coordinated omission).
+    """
+    common_pb2, kinship_pb2, recommend_pb2 = pb
+    rng = random.Random(seed)
+    due = time.perf_counter() + (rng.uniform(0, interval) if interval else 0.0)
+    base = common_pb2.CheckpointRef(path=str(data["light_base"]))
+    models = [common_pb2.CheckpointRef(path=str(p)) for p in data["light_models"]]  # type: ignore[union-attr]
+    names = [f"m{i}" for i in range(len(models))]
+    while time.monotonic() < stop_at and recorder.light_calls < max_requests:
+        if interval:
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        recorder.light_calls += 1
+        if rng.random() < fingerprint_share:
+            i, j = rng.sample(range(len(models)), 2)
+            method = "Kinship[FINGERPRINT]"
+            call = stub.Kinship(
+                kinship_pb2.KinshipRequest(base=base, models=[models[i], models[j]], mode=common_pb2.KINSHIP_MODE_FINGERPRINT),
+                timeout=10,
+            )
+        else:
+            k = rng.randint(2, 4)
+            members = [
+                recommend_pb2.PopulationMember(name=n, score=rng.uniform(0.3, 0.9), generation=1) for n in names
+            ]
+            known = [
+                recommend_pb2.KnownKinship(pair=recommend_pb2.MemberPair(first=a, second=b), value=rng.uniform(0.5, 1.0))
+                for x, a in enumerate(names)
+                for b in names[x + 1 :]
+            ]
+            method = "ShouldStop"
+            call = stub.ShouldStop(recommend_pb2.ShouldStopRequest(members=members, top_k=k, known_kinship=known), timeout=10)
+        started = due if interval else time.perf_counter()
+        due += interval
+        try:
+            await call
+            code = "OK"
+        except grpc.aio.AioRpcError as error:
+            code = error.code().name
+        recorder.latency[method].append(time.perf_counter() - started)
+        recorder.codes[method][code] += 1
+
+
+async def exact_loop(stub, pb, base: Path, models: list[Path], recorder: Recorder, stop_at: float) -> None:
+    common_pb2, kinship_pb2, _ = pb
+    request = kinship_pb2.KinshipRequest(
+        base=common_pb2.CheckpointRef(path=str(base)),
+        models=[common_pb2.CheckpointRef(path=str(m)) for m in models],
+        mode=common_pb2.KINSHIP_MODE_EXACT,
+    )
+    touched = next(models[0].glob("*.safetensors"))
+    while time.monotonic() < stop_at:
+        os.utime(touched)  # a new identity: the pass reads every byte again (no cached pair results)
+        started = time.perf_counter()
+        try:
+            await stub.Kinship(request, timeout=max(1.0, stop_at - time.monotonic() + 60))
+            code = "OK"
+        except grpc.aio.AioRpcError as error:
+            code = error.code().name
+            if code == "RESOURCE_EXHAUSTED":
+                await asyncio.sleep(0.5)
+        recorder.heavy_codes["Kinship[EXACT]"][code] += 1
+        if code == "OK":
+            recorder.heavy_seconds["Kinship[EXACT]"].append(time.perf_counter() - started)
+
+
+async def merge_loop(stub, pb, a: Path, b: Path, recorder: Recorder, stop_at: float) -> None:
+    common_pb2, _, _ = pb
+    from kinship_client.v1 import merge_pb2
+
+    request = merge_pb2.StartMergeRequest(
+        model_a=common_pb2.CheckpointRef(path=str(a)),
+        model_b=common_pb2.CheckpointRef(path=str(b)),
+        t=merge_pb2.InterpolationFactor(entries=[merge_pb2.FilteredFactor(value=merge_pb2.FactorValue(constant=0.5))]),
+        output_path="load/merged",
+        overwrite=True,
+    )
+    done = {merge_pb2.MERGE_JOB_STATE_SUCCEEDED, merge_pb2.MERGE_JOB_STATE_FAILED, merge_pb2.MERGE_JOB_STATE_CANCELLED}
+    while time.monotonic() < stop_at:
+        started = time.perf_counter()
+        try:
+            job = (await stub.StartMerge(request, timeout=30)).job
+            state = job.state
+            while state not in done:
+                await asyncio.sleep(0.2)
+                if time.monotonic() >= stop_at:
+                    await stub.CancelMergeJob(merge_pb2.CancelMergeJobRequest(job_id=job.job_id), timeout=60)
+                    recorder.heavy_codes["StartMerge"]["CANCELLED_AT_END"] += 1
+                    return
+                job = (await stub.GetMergeJob(merge_pb2.GetMergeJobRequest(job_id=job.job_id), timeout=10)).job
+                state = job.state
+            code = merge_pb2.MergeJobState.Name(state).replace("MERGE_JOB_STATE_", "JOB_")
+            if state == merge_pb2.MERGE_JOB_STATE_FAILED:
+                code += f"({job.error.reason})"
+        except grpc.aio.AioRpcError as error:
+            code = error.code().name
+            await asyncio.sleep(0.5)
+        recorder.heavy_codes["StartMerge"][code] += 1
+        if code == "JOB_SUCCEEDED":
+            recorder.heavy_seconds["StartMerge"].append(time.perf_counter() - started)
+
+
+async def run_load(address: str, data: dict[str, object], args: argparse.Namespace, recorder: Recorder) -> dict[str, float]:
+    from kinship_client.v1 import common_pb2, kinship_pb2, recommend_pb2, service_pb2_grpc
+
+    pb = (common_pb2, kinship_pb2, recommend_pb2)
+    channels = [grpc.aio.insecure_channel(address) for _ in range(args.channels)]
+    stubs = [service_pb2_grpc.KinshipServiceStub(c) for c in channels]
+    heavy_stub = service_pb2_grpc.KinshipServiceStub(grpc.aio.insecure_channel(address))
+    heavy_models: list[Path] = data["heavy_models"]  # type: ignore[assignment]
+    window_start = time.monotonic()
+    sweep = [float(r) for r in args.sweep.split(",") if r.strip()] if args.sweep else []
+    heavy_stop = window_start + args.warmup + args.duration + len(sweep) * args.sweep_duration
+    heavy = []
+    if not args.no_heavy:
+        heavy = [
+            asyncio.create_task(exact_loop(heavy_stub, pb, data["heavy_base"], heavy_models[0:2], recorder, heavy_stop)),  # type: ignore[arg-type]
+            asyncio.create_task(exact_loop(heavy_stub, pb, data["heavy_base"], heavy_models[2:4], recorder, heavy_stop)),  # type: ignore[arg-type]
+            asyncio.create_task(merge_loop(heavy_stub, pb, heavy_models[4], heavy_models[5], recorder, heavy_stop)),
+        ]
+    await asyncio.sleep(args.warmup)  # the heavy work gets going before the light window opens
+    sweep_rows = []
+    for rate in sweep:  # short windows at increasing offered rates, heavy work running throughout
+        probe = Recorder()
+        started = time.monotonic()
+        await asyncio.gather(
+            *(
+                light_client(stubs[i % len(stubs)], pb, data, probe, started + args.sweep_duration, args.max_requests, seed=1000 + i,
+                             fingerprint_share=args.mix, interval=args.clients / rate)
+                for i in range(args.clients)
+            )
+        )
+        took = time.monotonic() - started
+        values = [x for v in probe.latency.values() for x in v]
+        errors = sum(n for codes in probe.codes.values() for c, n in codes.items() if c != "OK")
+        sweep_rows.append({
+            "offered_rps": rate, "achieved_rps": round(len(values) / took, 1), "p50_ms": round(percentile(values, 50) * 1000, 2),
+            "p99_ms": round(percentile(values, 99) * 1000, 2), "errors": errors,
+        })
+        print(f"  sweep: offered {rate:6.0f}/s -> {sweep_rows[-1]['achieved_rps']:7.1f}/s, p50 {sweep_rows[-1]['p50_ms']:8.2f} ms, "
+              f"p99 {sweep_rows[-1]['p99_ms']:8.2f} ms, errors {errors}", flush=True)
+    light_start = time.monotonic()
+    stop_at = light_start + args.duration
+    await asyncio.gather(
+        *(
+            light_client(stubs[i % len(stubs)], pb, data, recorder, stop_at, args.max_requests, seed=i, fingerprint_share=args.mix,
+                         interval=args.clients / args.rate if args.rate > 0 else 0.0)
+            for i in range(args.clients)
+        )
+    )
+    light_seconds = time.monotonic() - light_start
+    for task in heavy:
+        task.cancel()
+    await asyncio.gather(*heavy, return_exceptions=True)
+    for channel in channels:
+        await channel.close()
+    return {"light_seconds": light_seconds, "total_seconds": time.monotonic() - window_start, "sweep": sweep_rows}  # type: ignore[dict-item]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, default=64, help="concurrent light clients")
+    parser.add_argument("--channels", type=int, default=8, help="HTTP/2 channels the light clients share")
+    parser.add_argument("--rate", type=float, default=1000.0,
+                        help="offered light load in calls per second, spread over the clients (open loop); 0: closed loop, as fast as answered")
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds of light load")
+    parser.add_argument("--sweep", default="", help="comma-separated offered rates to probe first (e.g. 200,400,600), heavy work running")
+    parser.add_argument("--sweep-duration", type=float, default=6.0, help="seconds per sweep rate")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds the heavy work runs before the light window")
+    parser.add_argument("--max-requests", type=int, default=200_000, help="stop after this many light calls")
+    parser.add_argument("--mix", type=float, default=0.5, help="share of FINGERPRINT Kinship among light calls (rest: ShouldStop)")
+    parser.add_argument("--light-models", type=int, default=16, help="registered checkpoints for FINGERPRINT queries")
+    parser.add_argument("--heavy-params", type=float, default=4.0e7, help="parameters per model of the heavy (exact, merge) set")
+    parser.add_argument("--no-heavy", action="store_true", help="light load only (for comparison)")
+    parser.add_argument("--server-env", action="append", default=[], help="extra KINSHIP_X=value for the server")
+    parser.add_argument("--dir", type=Path, default=None, help="work directory (default: a fresh temporary one, removed)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = parser.parse_args()
+
+    from kinship_client import KinshipClient
+
+    work = args.dir or Path(tempfile.mkdtemp(prefix="kinship-load-"))
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"work directory {work}; load average before: {os.getloadavg()}", flush=True)
+    started = time.perf_counter()
+    data = make_data(work, args.light_models, args.heavy_params)
+    print(f"generated {args.light_models} light checkpoints and 7 heavy ones ({data['heavy_params'] / 1e6:.0f}M parameters, bf16) "
+          f"in {time.perf_counter() - started:.1f} s", flush=True)
+    env = {
+        "KINSHIP_HOST": "127.0.0.1",
+        "KINSHIP_PORT": "0",
+        "KINSHIP_METRICS_PORT": "0",
+        "KINSHIP_ALLOWED_ROOTS": str(work),
+        "KINSHIP_CACHE_DIR": str(work / "cache"),
+        "KINSHIP_OUTPUT_ROOT": str(work / "merges"),
+        "KINSHIP_DEVICE": "cpu",
+        "KINSHIP_LOG_LEVEL": "WARNING",
+        "KINSHIP_GRACE_SECONDS": "0",
+    }
+    for item in args.server_env:
+        key, _, value = item.partition("=")
+        env[key] = value
+    process, address = start_server(env, work / "server.log")
+    print(f"server pid {process.pid} listening on {address}", flush=True)
+    try:
+        with KinshipClient(address, timeout=300) as client:
+            for model in data["light_models"]:  # type: ignore[union-attr]
+                client.register_checkpoint(str(model), str(data["light_base"]))
+            client.kinship(str(data["light_base"]), [str(m) for m in data["light_models"][:2]], mode="fingerprint")  # type: ignore[index]
+        baseline_rss = proc_status(process.pid, "VmRSS")
+        recorder = Recorder()
+        server_cpu0, own_cpu0 = cpu_seconds(process.pid), time.process_time()
+        timing = asyncio.run(run_load(address, data, args, recorder))
+        server_cpu = cpu_seconds(process.pid) - server_cpu0
+        own_cpu = time.process_time() - own_cpu0
+        peak_rss = proc_status(process.pid, "VmHWM")
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        if args.dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+    light_total = sum(len(v) for v in recorder.latency.values())
+    throughput = light_total / timing["light_seconds"]
+    all_light = [x for v in recorder.latency.values() for x in v]
+    light_errors = {m: {c: n for c, n in codes.items() if c != "OK"} for m, codes in recorder.codes.items()}
+    heavy_bad = {
+        m: {c: n for c, n in codes.items() if c not in ("OK", "RESOURCE_EXHAUSTED", "JOB_SUCCEEDED", "CANCELLED_AT_END")}
+        for m, codes in recorder.heavy_codes.items()
+    }
+    p99_all = percentile(all_light, 99) * 1000
+    results = {
+        "clients": args.clients,
+        "offered_rate": args.rate,
+        "channels": args.channels,
+        "duration_s": round(timing["light_seconds"], 2),
+        "light_requests": light_total,
+        "light_throughput_rps": round(throughput, 1),
+        "light_p50_ms": round(percentile(all_light, 50) * 1000, 2),
+        "light_p99_ms": round(p99_all, 2),
+        "per_rpc": {
+            m: {
+                "count": len(v),
+                "rps": round(len(v) / timing["light_seconds"], 1),
+                "p50_ms": round(percentile(v, 50) * 1000, 2),
+                "p99_ms": round(percentile(v, 99) * 1000, 2),
+                "max_ms": round(max(v) * 1000, 2),
+                "codes": dict(recorder.codes[m]),
+            }
+            for m, v in sorted(recorder.latency.items())
+        },
+        "heavy": {
+            m: {
+                "codes": dict(codes),
+                "completed": len(recorder.heavy_seconds[m]),
+                "mean_s": round(sum(recorder.heavy_seconds[m]) / len(recorder.heavy_seconds[m]), 2) if recorder.heavy_seconds[m] else None,
+            }
+            for m, codes in sorted(recorder.heavy_codes.items())
+        },
+        "sweep": timing["sweep"],
+        "heavy_params_per_model": data["heavy_params"],
+        "server_cpu_s": round(server_cpu, 1),
+        "loadgen_cpu_s": round(own_cpu, 1),
+        "server_rss_before_load_mib": round(baseline_rss, 1),
+        "server_peak_rss_mib": round(peak_rss, 1),
+        "load_average_after": os.getloadavg(),
+        "cpus": os.cpu_count(),
+    }
+    meets = throughput >= 1000 and p99_all < 50 and not any(light_errors.values()) and not any(heavy_bad.values())
+    results["meets_targets"] = meets
+
+    print()
+    offered = f"offered {args.rate:.0f} calls/s (open loop)" if args.rate > 0 else "closed loop (as fast as answered)"
+    print(f"light load: {args.clients} clients over {args.channels} channels, {offered}, for {timing['light_seconds']:.1f} s"
+          + ("" if args.no_heavy else ", with 2 EXACT Kinship loops and 1 merge loop in the background"))
+    print(f"  {'rpc':24} {'count':>8} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}  codes")
+    for m, row in results["per_rpc"].items():  # type: ignore[union-attr]
+        print(f"  {m:24} {row['count']:8d} {row['rps']:8.1f} {row['p50_ms']:8.2f} {row['p99_ms']:8.2f} {row['max_ms']:8.2f}  {row['codes']}")
+    print(f"  {'all light':24} {light_total:8d} {throughput:8.1f} {results['light_p50_ms']:8.2f} {results['light_p99_ms']:8.2f}")
+    print("heavy work during the window:")
+    for m, row in results["heavy"].items():  # type: ignore[union-attr]
+        print(f"  {m:24} completed {row['completed']}, mean {row['mean_s']} s, outcomes {row['codes']}")
+    print(f"CPU used during the run: server {server_cpu:.1f} s, load generator {own_cpu:.1f} s (wall {timing['total_seconds']:.1f} s, {os.cpu_count()} cores)")
+    print(f"server RSS: {baseline_rss:.0f} MiB before the load, peak (VmHWM) {peak_rss:.0f} MiB")
+    print(f"load average after: {os.getloadavg()}")
+    print(f"targets (>= 1000 req/s light, p99 < 50 ms, no errors but RESOURCE_EXHAUSTED on heavy): {'MET' if meets else 'NOT MET'}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
