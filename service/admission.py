@@ -95,7 +95,9 @@ class Admission:
             raise ValueError("heavy workers must be >= 1 and the heavy queue >= 0")
         self.workers = workers
         self.queue = queue
-        self.max_waiters = max(workers + queue, max_waiters if max_waiters is not None else 4 * (workers + queue))
+        # An explicit cap is honoured even below workers + queue (the server passes half its handler
+        # threads): waiting callers must never hold every handler thread, whatever the queue size.
+        self.max_waiters = max(1, max_waiters) if max_waiters is not None else 4 * (workers + queue)
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name, initializer=_lower_priority)
         self._lock = threading.Lock()
         self._flights: dict[Hashable, _Flight] = {}

@@ -64,7 +64,9 @@ class Settings:
     max_queued_merge_jobs: int = 16
     """Merge jobs waiting for a worker before StartMerge answers RESOURCE_EXHAUSTED."""
     max_workers: int = 32
-    """gRPC handler threads (concurrent RPCs)."""
+    """gRPC handler threads: RPCs executing at once (light calls, callers waiting for heavy work, WatchMergeJob streams)."""
+    max_concurrent_rpcs: int = 1024
+    """RPCs accepted at once (executing or waiting for a handler thread); beyond it calls get RESOURCE_EXHAUSTED."""
     heavy_workers: int = 1
     """Heavy computations (exact passes, registrations) running at once on the heavy executor; see docs/reliability.md."""
     heavy_queue: int = 8
@@ -127,7 +129,7 @@ class Settings:
             raise ConfigError(f"KINSHIP_DEVICE={self.device!r}: use auto, cpu, cuda or cuda:N")
         if self.log_format not in ("json", "text"):
             raise ConfigError(f"KINSHIP_LOG_FORMAT={self.log_format!r}: use json or text")
-        for name in ("max_merge_jobs", "max_workers", "max_message_bytes", "chunk_bytes", "heavy_workers"):
+        for name in ("max_merge_jobs", "max_workers", "max_concurrent_rpcs", "max_message_bytes", "chunk_bytes", "heavy_workers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"KINSHIP_{name.upper()} must be at least 1")
         if self.heavy_queue < 0:
@@ -162,7 +164,7 @@ def _parse_bool(raw: str) -> bool:
 
 
 def _convert(name: str, raw: str) -> object:
-    if name in ("port", "metrics_port", "max_merge_jobs", "max_queued_merge_jobs", "max_workers", "heavy_workers", "heavy_queue"):
+    if name in ("port", "metrics_port", "max_merge_jobs", "max_queued_merge_jobs", "max_workers", "max_concurrent_rpcs", "heavy_workers", "heavy_queue"):
         return int(raw)
     if name in ("cache_size_limit", "max_message_bytes", "chunk_bytes"):
         return parse_bytes(raw)

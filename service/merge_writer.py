@@ -92,6 +92,12 @@ def resolve_output_dir(output_root: Path, output_path: str) -> Path:
         raise InvalidArgument("output_path is required: a directory name under the server's output root", field="output_path")
     if "\x00" in output_path:
         raise InvalidArgument("output_path contains a NUL byte", field="output_path")
+    if len(os.fsencode(output_path)) > 4000 or any(len(os.fsencode(p)) > 255 for p in Path(output_path).parts):
+        raise InvalidArgument(
+            "output_path is too long: use directory names of at most 255 bytes and a path of at most 4000 bytes",
+            reason="PATH_TOO_LONG",
+            field="output_path",
+        )
     root = Path(os.path.realpath(output_root))
     target = Path(os.path.realpath(root / os.path.expanduser(output_path)))
     if target == root or not target.is_relative_to(root):

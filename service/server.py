@@ -130,7 +130,8 @@ def serve(settings: Settings) -> RunningServer:
         futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix="rpc"),
         interceptors=interceptors,
         options=grpc_options(settings),
-        maximum_concurrent_rpcs=settings.max_workers * 4,
+        # Decoupled from the thread count: calls beyond max_workers queue for a thread instead of being refused.
+        maximum_concurrent_rpcs=max(settings.max_concurrent_rpcs, settings.max_workers),
     )
     service_pb2_grpc.add_KinshipServiceServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)

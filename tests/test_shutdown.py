@@ -86,6 +86,10 @@ class ServerProcess:
                 "KINSHIP_LOG_FORMAT": "json",
                 "HF_HUB_OFFLINE": "1",
                 "OMP_NUM_THREADS": "2",
+                # Keep the in-flight pass slow (seconds) whatever the machine: the torch path in
+                # small chunks, so SIGTERM always lands while it runs.
+                "KINSHIP_CPU_KERNEL": "0",
+                "KINSHIP_CHUNK_BYTES": "256KiB",
             }
         )
         environ.update(env)
