@@ -186,11 +186,14 @@ class JobRecord:
 
 def model_spec_from_name(name: str, allowed_roots: tuple[Path, ...]) -> CheckpointSpec:
     """A mergekit model name: a local path when it is absolute or exists under an allowed root, else a Hub repo id."""
+    if not name or "\x00" in name:
+        raise InvalidArgument(f"model name {name!r} in mergekit_yaml is empty or holds a NUL byte", field="mergekit_yaml")
     if name.startswith(("/", "./", "../", "~")):
         return LocalPath(name)
     for root in allowed_roots:
-        candidate = Path(root) / name
-        if candidate.exists():
+        candidate = Path(os.path.realpath(Path(root) / name))
+        # Only look inside the root: existence elsewhere must not be probed through this name.
+        if candidate.is_relative_to(os.path.realpath(root)) and candidate.exists():
             return LocalPath(str(candidate))
     repo, _, revision = name.partition("@")
     return HubRepo(repo, revision)
