@@ -173,10 +173,6 @@ class KinshipServicer(service_pb2_grpc.KinshipServiceServicer):
             summary.identity = identity
         return response
 
-    # -- Later issues ------------------------------------------------------------------
-    def _unimplemented(self, context: grpc.ServicerContext, what: str) -> None:
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{what} is not implemented by this server version yet")
-
     # -- RankCandidates and ShouldStop (logic in recommend.py, protos in recommend_rpc.py) --
     def _top_k_kinship(
         self, request: Any, top: list[str], metric: str, known: dict[recommend.Pair, float], context: grpc.ServicerContext

@@ -143,15 +143,6 @@ class Settings:
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
             raise ConfigError("KINSHIP_TLS_CLIENT_CA_FILE needs KINSHIP_TLS_CERT_FILE and KINSHIP_TLS_KEY_FILE")
 
-    def bearer_token(self) -> str:
-        """The configured API token ('' when authentication is off)."""
-        if self.auth_token_file is not None:
-            try:
-                return self.auth_token_file.read_text().strip()
-            except OSError as exc:
-                raise ConfigError(f"KINSHIP_AUTH_TOKEN_FILE: cannot read {self.auth_token_file}: {exc}") from None
-        return self.auth_token
-
 
 def _parse_bool(raw: str) -> bool:
     """1/0, true/false, yes/no, on/off (any case)."""

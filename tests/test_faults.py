@@ -23,12 +23,10 @@ from __future__ import annotations
 
 import os
 import re
-import select
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -44,6 +42,8 @@ from safetensors import safe_open
 from kinship_client import KinshipClient, KinshipRpcError
 from kinship_service.cache import CacheStore
 from kinship_service.synthetic import LlamaShape, make_base, make_family, save_checkpoint
+
+from .server_process import launch
 
 # About 20M parameters (80 MB per float32 checkpoint): registration writes five delta chunks
 # of 16 MB, and a pass takes long enough to be interrupted.
@@ -125,21 +125,7 @@ class ServerProcess:
             KINSHIP_GRACE_SECONDS="0",
         )
         self.log = log
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kinship_service"], env=full_env, stdout=subprocess.PIPE, stderr=open(log, "ab")
-        )
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + 120
-        line = b""
-        while time.monotonic() < deadline and b"\n" not in line:
-            ready, _, _ = select.select([self.proc.stdout], [], [], 0.5)
-            if ready:
-                line += os.read(self.proc.stdout.fileno(), 4096)
-            elif self.proc.poll() is not None:
-                break
-        text = line.decode()
-        assert "kinship-server listening on " in text, f"server did not start: {text!r}\n{log.read_text()}"
-        self.address = text.split("listening on ", 1)[1].split()[0]
+        self.proc, self.address = launch(full_env, log)
 
     def metric(self, name: str, labels: str = "") -> float:
         body = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).read().decode()

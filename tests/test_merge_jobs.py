@@ -11,10 +11,7 @@ from __future__ import annotations
 import json
 import os
 import resource
-import select
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -30,6 +27,8 @@ from kinship_client.client import KinshipRpcError
 from kinship_client.merge import MergeJobInfo
 from kinship_service.server import RunningServer
 from kinship_service.synthetic import LlamaShape, make_base, make_family, save_checkpoint
+
+from .server_process import launch
 
 SMALL = LlamaShape(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4, num_kv_heads=2)
 # About 63M parameters: 250 MB per float32 checkpoint; merging it takes seconds here.
@@ -341,25 +340,7 @@ class _ServerProcess:
                 resource.setrlimit(resource.RLIMIT_FSIZE, (fsize_limit, fsize_limit))
 
         self.log = log
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kinship_service"],
-            env=full_env,
-            stdout=subprocess.PIPE,
-            stderr=open(log, "ab"),
-            preexec_fn=limits,
-        )
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + 60
-        line = b""
-        while time.monotonic() < deadline and b"\n" not in line:
-            ready, _, _ = select.select([self.proc.stdout], [], [], 0.5)
-            if ready:
-                line += os.read(self.proc.stdout.fileno(), 4096)
-            elif self.proc.poll() is not None:
-                break
-        text = line.decode()
-        assert "kinship-server listening on " in text, f"server did not start: {text!r}\n{log.read_text()}"
-        self.address = text.split("listening on ", 1)[1].split()[0]
+        self.proc, self.address = launch(full_env, log, preexec_fn=limits, timeout=60)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc.poll() is None:
