@@ -59,6 +59,8 @@ import hashlib
 import math
 import struct
 import threading
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Sequence
@@ -182,12 +184,13 @@ class Fingerprint:
 
     @property
     def total(self) -> GroupStats:
-        out = GroupStats()
+        """The statistics of the whole task vector (the groups summed, in order)."""
+        count, total, squares = 0, 0.0, 0.0  # locals: a property read on every FINGERPRINT request
         for stats in self.groups.values():
-            out.count += stats.count
-            out.sum += stats.sum
-            out.sum_squares += stats.sum_squares
-        return out
+            count += stats.count
+            total += stats.sum
+            squares += stats.sum_squares
+        return GroupStats(count, total, squares)
 
     @property
     def nbytes(self) -> int:
@@ -222,6 +225,51 @@ def _clamp(value: float, low: float, high: float) -> float:
     return value if math.isnan(value) else min(high, max(low, value))
 
 
+_DOT_MEMO_ENTRIES = 1 << 14
+"""Sketch dot products kept (a few hundred bytes each): all pairs of ~180 fingerprints."""
+_DOT_LOCK = threading.Lock()
+_DotEntry = tuple["weakref.ref[torch.Tensor]", int, "weakref.ref[torch.Tensor]", int, float]
+_DOT_MEMO: OrderedDict[tuple[int, int], _DotEntry] = OrderedDict()
+
+
+def _sketch_dot(a: torch.Tensor, b: torch.Tensor) -> float:
+    """`float(np.dot(a, b))` of two float32 CPU sketches, memoised (bounded LRU).
+
+    Cached fingerprints come back as the same objects request after request, so the
+    1 MiB dot products of the FINGERPRINT hot path are computed once per pair. An
+    entry holds weak references to the two tensors and their in-place version
+    counters: it only answers for those very tensor objects, unmodified (a sketch
+    edited in place, or a new tensor at a reused address, misses). The pair is
+    unordered: float32 products commute exactly and the kernel sums them in index
+    order, so np.dot(b, a) is bit-identical to np.dot(a, b).
+    """
+    if id(a) > id(b):
+        a, b = b, a
+    key = (id(a), id(b))
+    try:
+        version_a, version_b = a._version, b._version
+    except RuntimeError:  # inference-mode tensors have no version counter: no memo for them
+        return float(np.dot(a.numpy(), b.numpy()))
+    with _DOT_LOCK:
+        hit = _DOT_MEMO.get(key)
+        if hit is not None and hit[0]() is a and hit[1] == version_a and hit[2]() is b and hit[3] == version_b:
+            _DOT_MEMO.move_to_end(key)
+            return hit[4]
+    value = float(np.dot(a.numpy(), b.numpy()))
+    with _DOT_LOCK:
+        _DOT_MEMO[key] = (weakref.ref(a), version_a, weakref.ref(b), version_b, value)
+        _DOT_MEMO.move_to_end(key)
+        while len(_DOT_MEMO) > _DOT_MEMO_ENTRIES:
+            _DOT_MEMO.popitem(last=False)
+    return value
+
+
+def clear_dot_memo() -> None:
+    """Forget every memoised sketch dot product (tests compare memoised and fresh results)."""
+    with _DOT_LOCK:
+        _DOT_MEMO.clear()
+
+
 def _estimate_small(fingerprints: Sequence[Fingerprint], totals: Sequence[GroupStats], count: int) -> Similarities:
     """`estimate` for a few fingerprints (the FINGERPRINT RPC hot path) in plain floats, the same formulas.
 
@@ -229,15 +277,16 @@ def _estimate_small(fingerprints: Sequence[Fingerprint], totals: Sequence[GroupS
     vectorised n x n path costs hundreds in per-op overhead. NumPy's dot, not torch.dot:
     torch.dot fans out to the intra-op thread pool, which costs milliseconds per call when
     the cores are busy (heavy work, other processes). The same kernel gives the diagonal,
-    so identical sketches give exactly 1.
+    so identical sketches give exactly 1. The dot products are memoised (`_sketch_dot`):
+    a repeated pair costs a dictionary look-up, with the bit-identical value.
     """
     n = len(fingerprints)
     nan = math.nan
-    arrays = [fp.sketch.numpy() for fp in fingerprints]
+    sketches = [fp.sketch for fp in fingerprints]
     gram = [[0.0] * n for _ in range(n)]
     for i in range(n):
         for j in range(i, n):
-            gram[i][j] = gram[j][i] = float(np.dot(arrays[i], arrays[j]))
+            gram[i][j] = gram[j][i] = _sketch_dot(sketches[i], sketches[j])
     sketch_norms = [math.sqrt(max(gram[i][i], 0.0)) for i in range(n)]
     norms = [t.norm for t in totals]
     sums = [t.sum for t in totals]

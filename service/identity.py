@@ -10,7 +10,8 @@
   back by `touch`), and any change of layout changes the header hash.
 
 Identities are memoised per process on the files' stat results, so a repeated
-request costs one `stat` per file; the header is re-read whenever stat changes. The
+request costs one `stat` per file (none when the resolver hands over the stats it
+took while resolving the checkpoint); the header is re-read whenever stat changes. The
 parsed headers come along, so tensor plans can be made without opening the files
 again.
 """
@@ -58,8 +59,10 @@ class CheckpointIdentity:
     states: tuple[FileState, ...]
 
 
-def file_state(path: Path) -> FileState:
-    st = os.stat(path)
+def file_state(path: Path, st: os.stat_result | None = None) -> FileState:
+    """The FileState of `path`: from `st` when the caller has just stat-ed it, else a fresh `os.stat`."""
+    if st is None:
+        st = os.stat(path)
     return FileState(str(path), st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
 
 
@@ -107,10 +110,18 @@ class IdentityResolver:
         self._lock = threading.Lock()
         self._max = max_entries
 
-    def identify(self, checkpoint: Checkpoint) -> CheckpointIdentity:
-        """The identity of `checkpoint` as its files are now."""
+    def identify(self, checkpoint: Checkpoint, stats: Sequence[os.stat_result | None] = ()) -> CheckpointIdentity:
+        """The identity of `checkpoint` as its files are now.
+
+        `stats`: optional `os.stat` results of `checkpoint.files` (in order; None for
+        "stat it here") taken moments ago in this same request, e.g. by
+        `sources.resolve_with_stats`, so no file is stat-ed twice. Never pass stale ones.
+        """
         try:
-            states = tuple(file_state(f) for f in checkpoint.files)
+            if stats:
+                states = tuple(file_state(f, st) for f, st in zip(checkpoint.files, stats, strict=True))
+            else:
+                states = tuple(file_state(f) for f in checkpoint.files)
         except OSError as exc:
             raise FailedPrecondition(f"{checkpoint.label}: cannot stat its weight files ({exc})", reason="CHECKPOINT_UNREADABLE") from None
         memo_key = (checkpoint.revision, states)

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 import os.path
+import sys
 from dataclasses import dataclass
 from itertools import combinations
 from typing import Callable, Iterable, Mapping, Sequence
@@ -204,14 +205,13 @@ def validate_population(members: Sequence[Member], top_k: int, *, field: str = "
     with_generation = [m.generation is not None for m in members]
     any_generation = any(with_generation)  # once: inside the loop it made validation quadratic
     for i, member in enumerate(members):
-        where = f"{field}[{i}]"
         if not member.name or not member.name.strip():
-            raise InvalidArgument("every member needs a non-empty name", field=f"{where}.name")
+            raise InvalidArgument("every member needs a non-empty name", field=f"{field}[{i}].name")
         if member.name in by_name:
             raise InvalidArgument(
                 f"duplicate member name {member.name!r} (also {field}[{index_of[member.name]}]); names must be unique",
                 reason="DUPLICATE_MEMBER",
-                field=f"{where}.name",
+                field=f"{field}[{i}].name",
             )
         if member.checkpoint is not None:
             if member.checkpoint in checkpoints:
@@ -219,7 +219,7 @@ def validate_population(members: Sequence[Member], top_k: int, *, field: str = "
                     f"member {member.name!r} has the same checkpoint as {field}[{checkpoints[member.checkpoint]}]; "
                     "list each model once",
                     reason="DUPLICATE_MEMBER",
-                    field=f"{where}.checkpoint",
+                    field=f"{field}[{i}].checkpoint",
                 )
             checkpoints[member.checkpoint] = i
         if member.score is None:
@@ -227,24 +227,24 @@ def validate_population(members: Sequence[Member], top_k: int, *, field: str = "
                 f"member {member.name!r} has no score; every member needs its evaluation score "
                 "(the service never evaluates models)",
                 reason="MISSING_SCORE",
-                field=f"{where}.score",
+                field=f"{field}[{i}].score",
             )
         if not math.isfinite(member.score):
             raise InvalidArgument(
                 f"member {member.name!r} has score {member.score}; scores must be finite numbers",
                 reason="NON_FINITE_SCORE",
-                field=f"{where}.score",
+                field=f"{field}[{i}].score",
             )
         if member.generation is not None and member.generation < 0:
             raise InvalidArgument(
                 f"member {member.name!r} has generation {member.generation}; use 0 for foundation models",
-                field=f"{where}.generation",
+                field=f"{field}[{i}].generation",
             )
         if any_generation and member.generation is None:
             first = with_generation.index(True)
             raise InvalidArgument(
                 f"member {member.name!r} has no generation but {field}[{first}] has one; give it for every member or none",
-                field=f"{where}.generation",
+                field=f"{field}[{i}].generation",
             )
         by_name[member.name] = member
         index_of[member.name] = i
@@ -316,24 +316,41 @@ def _checked_pair(first: str, second: str, names: set[str], where: str) -> Pair:
 def validate_known(
     known: Sequence[tuple[str, str, float]], names: Iterable[str], metric: str, *, field: str = "known_kinship"
 ) -> dict[Pair, float]:
-    """Check caller-supplied kinship values (members exist, finite, in the metric's range, no conflicts)."""
+    """Check caller-supplied kinship values (members exist, finite, in the metric's range, no conflicts).
+
+    One cheap combined test per value; a value failing it goes through `_checked_known`,
+    which raises the precise error.
+    """
     members = set(names)
     out: dict[Pair, float] = {}
+    # Finite and in range in one chained comparison (NaN and infinities fail it).
+    low, high = (0.0, sys.float_info.max) if metric == EUCLIDEAN else (-1.0 - 1e-9, 1.0 + 1e-9)
     for i, (first, second, value) in enumerate(known):
-        key = _checked_pair(first, second, members, f"{field}[{i}].pair")
-        where = f"{field}[{i}].value"
-        if not math.isfinite(value):
-            raise InvalidArgument(f"kinship of ({first}, {second}) is {value}; values must be finite", field=where)
-        if metric == EUCLIDEAN and value < 0:
-            raise InvalidArgument(f"a Euclidean distance cannot be negative, got {value}", field=where)
-        if metric != EUCLIDEAN and not -1.0 - 1e-9 <= value <= 1.0 + 1e-9:
-            raise InvalidArgument(f"{metric} kinship must be in [-1, 1], got {value}", field=where)
-        if key in out and out[key] != value:
+        if first in members and second in members and first != second and low <= value <= high:
+            key = (first, second) if first <= second else (second, first)
+        else:
+            key = _checked_known(i, first, second, value, members, metric, field)
+        previous = out.get(key)
+        if previous is not None and previous != value:
             raise InvalidArgument(
-                f"pair ({first}, {second}) is given twice with different values ({out[key]} and {value})", field=where
+                f"pair ({first}, {second}) is given twice with different values ({previous} and {value})",
+                field=f"{field}[{i}].value",
             )
         out[key] = value
     return out
+
+
+def _checked_known(i: int, first: str, second: str, value: float, members: set[str], metric: str, field: str) -> Pair:
+    """Every check of one known kinship value, in order: raises the first that fails, else returns the pair's key."""
+    key = _checked_pair(first, second, members, f"{field}[{i}].pair")
+    where = f"{field}[{i}].value"
+    if not math.isfinite(value):
+        raise InvalidArgument(f"kinship of ({first}, {second}) is {value}; values must be finite", field=where)
+    if metric == EUCLIDEAN and value < 0:
+        raise InvalidArgument(f"a Euclidean distance cannot be negative, got {value}", field=where)
+    if metric != EUCLIDEAN and not -1.0 - 1e-9 <= value <= 1.0 + 1e-9:
+        raise InvalidArgument(f"{metric} kinship must be in [-1, 1], got {value}", field=where)
+    return key
 
 
 def validate_previous_top_k(previous: Sequence[str], names: Iterable[str], *, field: str = "previous_top_k") -> None:

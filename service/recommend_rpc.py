@@ -80,16 +80,20 @@ def _checkpoint_description(ref: common_pb2.CheckpointRef) -> str | None:
 
 def members_of(messages: Sequence[recommend_pb2.PopulationMember]) -> list[Member]:
     """PopulationMember protos as `recommend.Member`s (unset optional fields become None)."""
-    return [
-        Member(
-            name=m.name,
-            score=m.score if m.HasField("score") else None,
-            generation=m.generation if m.HasField("generation") else None,
-            parents=tuple(m.parents),
-            checkpoint=_checkpoint_description(m.checkpoint) if m.HasField("checkpoint") else None,
+    out = []
+    for m in messages:
+        has = m.HasField
+        parents = m.parents
+        out.append(
+            Member(
+                m.name,
+                m.score if has("score") else None,
+                m.generation if has("generation") else None,
+                tuple(parents) if parents else (),
+                _checkpoint_description(m.checkpoint) if has("checkpoint") else None,
+            )
         )
-        for m in messages
-    ]
+    return out
 
 
 def member_checkpoints(
@@ -116,7 +120,11 @@ def pairs_of(messages: Sequence[recommend_pb2.MemberPair]) -> list[tuple[str, st
 
 def known_of(messages: Sequence[recommend_pb2.KnownKinship]) -> list[tuple[str, str, float]]:
     """KnownKinship protos as (first, second, value) tuples."""
-    return [(k.pair.first, k.pair.second, k.value) for k in messages]
+    out = []
+    for k in messages:
+        pair = k.pair  # each access of a sub-message builds a wrapper: once per item, not twice
+        out.append((pair.first, pair.second, k.value))
+    return out
 
 
 def matrix_proto(matrix: KinshipMatrix) -> recommend_pb2.KinshipMatrix:

@@ -34,6 +34,7 @@ import sqlite3
 import struct
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,7 +73,7 @@ from .fingerprint import (
 )
 from .identity import CheckpointIdentity, IdentityResolver
 from .kinship_math import PairwiseMoments, Similarities, similarities
-from .sources import Checkpoint, CheckpointSpec, HubRepo, describe, resolve
+from .sources import Checkpoint, CheckpointSpec, HubRepo, describe, resolve, resolve_with_stats
 from .streaming import CheckpointReader, ReadStats, TensorInfo
 
 log = logging.getLogger("kinship.registry")
@@ -125,6 +126,45 @@ def plan_key(plan: ComparisonPlan) -> str:
 
 def _tensor_list(plan: ComparisonPlan) -> list[tuple[str, tuple[int, ...]]]:
     return [(t.name, tuple(t.shape)) for t in plan.tensors]
+
+
+TensorList = list[tuple[str, tuple[int, ...]]]
+_INTERNED_LOCK = threading.Lock()
+_INTERNED: dict[tuple[tuple[str, tuple[int, ...]], ...], TensorList] = {}
+
+
+def _interned(tensors: TensorList) -> TensorList:
+    """One shared list object per distinct tensor set (never modified), equal to `tensors`.
+
+    A fingerprint's tensor list is compared with the plan's on every FINGERPRINT
+    request: hundreds of (name, shape) tuples for a real model. With both sides
+    interned the comparison meets the very same tuples and Python's identity
+    shortcut answers each in nanoseconds; it is still a full equality test.
+    """
+    try:
+        key = tuple(tensors)
+        hash(key)
+    except TypeError:  # an unhashable shape: leave the list as it is
+        return tensors
+    with _INTERNED_LOCK:
+        hit = _INTERNED.get(key)
+        if hit is None:
+            if len(_INTERNED) >= 256:
+                _INTERNED.clear()
+            hit = _INTERNED[key] = list(key)
+        return hit
+
+
+@dataclass(frozen=True)
+class _PlanFacts:
+    """What the light paths read off a (memoised, never modified) plan on every request: computed once per plan."""
+
+    tensor_list: TensorList
+    """`_tensor_list(plan)`, interned."""
+    tensors_by_group: dict[str, int]
+    """`_tensors_by_group(plan)`; hand out copies."""
+    sliced: bool
+    """Whether any tensor is compared over a leading slice."""
 
 
 # -- serialisation -----------------------------------------------------------------------
@@ -344,6 +384,7 @@ class KinshipCache:
         self._memory_bytes = 0
         self._lock = threading.Lock()
         self._plans: OrderedDict[tuple[object, ...], ComparisonPlan] = OrderedDict()
+        self._plan_facts_memo: dict[int, tuple[weakref.ref[ComparisonPlan], _PlanFacts]] = {}
         self._hub_seen: set[str] = set()
 
     def close(self) -> None:
@@ -363,14 +404,17 @@ class KinshipCache:
         headers), so cached fingerprints, deltas and pair results still answer for it.
         """
         try:
-            checkpoint = self._resolve(item, field_name)
+            if isinstance(item, Checkpoint):
+                checkpoint, stats = item, ()
+            else:  # the stats taken while resolving spare identify() a second stat of each file
+                checkpoint, stats = resolve_with_stats(item, self.settings.allowed_roots, field_name)
         except NotFound:
             if isinstance(item, HubRepo) and _COMMIT.fullmatch(item.revision or ""):
                 ident = self._hub_record(item.repo_id, item.revision)
                 if ident is not None:
                     return _Resolved(describe(item), None, ident)
             raise
-        ident = self.identities.identify(checkpoint)
+        ident = self.identities.identify(checkpoint, stats)
         if isinstance(item, HubRepo) and ident.identity.startswith("hub-"):
             self._remember_hub(item.repo_id, checkpoint.revision, ident)
         return _Resolved(checkpoint.label, checkpoint, ident)
@@ -426,6 +470,19 @@ class KinshipCache:
                 self._plans.popitem(last=False)
         return plan
 
+    def _plan_facts(self, plan: ComparisonPlan) -> _PlanFacts:
+        """The `_PlanFacts` of `plan`, memoised by the plan object (held weakly: an evicted plan's entry never answers)."""
+        with self._lock:
+            hit = self._plan_facts_memo.get(id(plan))
+        if hit is not None and hit[0]() is plan:
+            return hit[1]
+        facts = _PlanFacts(_interned(_tensor_list(plan)), _tensors_by_group(plan), any(t.sliced for t in plan.tensors))
+        with self._lock:
+            if len(self._plan_facts_memo) >= 4096:
+                self._plan_facts_memo.clear()
+            self._plan_facts_memo[id(plan)] = (weakref.ref(plan), facts)
+        return facts
+
     def _pair_plan(self, base: CheckpointIdentity, model: CheckpointIdentity) -> ComparisonPlan:
         return self._plan([base, model], ["base", "checkpoint"], False)
 
@@ -458,6 +515,7 @@ class KinshipCache:
         return fp
 
     def _remember(self, key: str, fp: Fingerprint) -> None:
+        fp.tensors = _interned(fp.tensors)  # an equal list: cheap comparisons with plans (see _interned)
         with self._lock:
             if key in self._memory:
                 return
@@ -575,8 +633,9 @@ class KinshipCache:
     def _fingerprints(
         self, base: CheckpointIdentity, idents: Sequence[CheckpointIdentity], plan: ComparisonPlan
     ) -> tuple[list[Fingerprint], list[int]]:
-        tensors = _tensor_list(plan)
-        sliced = any(t.sliced for t in plan.tensors)
+        facts = self._plan_facts(plan)
+        tensors = facts.tensor_list
+        sliced = facts.sliced
         fps: list[Fingerprint] = []
         missing: list[int] = []
         for i, ident in enumerate(idents):
@@ -593,7 +652,7 @@ class KinshipCache:
         return ExactKinship(
             overall=sims,
             by_group={},
-            tensors_by_group=_tensors_by_group(plan),
+            tensors_by_group=dict(self._plan_facts(plan).tensors_by_group),
             plan=plan,
             bytes_read=0,
             device="cpu",

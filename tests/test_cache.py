@@ -550,3 +550,41 @@ def test_registered_hub_checkpoints_need_not_stay_in_the_hub_cache(
     with pytest.raises(KinshipRpcError) as info:
         client.kinship(str(model_root / "base"), ["hf://kinship-gone/m0", "hf://kinship-gone/m1"], mode="auto")
     assert info.value.code == grpc.StatusCode.NOT_FOUND
+
+
+def test_repeated_fingerprint_answers_are_identical_and_other_tensor_sets_stay_refused(tmp_path: Path, model_root: Path) -> None:
+    """The FINGERPRINT path memoises per plan (tensor list, groups) and per sketch pair: nothing may leak across."""
+    from kinship_service.config import Settings
+    from kinship_service.errors import FailedPrecondition
+    from kinship_service.registry import KinshipCache
+    from kinship_service.sources import LocalPath
+
+    shape = LlamaShape(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2)
+    base = make_base(shape, seed=40)
+    models = make_family(base, 3, rho=0.5, seed=41)
+    base_ref = LocalPath(str(save_checkpoint(base, model_root / "base")))
+    refs = [LocalPath(str(save_checkpoint(m, model_root / f"m{i}"))) for i, m in enumerate(models)]
+    pruned = {k: v for k, v in models[2].items() if k != "model.layers.1.mlp.up_proj.weight"}
+    pruned_ref = LocalPath(str(save_checkpoint(pruned, model_root / "pruned")))
+    cache = KinshipCache(Settings(allowed_roots=(model_root,), cache_dir=tmp_path / "cache"), "cpu")
+    try:
+        for ref in (*refs, pruned_ref):
+            cache.register(ref, base_ref)
+        first = cache.kinship(base_ref, refs, mode="fingerprint")
+        first.result.tensors_by_group["layers.0"] = -1  # a caller editing its answer must not touch the next one
+        for order in ([0, 1, 2], [2, 0, 1], [0, 1, 2]):
+            again = cache.kinship(base_ref, [refs[i] for i in order], mode="fingerprint").result
+            for metric in ("pcc", "cosine", "euclidean"):
+                got, want = getattr(again.overall, metric), getattr(first.result.overall, metric)
+                for a, i in enumerate(order):
+                    for b, j in enumerate(order):
+                        assert float(got[a][b]).hex() == float(want[i][j]).hex()
+            assert again.tensors_by_group["layers.0"] > 0
+        # The pruned model's own fingerprint covers one tensor fewer: joined with m0 the compared set
+        # shrinks, and m0's fingerprint (over the full set) must not be used for it.
+        with pytest.raises(FailedPrecondition) as info:
+            cache.kinship(base_ref, [refs[0], pruned_ref], mode="fingerprint")
+        assert info.value.reason == "FINGERPRINT_MISSING" and "models[0]" in info.value.message
+        assert cache.kinship(base_ref, refs[:2], mode="fingerprint").mode_used == "fingerprint"
+    finally:
+        cache.close()

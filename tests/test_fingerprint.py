@@ -21,6 +21,7 @@ from kinship_service.fingerprint import (
     SketchBuilder,
     StatsBuilder,
     build_fingerprints,
+    clear_dot_memo,
     estimate,
 )
 from kinship_service.kinship_math import layer_group
@@ -146,3 +147,38 @@ def test_identical_task_vectors_estimate_exactly_one() -> None:
 def test_fingerprint_size_is_fixed() -> None:
     fps = sketch(make_population([0.1, 0.2], seed=1), chunk=100_000)
     assert fps[0].nbytes == 4 * SKETCH_WIDTH == 2**20  # 1 MiB whatever the model size
+
+
+def _bits(similarities) -> list[str]:
+    """Every number of an estimate as its exact float64 bits (== would equate 0.0 with -0.0)."""
+    values = [x for m in (similarities.pcc, similarities.cosine, similarities.euclidean) for row in m for x in row]
+    return [float(x).hex() for x in values + similarities.norms + similarities.means]
+
+
+def test_memoised_sketch_dot_products_are_bit_identical() -> None:
+    """The FINGERPRINT path memoises sketch dot products: the answers must be exactly the fresh ones."""
+    fps = sketch(make_population([0.3, 0.6, -0.2, 0.8], seed=11), chunk=100_000)
+    clear_dot_memo()
+    fresh = estimate(fps)
+    assert _bits(estimate(fps)) == _bits(fresh)  # every dot product from the memo
+    clear_dot_memo()
+    fresh_reversed = estimate(fps[::-1])
+    assert _bits(estimate(fps[::-1])) == _bits(fresh_reversed)
+    assert _bits(estimate(fps)) == _bits(fresh)  # pairs memoised in the other order
+    # Against the Gram matrix computed here with NumPy: the estimate's cosine is its ratio.
+    sketches = np.stack([fp.sketch.numpy() for fp in fps])
+    for a in sketches:  # the memo keys pairs unordered: it relies on np.dot being exactly symmetric
+        for b in sketches:
+            assert float(np.dot(a, b)).hex() == float(np.dot(b, a)).hex()
+    gram = np.array([[float(np.dot(a, b)) for b in sketches] for a in sketches])
+    cosine = gram / np.sqrt(np.outer(np.diag(gram), np.diag(gram)))
+    assert np.allclose(np.array(fresh.cosine), cosine, rtol=0, atol=1e-12)
+    # A sketch changed in place (or replaced) must not be answered from the memo.
+    before = estimate(fps[:2])
+    fps[0].sketch.mul_(-1.0)
+    edited = estimate(fps[:2])
+    assert edited.cosine[0][1] == -before.cosine[0][1]
+    fps[1].sketch = fps[0].sketch.clone()
+    assert estimate(fps[:2]).cosine[0][1] == pytest.approx(1.0, abs=1e-12)
+    clear_dot_memo()
+    assert estimate(fps[:2]).cosine[0][1] == pytest.approx(1.0, abs=1e-12)

@@ -333,3 +333,30 @@ def test_validation_of_pairs_known_values_and_options():
         with pytest.raises(InvalidArgument) as info:
             recommend.should_stop(members, 2, lambda a, b: 0.5, **options)  # type: ignore[arg-type]
         assert info.value.field == field, options
+
+
+def test_known_values_every_refusal_and_the_edges():
+    """validate_known takes a one-comparison fast path; every refusal must still be the precise one."""
+    names = ["a", "b", "c"]
+    cases = [
+        ([("a", "zz", 0.5)], recommend.PCC, "known_kinship[0].pair.second"),
+        ([("a", "a", 0.5)], recommend.PCC, "known_kinship[0].pair.second"),
+        ([("a", "b", math.inf)], recommend.COSINE, "known_kinship[0].value"),
+        ([("a", "b", -1.5)], recommend.COSINE, "known_kinship[0].value"),
+        ([("a", "b", 0.5), ("c", "a", -0.1)], recommend.EUCLIDEAN, "known_kinship[1].value"),
+        ([("a", "b", math.inf)], recommend.EUCLIDEAN, "known_kinship[0].value"),
+        ([("a", "b", math.nan)], recommend.EUCLIDEAN, "known_kinship[0].value"),
+        ([("a", "b", 2.0), ("b", "a", 3.0)], recommend.EUCLIDEAN, "known_kinship[1].value"),
+    ]
+    for known, metric, field in cases:
+        with pytest.raises(InvalidArgument) as info:
+            recommend.validate_known(known, names, metric)
+        assert info.value.field == field, (known, metric)
+    accepted = recommend.validate_known(
+        [("b", "a", 1.0 + 1e-9), ("a", "b", 1.0 + 1e-9), ("c", "a", -1.0 - 1e-9)], names, recommend.PCC
+    )
+    assert accepted == {("a", "b"): 1.0 + 1e-9, ("a", "c"): -1.0 - 1e-9}
+    assert recommend.validate_known([("a", "b", 0.0), ("b", "c", 1e300)], names, recommend.EUCLIDEAN) == {
+        ("a", "b"): 0.0,
+        ("b", "c"): 1e300,
+    }

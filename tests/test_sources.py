@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from kinship_service.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
-from kinship_service.sources import HubRepo, LocalPath, resolve
+from kinship_service.sources import HubRepo, LocalPath, resolve, resolve_with_stats
 from kinship_service.streaming import CheckpointReader
 from kinship_service.synthetic import make_base, make_family, save_checkpoint
 
@@ -145,3 +145,98 @@ def test_corrupt_and_truncated_files_name_the_file(model_root):
     file.write_bytes(b"\xff" * 8 + b"{}")
     with pytest.raises(FailedPrecondition, match="not a readable safetensors"):
         CheckpointReader(resolve(LocalPath(str(directory)), [model_root])).tensors()
+
+
+def test_symlinked_weight_files_leaving_the_roots_are_refused(model_root, tmp_path):
+    """Resolution skips a second realpath only for regular files directly in a resolved directory; links are checked."""
+    outside_single = save_checkpoint(make_base(SMALL, seed=30), tmp_path / "outside-single")
+    outside_sharded = save_checkpoint(make_base(SMALL, seed=30), tmp_path / "outside-sharded", shards=2)
+    # model.safetensors itself a link out of the roots.
+    single = model_root / "single-link"
+    single.mkdir()
+    (single / "model.safetensors").symlink_to(outside_single / "model.safetensors")
+    with pytest.raises(PermissionDenied):
+        resolve(LocalPath(str(single)), [model_root])
+    # One shard of an index a link out of the roots.
+    sharded = save_checkpoint(make_base(SMALL, seed=31), model_root / "shard-link", shards=2)
+    shard = sorted(sharded.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    shard.symlink_to(outside_sharded / shard.name)
+    with pytest.raises(PermissionDenied):
+        resolve(LocalPath(str(sharded)), [model_root])
+    # An index placing its shards in a sub-directory that is a link out of the roots (each shard a regular file).
+    via_dir = model_root / "subdir-link"
+    via_dir.mkdir()
+    (via_dir / "sub").symlink_to(outside_sharded)
+    doc = json.loads((outside_sharded / "model.safetensors.index.json").read_text())
+    doc["weight_map"] = {name: f"sub/{file}" for name, file in doc["weight_map"].items()}
+    (via_dir / "model.safetensors.index.json").write_text(json.dumps(doc))
+    with pytest.raises(PermissionDenied):
+        resolve(LocalPath(str(via_dir)), [model_root])
+    # Loose shards (no index, no model.safetensors), one a link out of the roots.
+    loose = model_root / "loose-link"
+    loose.mkdir()
+    shutil.copy(outside_single / "model.safetensors", loose / "a.safetensors")
+    (loose / "b.safetensors").symlink_to(outside_single / "model.safetensors")
+    with pytest.raises(PermissionDenied):
+        resolve(LocalPath(str(loose)), [model_root])
+    # realpath gives up on a symlink loop and returns a path still holding a link (`escape`, leading out):
+    # the files under it must still be checked one by one.
+    (model_root / "loop").symlink_to(model_root / "loop")
+    (model_root / "escape").symlink_to(outside_single)
+    for spelling in ("loop/../escape", "loop/../escape/model.safetensors"):
+        with pytest.raises(PermissionDenied):
+            resolve(LocalPath(f"{model_root}/{spelling}"), [model_root])
+    # A root named through a loop resolves (lexically) to `escape`, still a link: no shortcut below it either.
+    for spelling in ("escape", "escape/model.safetensors"):
+        with pytest.raises(PermissionDenied):
+            resolve(LocalPath(f"{model_root}/{spelling}"), [model_root / "loop" / ".." / "escape"])
+
+
+def test_links_inside_the_roots_and_path_spellings_resolve(model_root, tmp_path):
+    real = save_checkpoint(make_base(SMALL, seed=32), model_root / "real")
+    sharded = save_checkpoint(make_base(SMALL, seed=33), model_root / "sharded", shards=3)
+    linked = model_root / "linked"
+    linked.mkdir()
+    (linked / "model.safetensors").symlink_to(real / "model.safetensors")  # a link that stays inside
+    assert resolve(LocalPath(str(linked)), [model_root]).files == (linked / "model.safetensors",)
+    (model_root / "alias").symlink_to(real)  # a linked directory: files under its real path
+    assert resolve(LocalPath(str(model_root / "alias")), [model_root]).files == (real / "model.safetensors",)
+    for spelling in (f"{real}/", f"{model_root}/./real", f"{model_root}//real", f"{model_root}/sharded/../real"):
+        assert resolve(LocalPath(spelling), [model_root]).files == (real / "model.safetensors",), spelling
+    # Roots named through a link: requests spelled through the link or through the real path.
+    (tmp_path / "root-link").symlink_to(model_root)
+    for root in (tmp_path / "root-link", model_root):
+        for base in (tmp_path / "root-link", model_root):
+            checkpoint = resolve(LocalPath(str(base / "sharded")), [root])
+            assert checkpoint.files == tuple(sorted(sharded.glob("model-*.safetensors")))
+    with pytest.raises(PermissionDenied):
+        resolve(LocalPath(str(tmp_path / "root-link" / ".." / "outside")), [model_root])
+
+
+def test_stats_from_resolution_are_the_files_stats(model_root):
+    sharded = save_checkpoint(make_base(SMALL, seed=34), model_root / "sharded", shards=2)
+    checkpoint, stats = resolve_with_stats(LocalPath(str(sharded)), [model_root])
+    assert len(stats) == len(checkpoint.files) == 2
+    for file, st in zip(checkpoint.files, stats):
+        assert st is not None
+        now = os.stat(file)
+        assert (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) == (now.st_ino, now.st_size, now.st_mtime_ns, now.st_ctime_ns)
+    linked = model_root / "linked"
+    linked.mkdir()
+    (linked / "model.safetensors").symlink_to(sharded / checkpoint.files[0].name)
+    assert resolve_with_stats(LocalPath(str(linked)), [model_root])[1] == (None,)  # a link: the caller stats it
+
+
+def test_a_path_swapped_for_a_link_out_of_the_roots_is_refused_on_the_next_request(model_root, tmp_path):
+    """Request paths are resolved afresh on every call: no answer is remembered for a path."""
+    directory = save_checkpoint(make_base(SMALL, seed=35), model_root / "swapped")
+    outside = save_checkpoint(make_base(SMALL, seed=35), tmp_path / "outside")
+    assert resolve(LocalPath(str(directory)), [model_root]).directory == directory
+    directory.rename(model_root / "moved")
+    directory.symlink_to(outside)
+    with pytest.raises(PermissionDenied):
+        resolve(LocalPath(str(directory)), [model_root])
+    directory.unlink()
+    with pytest.raises(NotFound):
+        resolve(LocalPath(str(directory)), [model_root])
