@@ -34,6 +34,7 @@ from .sources import CheckpointSpec, LocalPath, resolve
 log = logging.getLogger("kinship.api")
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 _SKIP_REASONS = {
     SKIP_MISSING: kinship_pb2.SKIP_REASON_MISSING,
@@ -53,6 +54,10 @@ def _abort(context: grpc.ServicerContext, method: str, exc: BaseException) -> No
     )
 
 
+class NeedsHeavyWork(Exception):
+    """Raised by a light-only servicer (the front process, front.py) where a call needs heavy work: forward it."""
+
+
 def rpc_method(func: F) -> F:
     """Run a unary RPC body, turning exceptions into gRPC statuses."""
 
@@ -60,6 +65,8 @@ def rpc_method(func: F) -> F:
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
         try:
             return func(self, request, context)
+        except NeedsHeavyWork:
+            raise
         except Exception as exc:  # noqa: BLE001 - every failure must become a status
             if context.code() is not None and not isinstance(exc, KinshipError):
                 raise  # already aborted (abort raises); let grpc finish it
@@ -111,18 +118,31 @@ def _pairs_proto(sims: Similarities) -> list[kinship_pb2.PairKinship]:
 class KinshipServicer(service_pb2_grpc.KinshipServiceServicer):
     """kinship.v1.KinshipService."""
 
-    def __init__(self, settings: Settings) -> None:
+    jobs: MergeJobManager
+
+    def __init__(self, settings: Settings, *, light_only: bool = False) -> None:
+        """`light_only`: the front process's servicer (front.py): no merge jobs, no heavy executor;
+        where a call needs heavy work it raises NeedsHeavyWork and the front forwards the call."""
         self.settings = settings
         self.device = resolve_device(settings.device)
-        self.jobs = MergeJobManager(settings)
-        self.jobs.start()
         # Fingerprints, deltas and pair results (issue 3); other RPCs may call
         # self.kinship_cache.fingerprint_matrix(base, checkpoints, metric).
         self.kinship_cache = KinshipCache(settings, self.device)
+        self.admission: Admission | None = None
+        if light_only:  # (no `jobs` attribute: the front forwards every merge-job RPC)
+            return
+        self.jobs = MergeJobManager(settings)
+        self.jobs.start()
         # Heavy work (exact passes, registrations) runs on a bounded executor with coalescing
         # (admission.py); half the handler threads at most may wait on it, so light calls always run.
         self.admission = Admission(settings.heavy_workers, settings.heavy_queue, max_waiters=settings.max_workers // 2)
         self.jobs.output_registrar = self._register_merge_output
+
+    def _run_heavy(self, key: Any, work: Callable[[Callable[[], None]], T], context: grpc.ServicerContext, kind: str) -> T:
+        """Run `work` on the heavy executor (admitted, coalesced), or hand the call on from a light-only servicer."""
+        if self.admission is None:
+            raise NeedsHeavyWork(kind)
+        return self.admission.run(key, work, cancellation_check(context), kind=kind)
 
     def _register_merge_output(self, output: LocalPath, base: CheckpointSpec) -> None:
         """Cache a finished merge's fingerprint and delta (StartMergeRequest.base)."""
@@ -166,7 +186,7 @@ class KinshipServicer(service_pb2_grpc.KinshipServiceServicer):
             outcome = compute(cancellation_check(context))
         else:  # EXACT and AUTO may read weights or stored deltas: heavy, admitted and coalesced
             key = ("Kinship", request.SerializeToString(deterministic=True))
-            outcome = self.admission.run(key, compute, cancellation_check(context), kind="kinship")
+            outcome = self._run_heavy(key, compute, context, "kinship")
         response = kinship_response(outcome.result, per_layer=request.per_layer)
         response.mode_used = common_pb2.KINSHIP_MODE_FINGERPRINT if outcome.mode_used == FINGERPRINT else common_pb2.KINSHIP_MODE_EXACT
         for summary, identity in zip(response.models, outcome.identities):
@@ -196,11 +216,10 @@ class KinshipServicer(service_pb2_grpc.KinshipServiceServicer):
                 compute=self.kinship_cache.compute,
             )
 
-        check = cancellation_check(context)
         if mode == FINGERPRINT or all(recommend.pair_key(a, b) in known for a, b in itertools.combinations(top, 2)):
-            return compute(check)  # light: every value given, or fingerprints only
+            return compute(cancellation_check(context))  # light: every value given, or fingerprints only
         key = ("population", base, tuple(members), metric, mode, tuple(sorted(known.items())))
-        return self.admission.run(key, compute, check, kind="population")
+        return self._run_heavy(key, compute, context, "population")
 
     @rpc_method
     def RankCandidates(
@@ -258,7 +277,7 @@ class KinshipServicer(service_pb2_grpc.KinshipServiceServicer):
             return reg
 
         key = ("RegisterCheckpoint", request.SerializeToString(deterministic=True))
-        reg = self.admission.run(key, register, cancellation_check(context), kind="register")
+        reg = self._run_heavy(key, register, context, "register")
         return kinship_pb2.RegisterCheckpointResponse(
             identity=reg.identity,
             base_identity=reg.base_identity,

@@ -71,6 +71,9 @@ class Settings:
     """Heavy computations (exact passes, registrations) running at once on the heavy executor; see docs/reliability.md."""
     heavy_queue: int = 8
     """Heavy computations waiting for a heavy worker; beyond it heavy calls get RESOURCE_EXHAUSTED with a retry hint."""
+    heavy_process: bool = True
+    """`kinship-server` runs heavy work (exact passes, registrations, merge jobs) in a child process, so light
+    calls keep a CPU core and the GIL to themselves (docs/reliability.md); false: one process does everything."""
     max_message_bytes: int = 16 * 2**20
     """Largest request or response message, in bytes."""
     chunk_bytes: int = 256 * 2**20
@@ -163,7 +166,7 @@ def _convert(name: str, raw: str) -> object:
         return float(raw)
     if name == "health_port":
         return int(raw)
-    if name == "cpu_kernel":
+    if name in ("cpu_kernel", "heavy_process"):
         return _parse_bool(raw)
     if name == "allowed_roots":
         return tuple(Path(p).expanduser() for p in raw.split(os.pathsep) if p)

@@ -8,10 +8,12 @@ RPC including server-streaming ones.
 
 from __future__ import annotations
 
+import asyncio
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator
 
 import grpc
+import grpc.aio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -62,12 +64,18 @@ CACHE_CORRUPT = Counter("kinship_cache_corrupt_total", "Corrupted or truncated c
 KINSHIP_MODE_USED = Counter("kinship_mode_used_total", "Kinship requests by the mode actually used.", ["mode"], registry=REGISTRY)
 
 
-def start_metrics_server(port: int, host: str = "0.0.0.0") -> Any:
+def start_metrics_server(port: int, host: str = "0.0.0.0", registry: CollectorRegistry = REGISTRY) -> Any:
     """Serve /metrics over HTTP on `port`; returns the server (or None when port is 0)."""
     if port == 0:
         return None
-    server, _thread = start_http_server(port, addr=host, registry=REGISTRY)
+    server, _thread = start_http_server(port, addr=host, registry=registry)
     return server
+
+
+def start_loopback_metrics_server() -> tuple[Any, int]:
+    """Serve /metrics on 127.0.0.1 at a free port (the heavy-work process, scraped by the front); (server, port)."""
+    server, _thread = start_http_server(0, addr="127.0.0.1", registry=REGISTRY)
+    return server, int(server.server_port)
 
 
 # go-grpc-prometheus spells codes as Go's codes.Code.String(): CamelCase.
@@ -164,3 +172,88 @@ class MetricsInterceptor(grpc.ServerInterceptor):
                 GRPC_HANDLED.labels(*labels, go_code_name(code)).inc()
 
         return wrapped
+
+
+class AioMetricsInterceptor(grpc.aio.ServerInterceptor):
+    """MetricsInterceptor for the grpc.aio server of the front process (front.py): the same series."""
+
+    async def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        service, method = _split_method(handler_call_details.method)
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(handler.unary_unary, service, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(handler.unary_stream, service, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+    @staticmethod
+    def _wrap_unary(behavior: Callable, service: str, method: str) -> Callable:
+        labels = ("unary", service, method)
+
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            GRPC_STARTED.labels(*labels).inc()
+            IN_FLIGHT.labels(method).inc()
+            started = time.perf_counter()
+            code = grpc.StatusCode.OK
+            try:
+                response = await behavior(request, context)
+                GRPC_MSG_SENT.labels(*labels).inc()
+                return response
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except BaseException:
+                code = _aio_code_of(context)
+                raise
+            finally:
+                IN_FLIGHT.labels(method).dec()
+                GRPC_HANDLING_SECONDS.labels(*labels).observe(time.perf_counter() - started)
+                GRPC_HANDLED.labels(*labels, go_code_name(code)).inc()
+
+        return wrapped
+
+    @staticmethod
+    def _wrap_stream(behavior: Callable, service: str, method: str) -> Callable:
+        labels = ("server_stream", service, method)
+
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            GRPC_STARTED.labels(*labels).inc()
+            IN_FLIGHT.labels(method).inc()
+            started = time.perf_counter()
+            code = grpc.StatusCode.OK
+            try:
+                async for response in behavior(request, context):
+                    GRPC_MSG_SENT.labels(*labels).inc()
+                    yield response
+            except (asyncio.CancelledError, GeneratorExit):
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except BaseException:
+                code = _aio_code_of(context)
+                raise
+            finally:
+                IN_FLIGHT.labels(method).dec()
+                GRPC_HANDLING_SECONDS.labels(*labels).observe(time.perf_counter() - started)
+                GRPC_HANDLED.labels(*labels, go_code_name(code)).inc()
+
+        return wrapped
+
+
+def _aio_code_of(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """The status an aborted aio call ends with (UNKNOWN when the handler raised without aborting)."""
+    code = context.code()
+    if isinstance(code, grpc.StatusCode) and code != grpc.StatusCode.OK:
+        return code
+    if isinstance(code, int) and code:
+        return next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
+    return grpc.StatusCode.UNKNOWN

@@ -54,12 +54,19 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-def configure_logging(settings: Settings) -> None:
+def configure_logging(settings: Settings, role: str = "server") -> None:
+    """Log lines to stderr, each naming its process `role` (server, front or heavy: see front.py)."""
     handler = logging.StreamHandler(sys.stderr)
     if settings.log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(role)s]: %(message)s"))
+
+    def add_role(record: logging.LogRecord) -> bool:
+        record.role = role
+        return True
+
+    handler.addFilter(add_role)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level)
@@ -118,8 +125,11 @@ class RunningServer:
             self.metrics_server.shutdown()
 
 
-def serve(settings: Settings) -> RunningServer:
-    """Build, bind and start the server; health turns SERVING once it is ready."""
+def serve(settings: Settings, *, bind: str | None = None) -> RunningServer:
+    """Build, bind and start the server; health turns SERVING once it is ready.
+
+    `bind` replaces `host:port` (the heavy-work process of front.py listens on `unix:PATH`, plaintext).
+    """
     credentials = auth.server_credentials(settings)  # ConfigError on unreadable PEM files, before any work
     interceptors: list[grpc.ServerInterceptor] = [metrics.MetricsInterceptor()]  # outermost: counts refusals too
     tokens = auth.token_source(settings)
@@ -141,8 +151,8 @@ def serve(settings: Settings) -> RunningServer:
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
-    address = f"{settings.host}:{settings.port}"
-    if credentials is not None:
+    address = bind or f"{settings.host}:{settings.port}"
+    if credentials is not None and bind is None:
         port = server.add_secure_port(address, credentials)
     else:
         port = server.add_insecure_port(address)
@@ -212,12 +222,23 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "--version":
         print(__version__)
         return 0
+    # Internal: the heavy-work process that front.py starts, serving on a private Unix socket.
+    backend_socket = argv[1] if len(argv) == 2 and argv[0] == "--backend" else None
     try:
         settings = Settings.from_env()
     except ConfigError as exc:
         print(f"kinship-server: configuration error: {exc}", file=sys.stderr)
         return 2
-    configure_logging(settings)
+    role = "heavy" if backend_socket else ("front" if settings.heavy_process else "server")
+    configure_logging(settings, role)
+    if backend_socket is None and settings.heavy_process:
+        from . import front
+
+        try:
+            return front.run(settings)
+        except ConfigError as exc:
+            log.error("cannot start: %s", exc)
+            return 1
     stop = threading.Event()
     received: list[int] = []
 
@@ -236,13 +257,24 @@ def main(argv: list[str] | None = None) -> int:
     # Installed before the server starts, so a SIGTERM right after start-up still shuts down gracefully.
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    if backend_socket:
+        # The whole heavy-work process yields the CPU to the front (its heavy threads lower themselves further).
+        try:
+            os.nice(HEAVY_PROCESS_NICE)
+        except OSError:
+            pass
     try:
-        running = serve(settings)
+        running = serve(settings, bind=f"unix:{backend_socket}" if backend_socket else None)
     except (ConfigError, RuntimeError, OSError) as exc:
         log.error("cannot start: %s", exc)
         return 1
-    # Tells a parent process (tests, the demo) which port was bound when KINSHIP_PORT=0.
-    print(f"kinship-server listening on {running.address}", flush=True)
+    if backend_socket:
+        running.metrics_server, metrics_port = metrics.start_loopback_metrics_server()
+        _exit_when_parent_goes()
+        print(f"kinship-backend ready metrics_port={metrics_port}", flush=True)
+    else:
+        # Tells a parent process (tests, the demo) which port was bound when KINSHIP_PORT=0.
+        print(f"kinship-server listening on {running.address}", flush=True)
     while not stop.wait(1.0):  # a timed wait keeps the main thread responsive to signals
         pass
     # Ctrl-C (SIGINT) skips the drain: nobody routes traffic by probe to an interactive server.
@@ -251,6 +283,28 @@ def main(argv: list[str] | None = None) -> int:
     _exit_soon_if_work_lingers(EXIT_WAIT_SECONDS)
     return 0
 
+
+def _exit_when_parent_goes() -> None:
+    """The heavy-work process: exit at once when the front's end of our stdin closes (the front died).
+
+    Everything this cuts short is crash-safe, as after SIGKILL; a graceful stop comes as SIGTERM first.
+    """
+
+    def watch() -> None:
+        try:  # the raw descriptor: a buffered reader's lock would stall interpreter shutdown
+            while os.read(0, 4096):
+                pass
+        except OSError:
+            pass
+        log.warning("the front process is gone; the heavy-work process exits")
+        logging.shutdown()
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+HEAVY_PROCESS_NICE = 5
+"""Niceness of the heavy-work process (front.py) as a whole; its heavy threads add admission.HEAVY_NICE."""
 
 EXIT_WAIT_SECONDS = 5.0
 """After the grace period, how long cancelled work may take to reach its next cancellation check."""
