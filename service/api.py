@@ -22,7 +22,7 @@ from kinship_client.v1 import common_pb2, kinship_pb2, merge_pb2, recommend_pb2,
 from . import merge_protos, metrics, recommend, recommend_rpc
 from .admission import Admission
 from .config import Settings
-from .errors import Cancelled, DeadlineExceeded, Internal, InvalidArgument, KinshipError, to_rpc_status
+from .errors import Cancelled, DeadlineExceeded, Internal, InvalidArgument, KinshipError, NeedsHeavyWork, to_rpc_status
 from .exact import SKIP_MISSING, SKIP_NOT_FLOATING, SKIP_SHAPE, ExactKinship, resolve_device
 from .jobs import MergeJobManager
 from .kinship_math import Similarities
@@ -52,10 +52,6 @@ def _abort(context: grpc.ServicerContext, method: str, exc: BaseException) -> No
     context.abort_with_status(
         to_rpc_status(Internal(f"internal error (incident {incident}); the server log has the details", reason="INTERNAL"))
     )
-
-
-class NeedsHeavyWork(Exception):
-    """Raised by a light-only servicer (the front process, front.py) where a call needs heavy work: forward it."""
 
 
 def rpc_method(func: F) -> F:
@@ -169,7 +165,7 @@ class KinshipServicer(service_pb2_grpc.KinshipServiceServicer):
         if policy == common_pb2.SHAPE_MISMATCH_POLICY_ERROR:
             raise InvalidArgument("kinship takes SKIP or LEADING_SLICE, not ERROR", field="shape_mismatch_policy")
 
-        def compute(check: Callable[[], None]) -> Any:
+        def compute(check: Callable[[], None], light_only: bool = False) -> Any:
             outcome = self.kinship_cache.kinship(
                 base,
                 models,
@@ -177,6 +173,7 @@ class KinshipServicer(service_pb2_grpc.KinshipServiceServicer):
                 leading_slice=policy == common_pb2.SHAPE_MISMATCH_POLICY_LEADING_SLICE,
                 per_layer=request.per_layer,
                 check_cancelled=check,
+                light_only=light_only,
             )
             if outcome.source == "pass":  # weights were read (recorded once, however many callers share it)
                 _record_exact(outcome.result)
@@ -184,6 +181,8 @@ class KinshipServicer(service_pb2_grpc.KinshipServiceServicer):
 
         if mode == FINGERPRINT:  # light: cached fingerprints only, never a pass
             outcome = compute(cancellation_check(context))
+        elif self.admission is None:  # the front: cached pair results or fingerprints, else NeedsHeavyWork (forwarded)
+            outcome = compute(cancellation_check(context), light_only=True)
         else:  # EXACT and AUTO may read weights or stored deltas: heavy, admitted and coalesced
             key = ("Kinship", request.SerializeToString(deterministic=True))
             outcome = self._run_heavy(key, compute, context, "kinship")
@@ -202,7 +201,7 @@ class KinshipServicer(service_pb2_grpc.KinshipServiceServicer):
         members = recommend_rpc.member_checkpoints(request.members, top, spec_from_ref)
         mode = recommend_rpc.mode_of(request.mode)
 
-        def compute(check: Callable[[], None]) -> tuple[dict[recommend.Pair, float], str]:
+        def compute(check: Callable[[], None], light_only: bool = False) -> tuple[dict[recommend.Pair, float], str]:
             return pairwise_kinship(
                 self.settings,
                 self.device,
@@ -213,11 +212,13 @@ class KinshipServicer(service_pb2_grpc.KinshipServiceServicer):
                 known,
                 check,
                 on_exact=_record_exact,
-                compute=self.kinship_cache.compute,
+                compute=functools.partial(self.kinship_cache.compute, light_only=light_only),
             )
 
         if mode == FINGERPRINT or all(recommend.pair_key(a, b) in known for a, b in itertools.combinations(top, 2)):
             return compute(cancellation_check(context))  # light: every value given, or fingerprints only
+        if self.admission is None:  # the front: cached answers only, else NeedsHeavyWork (forwarded)
+            return compute(cancellation_check(context), light_only=True)
         key = ("population", base, tuple(members), metric, mode, tuple(sorted(known.items())))
         return self._run_heavy(key, compute, context, "population")
 

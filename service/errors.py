@@ -78,6 +78,14 @@ class DeadlineExceeded(KinshipError):
     default_reason = "DEADLINE_EXCEEDED"
 
 
+class NeedsHeavyWork(Exception):
+    """Answering needs heavy work (a pass over weights or stored deltas) where the caller asked for light work only.
+
+    Not an RPC error: the front process (front.py) catches it and forwards the call to its
+    heavy-work process.
+    """
+
+
 class Unavailable(KinshipError):
     code = grpc.StatusCode.UNAVAILABLE
     default_reason = "UNAVAILABLE"

@@ -3,8 +3,9 @@
 `kinship-server` (with `KINSHIP_HEAVY_PROCESS=true`, the default) runs two processes:
 
 - this **front**, which owns the public port, TLS, tokens, health, reflection and /metrics. It
-  answers light calls itself, inline on one asyncio event loop: FINGERPRINT Kinship and
-  RankCandidates / ShouldStop whose kinship values are all given or come from fingerprints
+  answers light calls itself, inline on one asyncio event loop: FINGERPRINT Kinship,
+  RankCandidates / ShouldStop whose kinship values are all given or come from fingerprints, and
+  EXACT / AUTO requests the cache answers without a pass (pair results; fingerprints for AUTO)
   (the same `KinshipServicer` code as the monolithic server, built `light_only`);
 - the **heavy-work process** (`kinship-server --backend SOCKET`, the monolithic server of
   server.py on a Unix socket in a private directory), which runs everything else: exact passes,
@@ -38,6 +39,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
@@ -51,7 +53,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from kinship_client.v1 import service_pb2
 
 from . import __version__, auth, metrics
-from .api import NeedsHeavyWork
+from .errors import NeedsHeavyWork
 from .config import Settings
 
 log = logging.getLogger("kinship.front")
@@ -137,7 +139,12 @@ class HeavyProcess:
         with self._lock:
             self.process = process
         self._ready.set()
+        metrics.HEAVY_PROCESS_UP.set(1)
         log.info("heavy-work process ready", extra={"pid": process.pid, "restarts": self.restarts})
+
+    def adopt(self) -> None:
+        """Treat a server already listening on `self.socket` as the heavy-work process (tests run one in-process)."""
+        self._ready.set()
 
     def supervise(self) -> None:
         """Restart the process whenever it exits unexpectedly (runs on its own thread until stop())."""
@@ -151,6 +158,7 @@ class HeavyProcess:
             if self._stopping:
                 return
             self._ready.clear()
+            metrics.HEAVY_PROCESS_UP.set(0)
             log.error(
                 "the heavy-work process exited unexpectedly; heavy calls answer UNAVAILABLE until it is back",
                 extra={"exit_code": code, "restart_in_seconds": delay},
@@ -159,6 +167,7 @@ class HeavyProcess:
             started = time.monotonic()
             try:
                 self.restarts += 1
+                metrics.HEAVY_PROCESS_RESTARTS.inc()
                 self.start()
             except (RuntimeError, OSError):
                 log.exception("restarting the heavy-work process failed")
@@ -359,18 +368,40 @@ class CombinedRegistry(CollectorRegistry):
 
 
 # -- start and stop -------------------------------------------------------------------------------------
-async def _serve(settings: Settings, stop: asyncio.Event, received: list[int]) -> int:
+@dataclass
+class RunningFront:
+    """A started front server and what is needed to stop it."""
+
+    server: grpc.aio.Server
+    health: Any
+    front: Front
+    port: int
+    settings: Settings
+    health_server: grpc.aio.Server | None = None
+    metrics_server: Any = None
+
+    @property
+    def address(self) -> str:
+        host = "127.0.0.1" if self.settings.host in ("0.0.0.0", "[::]", "") else self.settings.host
+        return f"{host}:{self.port}"
+
+    async def stop(self, grace: float) -> None:
+        """Refuse new calls and give in-flight ones `grace` seconds (the heavy process is stopped by its owner)."""
+        await self.server.stop(grace)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
+        if self.front.channel is not None:
+            await self.front.channel.close()
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+
+
+async def start_front(settings: Settings, heavy: HeavyProcess) -> RunningFront:
+    """Build, bind and start the front for a started heavy-work process (or, in tests, any server at `heavy.target`).
+
+    Raises ConfigError (unreadable TLS files) or RuntimeError (a port in use).
+    """
     credentials = auth.server_credentials(settings)
-    heavy = HeavyProcess(settings)
-    loop = asyncio.get_running_loop()
-    try:
-        await loop.run_in_executor(None, heavy.start)
-    except (RuntimeError, OSError) as exc:
-        log.error("cannot start: %s", exc)
-        heavy.stop(0)
-        return 1
-    supervisor = threading.Thread(target=heavy.supervise, name="heavy-process-supervisor", daemon=True)
-    supervisor.start()
     front = Front(settings, heavy)
     interceptors: list[Any] = [metrics.AioMetricsInterceptor()]
     tokens = auth.token_source(settings)
@@ -392,28 +423,22 @@ async def _serve(settings: Settings, stop: asyncio.Event, received: list[int]) -
     address = f"{settings.host}:{settings.port}"
     port = server.add_secure_port(address, credentials) if credentials is not None else server.add_insecure_port(address)
     if port == 0:
-        log.error("cannot start: cannot bind %s: is the port in use?", address)
-        heavy.stop(0)
-        return 1
-    health_server = None
+        raise RuntimeError(f"cannot bind {address}: is the port in use?")
+    running = RunningFront(server, health_servicer, front, port, settings)
     if settings.health_port:
-        health_server = grpc.aio.server()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
-        if health_server.add_insecure_port(f"{settings.host}:{settings.health_port}") == 0:
-            log.error("cannot start: cannot bind health port %s: is it in use?", settings.health_port)
-            heavy.stop(0)
-            return 1
-        await health_server.start()
-    metrics_server = None
+        running.health_server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, running.health_server)
+        if running.health_server.add_insecure_port(f"{settings.host}:{settings.health_port}") == 0:
+            raise RuntimeError(f"cannot bind health port {settings.health_port}: is it in use?")
+        await running.health_server.start()
     if settings.metrics_port:
-        metrics_server = metrics.start_metrics_server(
+        running.metrics_server = metrics.start_metrics_server(
             settings.metrics_port, settings.host, registry=CombinedRegistry(metrics.REGISTRY, heavy)
         )
     await server.start()
     metrics.BUILD_INFO.labels(__version__, str(front.servicer.device)).set(1)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    host = "127.0.0.1" if settings.host in ("0.0.0.0", "[::]", "") else settings.host
     log.info(
         "serving",
         extra={
@@ -427,27 +452,41 @@ async def _serve(settings: Settings, stop: asyncio.Event, received: list[int]) -
             "heavy_process_pid": heavy.process.pid if heavy.process else None,
         },
     )
+    return running
+
+
+async def _serve(settings: Settings, stop: asyncio.Event, received: list[int]) -> int:
+    auth.server_credentials(settings)  # ConfigError on unreadable PEM files, before starting anything
+    heavy = HeavyProcess(settings)
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.run_in_executor(None, heavy.start)
+    except (RuntimeError, OSError) as exc:
+        log.error("cannot start: %s", exc)
+        heavy.stop(0)
+        return 1
+    threading.Thread(target=heavy.supervise, name="heavy-process-supervisor", daemon=True).start()
+    try:
+        running = await start_front(settings, heavy)
+    except (RuntimeError, OSError) as exc:
+        log.error("cannot start: %s", exc)
+        heavy.stop(0)
+        return 1
     # Everything built so far (torch, protobuf descriptors, the servicer) lives as long as the process:
     # keep it out of the cyclic collector, whose full passes over it stalled light calls for tens of ms.
     gc.collect()
     gc.freeze()
-    print(f"kinship-server listening on {host}:{port}", flush=True)
+    print(f"kinship-server listening on {running.address}", flush=True)
 
     await stop.wait()
     # Ctrl-C (SIGINT) skips the drain: nobody routes traffic by probe to an interactive server.
-    await health_servicer.enter_graceful_shutdown()
+    await running.health.enter_graceful_shutdown()
     if received and received[0] == signal.SIGTERM and settings.drain_seconds > 0:
         await asyncio.sleep(settings.drain_seconds)
     # Both stop at once, each giving its in-flight calls the grace period.
     heavy_stopped = loop.run_in_executor(None, heavy.stop, settings.grace_seconds)
-    await server.stop(settings.grace_seconds)
-    if health_server is not None:
-        await health_server.stop(0)
+    await running.stop(settings.grace_seconds)
     await heavy_stopped
-    if front.channel is not None:
-        await front.channel.close()
-    if metrics_server is not None:
-        metrics_server.shutdown()
     log.info("stopped")
     return 0
 

@@ -61,6 +61,12 @@ CACHE_BYTES_READ = Counter("kinship_cache_bytes_read_total", "Bytes read from th
 CACHE_BYTES_WRITTEN = Counter("kinship_cache_bytes_written_total", "Bytes written to the cache.", ["kind"], registry=REGISTRY)
 CACHE_EVICTIONS = Counter("kinship_cache_evictions_total", "Entries evicted (least recently used) to stay under the size limit.", registry=REGISTRY)
 CACHE_CORRUPT = Counter("kinship_cache_corrupt_total", "Corrupted or truncated cache entries detected and dropped.", registry=REGISTRY)
+HEAVY_PROCESS_UP = Gauge(
+    "kinship_heavy_process_up", "1 while the heavy-work process (front.py) serves, 0 while it is down or restarting.", registry=REGISTRY
+)
+HEAVY_PROCESS_RESTARTS = Counter(
+    "kinship_heavy_process_restarts_total", "Times the front restarted a heavy-work process that had exited unexpectedly.", registry=REGISTRY
+)
 KINSHIP_MODE_USED = Counter("kinship_mode_used_total", "Kinship requests by the mode actually used.", ["mode"], registry=REGISTRY)
 
 

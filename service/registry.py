@@ -47,7 +47,7 @@ from . import metrics
 from .cache import CacheStore
 from .config import Settings
 from .delta import EncodedChunk, decode_delta, encode, from_bytes, to_parts
-from .errors import FailedPrecondition, InvalidArgument, KinshipError, NotFound, Unavailable
+from .errors import FailedPrecondition, InvalidArgument, KinshipError, NeedsHeavyWork, NotFound, Unavailable
 from .exact import (
     ComparisonPlan,
     ExactKinship,
@@ -577,8 +577,13 @@ class KinshipCache:
         leading_slice: bool = False,
         per_layer: bool = False,
         check_cancelled: Callable[[], None] = lambda: None,
+        light_only: bool = False,
     ) -> KinshipOutcome:
-        """Kinship of `models` against `base` in `mode` (exact, fingerprint or auto); see the module docstring."""
+        """Kinship of `models` against `base` in `mode` (exact, fingerprint or auto); see the module docstring.
+
+        `light_only`: answer only from cached pair results or fingerprints, and raise NeedsHeavyWork
+        where the answer needs a pass over stored deltas or the weights (the front process).
+        """
         started = time.perf_counter()
         if mode not in MODES:
             raise InvalidArgument(f"unknown mode {mode!r}; use one of {', '.join(MODES)}", field="mode")
@@ -619,13 +624,19 @@ class KinshipCache:
         cached = self._from_pairs(base_ident, idents, plan)
         if cached is not None:
             return outcome(cached, EXACT, "pairs")
-        from_deltas = self._from_deltas(base_ident, idents, plan, model_rs, check_cancelled)
-        if from_deltas is not None:
-            return outcome(from_deltas, EXACT, "deltas")
+        manifests = self._delta_manifests(base_ident, idents, plan)
+        if manifests is not None:
+            if light_only:
+                raise NeedsHeavyWork("a pass over the stored deltas")
+            from_deltas = self._from_deltas(base_ident, idents, plan, manifests, model_rs, check_cancelled)
+            if from_deltas is not None:
+                return outcome(from_deltas, EXACT, "deltas")
         if mode == AUTO and not per_layer:
             fps, missing = self._fingerprints(base_ident, idents, plan)
             if not missing:
                 return outcome(self._from_fingerprints(fps, plan, model_rs), FINGERPRINT, "fingerprints")
+        if light_only:
+            raise NeedsHeavyWork("a pass over the weights")
         base_ckpt, *model_ckpts = self._files_needed([base_r, *model_rs], "exact results for this request")
         result = self._full_pass(base_ckpt, model_ckpts, base_ident, idents, plan, leading_slice, check_cancelled)
         return outcome(result, EXACT, "pass")
@@ -754,14 +765,10 @@ class KinshipCache:
         return result
 
     # -- deltas ----------------------------------------------------------------------------
-    def _from_deltas(
-        self,
-        base: CheckpointIdentity,
-        idents: Sequence[CheckpointIdentity],
-        plan: ComparisonPlan,
-        models: Sequence[_Resolved],
-        check_cancelled: Callable[[], None],
-    ) -> ExactKinship | None:
+    def _delta_manifests(
+        self, base: CheckpointIdentity, idents: Sequence[CheckpointIdentity], plan: ComparisonPlan
+    ) -> list[_Manifest] | None:
+        """The stored-delta manifests of every model over exactly the planned tensors, or None (then no delta pass)."""
         if any(t.sliced for t in plan.tensors):
             return None
         tensors = _tensor_list(plan)
@@ -771,6 +778,17 @@ class KinshipCache:
             if manifest is None or [(n, s) for n, s, _ in manifest.tensors] != tensors:
                 return None
             manifests.append(manifest)
+        return manifests
+
+    def _from_deltas(
+        self,
+        base: CheckpointIdentity,
+        idents: Sequence[CheckpointIdentity],
+        plan: ComparisonPlan,
+        manifests: Sequence[_Manifest],
+        models: Sequence[_Resolved],
+        check_cancelled: Callable[[], None],
+    ) -> ExactKinship | None:
         try:
             result = self._delta_pass(base, idents, plan, manifests, models, check_cancelled)
         except _DeltaUnavailable as exc:
@@ -1011,14 +1029,19 @@ class KinshipCache:
 
     # -- matrices for other RPCs -------------------------------------------------------------
     def compute(
-        self, base: CheckpointLike, models: Sequence[CheckpointLike], mode: str, check_cancelled: Callable[[], None]
+        self,
+        base: CheckpointLike,
+        models: Sequence[CheckpointLike],
+        mode: str,
+        check_cancelled: Callable[[], None],
+        light_only: bool = False,
     ) -> tuple[ExactKinship, str]:
         """The `population_kinship.KinshipBackend` seam: kinship of `models` in `mode`, and the mode used.
 
         Pass `compute=servicer.kinship_cache.compute` to `pairwise_kinship` and RankCandidates /
         ShouldStop get FINGERPRINT and AUTO (cached pair results, deltas, fingerprints) for free.
         """
-        outcome = self.kinship(base, models, mode=mode, check_cancelled=check_cancelled)
+        outcome = self.kinship(base, models, mode=mode, check_cancelled=check_cancelled, light_only=light_only)
         return outcome.result, outcome.mode_used
 
     def fingerprint_matrix(

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -12,6 +14,7 @@ import torch
 
 from kinship_client import KinshipClient
 from kinship_service.config import Settings
+from kinship_service.front import HeavyProcess, start_front
 from kinship_service.server import RunningServer, serve
 from kinship_service.synthetic import LlamaShape, make_base, make_family, save_checkpoint
 
@@ -59,8 +62,67 @@ def server_factory(tmp_path: Path, model_root: Path) -> Iterator[Callable[..., R
 
 
 @pytest.fixture
-def server(server_factory: Callable[..., RunningServer]) -> RunningServer:
+def server(request: pytest.FixtureRequest, server_factory: Callable[..., RunningServer], split_factory: Callable[..., "InProcessSplit"]):
+    """The single-process server; in modules marked `both_layouts`, also the front with its heavy-work server."""
+    if getattr(request, "param", "one-process") == "front":
+        return split_factory()
     return server_factory()
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if metafunc.definition.get_closest_marker("both_layouts") and "server" in metafunc.fixturenames:
+        metafunc.parametrize("server", ["one-process", "front"], indirect=True)
+
+
+class InProcessSplit:
+    """The two-process layout in one process: a front (front.py) on its own event-loop thread,
+    forwarding to an in-process server on a Unix socket. Real gRPC on both hops."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.heavy = HeavyProcess(settings)
+        self.backend = serve(settings, bind=f"unix:{self.heavy.socket}")
+        self.heavy.adopt()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="front-loop", daemon=True)
+        self.thread.start()
+        self.front = asyncio.run_coroutine_threadsafe(start_front(settings, self.heavy), self.loop).result(60)
+        self.address = self.front.address
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.front.stop(0), self.loop).result(60)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(30)
+        self.loop.close()
+        self.backend.stop(0)
+        self.heavy.stop(0)
+
+
+@pytest.fixture
+def split_factory(tmp_path: Path, model_root: Path) -> Iterator[Callable[..., InProcessSplit]]:
+    """Start in-process fronts with their heavy-work servers (the production layout); stopped at teardown."""
+    started: list[InProcessSplit] = []
+
+    def start(**overrides: object) -> InProcessSplit:
+        values: dict[str, object] = {
+            "host": "127.0.0.1",
+            "port": 0,
+            "metrics_port": 0,
+            "allowed_roots": (model_root,),
+            "cache_dir": tmp_path / "cache",
+            "output_root": tmp_path / "merges",
+            "log_format": "text",
+            "device": "cpu",
+            "grace_seconds": 0.0,
+        }
+        values.update(overrides)
+        running = InProcessSplit(Settings.from_env({}, **values))
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        running.stop()
 
 
 @pytest.fixture

@@ -218,7 +218,6 @@ import os  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import grpc  # noqa: E402
-import torch  # noqa: E402
 
 from kinship_client.v1 import common_pb2, kinship_pb2, merge_pb2, recommend_pb2, service_pb2_grpc  # noqa: E402
 from kinship_service import admission as admission_module  # noqa: E402

@@ -7,12 +7,10 @@ files on disk, never from the service's own math.
 from __future__ import annotations
 
 import os
-import re
 import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
+
 import grpc
 import numpy as np
 import pytest
@@ -27,6 +25,8 @@ from kinship_service.cache import CacheStore
 from kinship_service.delta import bits, encode, from_bytes, reconstruct, to_parts
 from kinship_service.server import RunningServer
 from kinship_service.synthetic import LlamaShape, make_base, make_family, save_checkpoint
+
+from .server_process import launch
 
 SMALL = LlamaShape(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
 REPO = Path(__file__).resolve().parents[1]
@@ -333,23 +333,6 @@ def test_delta_encoding_handles_every_bit_pattern_class() -> None:
 
 
 # -- several processes ------------------------------------------------------------------------
-def _start_process(env: dict[str, str]) -> tuple[subprocess.Popen, str]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "kinship_service"], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
-    )
-    assert process.stdout is not None
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        match = re.search(r"kinship-server listening on (\S+)", line)
-        if match:
-            return process, match.group(1)
-        if not line and process.poll() is not None:
-            break
-    process.kill()
-    raise AssertionError("the server process did not start")
-
-
 def test_two_server_processes_share_one_cache_directory(tmp_path: Path, model_root: Path, paths) -> None:
     expected = reference(paths["base"], [paths[f"m{i}"] for i in range(3)])
     env = dict(os.environ)
@@ -363,7 +346,7 @@ def test_two_server_processes_share_one_cache_directory(tmp_path: Path, model_ro
         KINSHIP_LOG_FORMAT="text",
         KINSHIP_GRACE_SECONDS="0",
     )
-    processes = [_start_process(env), _start_process(env)]
+    processes = [launch(env, tmp_path / "server-1.log"), launch(env, tmp_path / "server-2.log")]
     errors: list[BaseException] = []
     results: list[object] = []
 
@@ -392,7 +375,7 @@ def test_two_server_processes_share_one_cache_directory(tmp_path: Path, model_ro
         for result in results:
             check_against(result, expected, 0.01 if result.mode == "fingerprint" else 1e-9)  # type: ignore[attr-defined]
         # A third process started afterwards answers from what the others cached (restart survival).
-        third = _start_process(env)
+        third = launch(env, tmp_path / "server-3.log")
         processes.append(third)
         with KinshipClient(third[1], timeout=120) as client:
             warm = client.kinship(str(paths["base"]), models_of(paths), mode="exact")

@@ -155,6 +155,12 @@ def test_heavy_calls_are_forwarded_and_light_calls_answered_with_the_same_result
         for pair in exact.pairs:
             expected = reference_pcc(root, f"m{pair.first}", f"m{pair.second}")
             assert math.isclose(pair.values.pcc, expected, rel_tol=1e-9, abs_tol=1e-12)
+        # asked again, the front answers from the cached pair results: no heavy work admitted
+        admitted = split.metric('kinship_heavy_admitted_total{kind="kinship"}')
+        again = client.kinship(str(root / "base"), models, mode="exact")
+        assert again.bytes_read == 0 and [p.values for p in again.pairs] == [p.values for p in exact.pairs]
+        assert client.kinship(str(root / "base"), models, mode="auto").bytes_read == 0
+        assert split.metric('kinship_heavy_admitted_total{kind="kinship"}') == admitted
         for model in models:
             client.register_checkpoint(model, str(root / "base"))  # forwarded: heavy
         estimate = client.kinship(str(root / "base"), models, mode="fingerprint")  # answered by the front
@@ -255,6 +261,8 @@ def test_a_killed_heavy_process_is_restarted_while_light_calls_go_on(family_root
             assert set(outcomes) <= {"UNAVAILABLE"}
             (second,) = _children(running.process.pid)
             assert second != first
+            assert running.metric("kinship_heavy_process_restarts_total") == 1
+            assert running.metric("kinship_heavy_process_up") == 1
         with grpc.insecure_channel(running.address) as channel:
             status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status
             assert status == health_pb2.HealthCheckResponse.SERVING

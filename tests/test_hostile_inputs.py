@@ -20,6 +20,8 @@ from kinship_service.synthetic import make_base, save_checkpoint
 
 from .conftest import SMALL
 
+pytestmark = pytest.mark.both_layouts  # each server test also runs through the front (conftest)
+
 DOCUMENTED_CODES = {
     grpc.StatusCode.OK,
     grpc.StatusCode.INVALID_ARGUMENT,

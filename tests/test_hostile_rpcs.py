@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import json
 import math
-import os
 from pathlib import Path
 
 import grpc
@@ -27,6 +26,8 @@ from kinship_service.synthetic import make_base, make_family, save_checkpoint
 
 from .conftest import SMALL
 from .test_hostile_inputs import TRICKY_PATHS
+
+pytestmark = pytest.mark.both_layouts  # each server test also runs through the front (conftest)
 
 C = grpc.StatusCode
 # The documented status codes per RPC (docs/reliability.md keeps the same table).

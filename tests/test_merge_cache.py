@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 from safetensors.torch import load_file
 
 from kinship_service.synthetic import make_base, make_family, save_checkpoint

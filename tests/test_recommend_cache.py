@@ -12,6 +12,8 @@ from kinship_service.synthetic import make_base, make_family, save_checkpoint
 
 from .conftest import SMALL
 
+pytestmark = pytest.mark.both_layouts  # each server test also runs through the front (conftest)
+
 
 def test_rank_and_stop_from_fingerprints(client, model_root):
     base = make_base(SMALL, seed=60)
@@ -35,3 +37,11 @@ def test_rank_and_stop_from_fingerprints(client, model_root):
     decision = client.should_stop(members, top_k=3, base=str(base_dir), mode="fingerprint", kinship_threshold=0.5)
     assert decision.mode == "fingerprint"
     assert decision.stop and decision.reasons == ["kinship_saturated"]
+    # AUTO: the stored deltas give exact values (a pass over them; through the front it is forwarded),
+    # then the stored pair results answer the same question again (in the front itself)
+    for _ in range(2):
+        exact = client.rank_candidates(members, top_k=3, base=str(base_dir), mode="auto")
+        assert exact.mode == "exact"
+        for rec in exact.recommendations:
+            expected = float(np.corrcoef(deltas[rec.first], deltas[rec.second])[0, 1])
+            assert abs(rec.kinship - expected) < 1e-9

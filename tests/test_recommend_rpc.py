@@ -22,6 +22,8 @@ from .conftest import SMALL
 from kinship_client import KinshipRpcError, Member
 from kinship_service.synthetic import make_base, save_checkpoint
 
+pytestmark = pytest.mark.both_layouts  # each server test also runs through the front (conftest)
+
 
 def make_grouped(
     base: dict[str, torch.Tensor], groups: dict[str, list[str]], *, shared: float, group: float, seed: int, scale: float = 0.01
@@ -74,6 +76,7 @@ def reference(paths: dict[str, str], names: list[str]) -> dict[str, dict[tuple[s
         ):
             out[key][(a, b)] = out[key][(b, a)] = value
     return out
+
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import grpc
 import pytest
@@ -16,7 +15,8 @@ from kinship_client.v1 import common_pb2, kinship_pb2, service_pb2_grpc
 from kinship_service import metrics
 from kinship_service.synthetic import LlamaShape, make_base, make_family, save_checkpoint
 
-from .conftest import SMALL
+
+pytestmark = pytest.mark.both_layouts  # each server test also runs through the front (conftest)
 
 MEDIUM = LlamaShape(vocab_size=1024, hidden_size=256, intermediate_size=688, num_layers=4, num_heads=4, num_kv_heads=2)
 
@@ -114,6 +114,7 @@ def test_undefined_similarity(client, family, model_root):
     expect(client, grpc.StatusCode.INVALID_ARGUMENT, base, [base, base], "all zeros")
     expect(client, grpc.StatusCode.INVALID_ARGUMENT, base, [m0, base], "models[1]")
     still_serving(client, family)
+
 
 
 @pytest.fixture

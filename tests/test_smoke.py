@@ -1,7 +1,10 @@
 """The server starts, answers health checks and one Kinship call."""
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+pytestmark = pytest.mark.both_layouts  # each server test also runs through the front (conftest)
 
 
 def test_health_serving(server):
