@@ -39,6 +39,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
@@ -50,7 +51,7 @@ from google.protobuf import message_factory
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from kinship_client.v1 import service_pb2
+from kinship_client.v1 import common_pb2, kinship_pb2, service_pb2
 
 from . import __version__, auth, metrics
 from .errors import NeedsHeavyWork
@@ -63,6 +64,8 @@ SERVICE_NAME = SERVICE.full_name
 LIGHT_CAPABLE = ("Kinship", "RankCandidates", "ShouldStop")
 """Methods the front answers itself when the request needs no heavy work; everything else is forwarded."""
 
+LOOKUP_THREADS = 4
+"""Threads for light calls that may read the cache (EXACT/AUTO answered from stored pair results)."""
 BACKEND_START_SECONDS = 120.0
 HEAVY_DRAIN_SECONDS = 1.0
 RESTART_DELAY_SECONDS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
@@ -119,8 +122,8 @@ class HeavyProcess:
             env=self._environment(),
             stdin=subprocess.PIPE,  # closed when the front dies: the heavy process exits at once
             stdout=subprocess.PIPE,
-            # Its own session: a terminal's Ctrl-C reaches the front only, which stops it in order.
-            start_new_session=True,
+            # Same session on purpose: with scheduler autogroups (one per session) a new session would
+            # get an equal CPU share whatever its nice value. It ignores Ctrl-C's SIGINT; the front stops it.
         )
         assert process.stdout is not None
         deadline = time.monotonic() + BACKEND_START_SECONDS
@@ -234,6 +237,18 @@ class InlineContext:
         return self._context.invocation_metadata()
 
 
+def _memory_only(request: Any) -> bool:
+    """Whether a light-capable request is answered from memory alone (inline on the event loop).
+
+    FINGERPRINT mode reads fingerprints the front keeps in memory (after the first use of each);
+    a population without a base can only use the kinship values it carries. Anything else may
+    look up stored pair results and delta manifests first.
+    """
+    if request.mode == common_pb2.KINSHIP_MODE_FINGERPRINT:
+        return True
+    return not isinstance(request, kinship_pb2.KinshipRequest) and not request.HasField("base")
+
+
 # -- the front server ---------------------------------------------------------------------------
 class Front:
     """Builds the aio server: light calls inline, the rest forwarded to the heavy-work process."""
@@ -245,6 +260,7 @@ class Front:
         self.heavy = heavy
         self.servicer = KinshipServicer(settings, light_only=True)
         self.channel: grpc.aio.Channel | None = None
+        self.lookups = ThreadPoolExecutor(max_workers=LOOKUP_THREADS, thread_name_prefix="front-lookup")
 
     def handler(self) -> grpc.GenericRpcHandler:
         handlers: dict[str, grpc.RpcMethodHandler] = {}
@@ -282,7 +298,12 @@ class Front:
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the {name} request could not be parsed")
                 inline = InlineContext(context)
                 try:
-                    return light(request, inline).SerializeToString()
+                    if _memory_only(request):
+                        return light(request, inline).SerializeToString()
+                    # May read the cache (pair results, delta manifests: SQLite, whose locks the heavy-work
+                    # process also takes): on a thread, so the event loop never waits on a disk or a lock.
+                    response = await asyncio.get_running_loop().run_in_executor(self.lookups, light, request, inline)
+                    return response.SerializeToString()
                 except NeedsHeavyWork:
                     pass  # forwarded below
                 except _Aborted:
@@ -392,6 +413,7 @@ class RunningFront:
             await self.health_server.stop(0)
         if self.front.channel is not None:
             await self.front.channel.close()
+        self.front.lookups.shutdown(wait=False)
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
 

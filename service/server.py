@@ -256,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # Installed before the server starts, so a SIGTERM right after start-up still shuts down gracefully.
     signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    # The heavy-work process shares the front's terminal: Ctrl-C is the front's to handle (it stops us in order).
+    signal.signal(signal.SIGINT, signal.SIG_IGN if backend_socket else on_signal)
     if backend_socket:
         # The whole heavy-work process yields the CPU to the front (its heavy threads lower themselves further).
         try:

@@ -75,7 +75,7 @@ def _wait(predicate, seconds: float = 60.0, what: str = "condition") -> None:
 class Split:
     """A running two-process server: the front's Popen, its address, its metrics port and its files."""
 
-    def __init__(self, root: Path, work: Path, **env: str) -> None:
+    def __init__(self, root: Path, work: Path, *, own_session: bool = False, **env: str) -> None:
         self.root = root
         self.work = work
         self.metrics_port = _free_port()
@@ -94,7 +94,7 @@ class Split:
         )
         environment.update(env)
         self.log = work / "server.log"
-        self.process, self.address = launch(environment, self.log)
+        self.process, self.address = launch(environment, self.log, preexec_fn=os.setsid if own_session else None)
         (heavy,) = _children(self.process.pid)
         self.heavy_pid = heavy
 
@@ -278,6 +278,17 @@ def test_the_heavy_process_never_outlives_the_front(family_root: Path, tmp_path:
     running.process.kill()  # SIGKILL: no chance to stop its child
     running.process.wait()
     _wait(lambda: not _alive(heavy), 30, "the orphaned heavy process to exit")
+
+
+def test_ctrl_c_in_a_terminal_stops_both_processes_in_order(family_root: Path, tmp_path: Path) -> None:
+    """A terminal's Ctrl-C signals the whole process group: the heavy-work process leaves it to the front."""
+    running = Split(family_root, tmp_path, own_session=True)
+    heavy = running.heavy_pid
+    os.killpg(running.process.pid, signal.SIGINT)
+    assert running.process.wait(timeout=60) == 0
+    _wait(lambda: not _alive(heavy), 30, "the heavy process to exit")
+    log = running.log.read_text()
+    assert "exited unexpectedly" not in log and "Traceback" not in log, log
 
 
 def test_tokens_are_checked_by_the_front_for_light_and_forwarded_calls(family_root: Path, tmp_path: Path) -> None:
