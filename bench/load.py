@@ -286,12 +286,14 @@ async def run_load(address: str, data: dict[str, object], args: argparse.Namespa
     sweep = [float(r) for r in args.sweep.split(",") if r.strip()] if args.sweep else []
     heavy_stop = window_start + args.warmup + args.duration + len(sweep) * args.sweep_duration
     heavy = []
-    if not args.no_heavy:
-        heavy = [
+    kinds = set() if args.no_heavy else {k.strip() for k in args.heavy.split(",")}
+    if "exact" in kinds:
+        heavy += [
             asyncio.create_task(exact_loop(heavy_stub, pb, data["heavy_base"], heavy_models[0:2], recorder, heavy_stop)),  # type: ignore[arg-type]
             asyncio.create_task(exact_loop(heavy_stub, pb, data["heavy_base"], heavy_models[2:4], recorder, heavy_stop)),  # type: ignore[arg-type]
-            asyncio.create_task(merge_loop(heavy_stub, pb, heavy_models[4], heavy_models[5], recorder, heavy_stop)),
         ]
+    if "merge" in kinds:
+        heavy.append(asyncio.create_task(merge_loop(heavy_stub, pb, heavy_models[4], heavy_models[5], recorder, heavy_stop)))
     # Warm-up, not recorded: the heavy work gets going, the HTTP/2 channels connect and the server
     # loads the light checkpoints' fingerprints, before any light latency counts.
     warm = Recorder()
@@ -357,6 +359,7 @@ def main() -> int:
     parser.add_argument("--light-models", type=int, default=16, help="registered checkpoints for FINGERPRINT queries")
     parser.add_argument("--heavy-params", type=float, default=4.0e7, help="parameters per model of the heavy (exact, merge) set")
     parser.add_argument("--no-heavy", action="store_true", help="light load only (for comparison)")
+    parser.add_argument("--heavy", default="exact,merge", help="which heavy loops run: exact (two EXACT loops), merge (one merge loop)")
     parser.add_argument("--server-env", action="append", default=[], help="extra KINSHIP_X=value for the server")
     parser.add_argument("--dir", type=Path, default=None, help="work directory (default: a fresh temporary one, removed)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")

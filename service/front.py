@@ -9,7 +9,8 @@
   (the same `KinshipServicer` code as the monolithic server, built `light_only`);
 - the **heavy-work process** (`kinship-server --backend SOCKET`, the monolithic server of
   server.py on a Unix socket in a private directory), which runs everything else: exact passes,
-  registrations, merge jobs and merge-job queries, with admission control (admission.py).
+  registrations, merge jobs and merge-job queries, with admission control (admission.py), in
+  the CPU's idle time (SCHED_IDLE).
 
 Why: heavy work (reading gigabytes, SLERP kernels, safetensors writes) sharing a process with the
 light calls took the GIL and the handler threads from them; a single process topped out near 600
@@ -122,8 +123,9 @@ class HeavyProcess:
             env=self._environment(),
             stdin=subprocess.PIPE,  # closed when the front dies: the heavy process exits at once
             stdout=subprocess.PIPE,
-            # Same session on purpose: with scheduler autogroups (one per session) a new session would
-            # get an equal CPU share whatever its nice value. It ignores Ctrl-C's SIGINT; the front stops it.
+            # Same session on purpose: with scheduler autogroups (one per session) a new session would get
+            # a full group's CPU share whatever its scheduling class (server._yield_cpu_to_the_front).
+            # It ignores Ctrl-C's SIGINT; the front stops it.
         )
         assert process.stdout is not None
         deadline = time.monotonic() + BACKEND_START_SECONDS

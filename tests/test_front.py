@@ -184,6 +184,13 @@ def test_heavy_calls_are_forwarded_and_light_calls_answered_with_the_same_result
     assert split.metric(handled) == 3
 
 
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="Linux scheduling classes")
+def test_the_heavy_process_runs_in_idle_time_and_the_front_at_normal_priority(split: Split) -> None:
+    assert os.sched_getscheduler(split.heavy_pid) == os.SCHED_IDLE
+    assert os.sched_getscheduler(split.process.pid) == os.SCHED_OTHER
+    assert os.getpriority(os.PRIO_PROCESS, split.heavy_pid) > os.getpriority(os.PRIO_PROCESS, split.process.pid)
+
+
 def test_errors_keep_their_code_message_and_details_through_the_front(split: Split) -> None:
     root = split.root
     with KinshipClient(split.address, timeout=60) as client:
