@@ -472,6 +472,7 @@ async def start_front(settings: Settings, heavy: HeavyProcess) -> RunningFront:
             "health_port": settings.health_port,
             "device": str(front.servicer.device),
             "tls": credentials is not None,
+            "mutual_tls": settings.tls_client_ca_file is not None,
             "auth": tokens is not None,
             "heavy_process_pid": heavy.process.pid if heavy.process else None,
         },

@@ -106,27 +106,31 @@ def _code_of(context: grpc.ServicerContext, failed: bool) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN if failed else grpc.StatusCode.OK
 
 
+def _instrumented(handler: Any, details: grpc.HandlerCallDetails, wrap_unary: Callable, wrap_stream: Callable) -> Any:
+    """`handler` with its unary or server-streaming behaviour wrapped for metrics (other kinds as they are)."""
+    if handler is None:
+        return None
+    service, method = _split_method(details.method)
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(
+            wrap_unary(handler.unary_unary, service, method),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(
+            wrap_stream(handler.unary_stream, service, method),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+    return handler
+
+
 class MetricsInterceptor(grpc.ServerInterceptor):
     """Counts and times every RPC, unary and server-streaming alike."""
 
     def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> Any:
-        handler = continuation(handler_call_details)
-        if handler is None:
-            return None
-        service, method = _split_method(handler_call_details.method)
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(handler.unary_unary, service, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(handler.unary_stream, service, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
+        return _instrumented(continuation(handler_call_details), handler_call_details, self._wrap_unary, self._wrap_stream)
 
     @staticmethod
     def _wrap_unary(behavior: Callable, service: str, method: str) -> Callable:
@@ -185,22 +189,7 @@ class AioMetricsInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        service, method = _split_method(handler_call_details.method)
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(handler.unary_unary, service, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(handler.unary_stream, service, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
+        return _instrumented(handler, handler_call_details, self._wrap_unary, self._wrap_stream)
 
     @staticmethod
     def _wrap_unary(behavior: Callable, service: str, method: str) -> Callable:

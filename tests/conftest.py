@@ -34,25 +34,30 @@ def model_root(tmp_path: Path) -> Path:
     return root
 
 
+def _test_settings(tmp_path: Path, model_root: Path, overrides: dict[str, object]) -> Settings:
+    """Loopback, a free port, no metrics port, the test's model root and cache, CPU, no grace period."""
+    values: dict[str, object] = {
+        "host": "127.0.0.1",
+        "port": 0,
+        "metrics_port": 0,
+        "allowed_roots": (model_root,),
+        "cache_dir": tmp_path / "cache",
+        "output_root": tmp_path / "merges",
+        "log_format": "text",
+        "device": "cpu",
+        "grace_seconds": 0.0,
+    }
+    values.update(overrides)
+    return Settings.from_env({}, **values)
+
+
 @pytest.fixture
 def server_factory(tmp_path: Path, model_root: Path) -> Iterator[Callable[..., RunningServer]]:
     """Start in-process servers on free loopback ports; each is stopped at teardown."""
     started: list[RunningServer] = []
 
     def start(**overrides: object) -> RunningServer:
-        values: dict[str, object] = {
-            "host": "127.0.0.1",
-            "port": 0,
-            "metrics_port": 0,
-            "allowed_roots": (model_root,),
-            "cache_dir": tmp_path / "cache",
-            "output_root": tmp_path / "merges",
-            "log_format": "text",
-            "device": "cpu",
-            "grace_seconds": 0.0,
-        }
-        values.update(overrides)
-        running = serve(Settings.from_env({}, **values))
+        running = serve(_test_settings(tmp_path, model_root, overrides))
         started.append(running)
         return running
 
@@ -104,19 +109,7 @@ def split_factory(tmp_path: Path, model_root: Path) -> Iterator[Callable[..., In
     started: list[InProcessSplit] = []
 
     def start(**overrides: object) -> InProcessSplit:
-        values: dict[str, object] = {
-            "host": "127.0.0.1",
-            "port": 0,
-            "metrics_port": 0,
-            "allowed_roots": (model_root,),
-            "cache_dir": tmp_path / "cache",
-            "output_root": tmp_path / "merges",
-            "log_format": "text",
-            "device": "cpu",
-            "grace_seconds": 0.0,
-        }
-        values.update(overrides)
-        running = InProcessSplit(Settings.from_env({}, **values))
+        running = InProcessSplit(_test_settings(tmp_path, model_root, overrides))
         started.append(running)
         return running
 
