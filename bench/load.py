@@ -135,6 +135,7 @@ class Recorder:
         self.heavy_codes: dict[str, Counter[str]] = defaultdict(Counter)
         self.heavy_seconds: dict[str, list[float]] = defaultdict(list)
         self.light_calls = 0
+        self.job_query_seconds: list[float] = []
 
 
 def light_requests(pb, data: dict[str, object], seed: int, count: int = 16) -> tuple[list[bytes], list[bytes]]:
@@ -257,7 +258,9 @@ async def merge_loop(stub, pb, a: Path, b: Path, recorder: Recorder, stop_at: fl
                     await stub.CancelMergeJob(merge_pb2.CancelMergeJobRequest(job_id=job.job_id), timeout=60)
                     recorder.heavy_codes["StartMerge"]["CANCELLED_AT_END"] += 1
                     return
+                asked = time.perf_counter()
                 job = (await stub.GetMergeJob(merge_pb2.GetMergeJobRequest(job_id=job.job_id), timeout=10)).job
+                recorder.job_query_seconds.append(time.perf_counter() - asked)
                 state = job.state
             code = merge_pb2.MergeJobState.Name(state).replace("MERGE_JOB_STATE_", "JOB_")
             if state == merge_pb2.MERGE_JOB_STATE_FAILED:
@@ -451,6 +454,11 @@ def main() -> int:
             }
             for m, codes in sorted(recorder.heavy_codes.items())
         },
+        "job_queries": {
+            "count": len(recorder.job_query_seconds),
+            "p50_ms": round(percentile(recorder.job_query_seconds, 50) * 1000, 2),
+            "p99_ms": round(percentile(recorder.job_query_seconds, 99) * 1000, 2),
+        },
         "sweep": timing["sweep"],
         "heavy_params_per_model": data["heavy_params"],
         "server_cpu_s": round(server_cpu, 1),
@@ -473,6 +481,10 @@ def main() -> int:
     for m, row in results["per_rpc"].items():  # type: ignore[union-attr]
         print(f"  {m:24} {row['count']:8d} {row['rps']:8.1f} {row['p50_ms']:8.2f} {row['p99_ms']:8.2f} {row['max_ms']:8.2f}  {row['codes']}")
     print(f"  {'all light':24} {light_total:8d} {throughput:8.1f} {results['light_p50_ms']:8.2f} {results['light_p99_ms']:8.2f}")
+    jobs = recorder.job_query_seconds
+    if jobs:
+        print(f"  {'GetMergeJob (merge loop)':24} {len(jobs):8d} {'':8} {percentile(jobs, 50) * 1000:8.2f} "
+              f"{percentile(jobs, 99) * 1000:8.2f} {max(jobs) * 1000:8.2f}  (job queries, forwarded; not in 'all light')")
     print("heavy work during the window:")
     for m, row in results["heavy"].items():  # type: ignore[union-attr]
         print(f"  {m:24} completed {row['completed']}, mean {row['mean_s']} s, outcomes {row['codes']}")
