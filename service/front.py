@@ -32,6 +32,7 @@ import asyncio
 import gc
 import logging
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -83,6 +84,7 @@ class HeavyProcess:
         self.metrics_port = 0
         self.process: subprocess.Popen[bytes] | None = None
         self.restarts = 0
+        self.started_at = 0.0
         self._stopping = False
         self._lock = threading.Lock()
         self._ready = threading.Event()
@@ -128,12 +130,7 @@ class HeavyProcess:
             # It ignores Ctrl-C's SIGINT; the front stops it.
         )
         assert process.stdout is not None
-        deadline = time.monotonic() + BACKEND_START_SECONDS
-        line = b""
-        while time.monotonic() < deadline:
-            line = process.stdout.readline()
-            if not line or line.startswith(b"kinship-backend ready"):
-                break
+        line = _ready_line(process, BACKEND_START_SECONDS)
         if not line.startswith(b"kinship-backend ready"):
             process.kill()
             process.wait()
@@ -143,6 +140,7 @@ class HeavyProcess:
         threading.Thread(target=_drain, args=(process.stdout,), name="heavy-process-stdout", daemon=True).start()
         with self._lock:
             self.process = process
+            self.started_at = time.monotonic()
         self._ready.set()
         metrics.HEAVY_PROCESS_UP.set(1)
         log.info("heavy-work process ready", extra={"pid": process.pid, "restarts": self.restarts})
@@ -162,6 +160,9 @@ class HeavyProcess:
             code = process.wait()
             if self._stopping:
                 return
+            if time.monotonic() - self.started_at > 60:  # it had been serving a while: a fresh failure
+                delays = iter(RESTART_DELAY_SECONDS)
+                delay = next(delays)
             self._ready.clear()
             metrics.HEAVY_PROCESS_UP.set(0)
             log.error(
@@ -169,15 +170,12 @@ class HeavyProcess:
                 extra={"exit_code": code, "restart_in_seconds": delay},
             )
             time.sleep(delay)
-            started = time.monotonic()
             try:
                 self.restarts += 1
                 metrics.HEAVY_PROCESS_RESTARTS.inc()
                 self.start()
-            except (RuntimeError, OSError):
+            except (RuntimeError, OSError):  # self.process stays the dead one: the next turn waits longer
                 log.exception("restarting the heavy-work process failed")
-            if time.monotonic() - started > 60:  # it ran a while: a fresh failure, short delay again
-                delays = iter(RESTART_DELAY_SECONDS)
             delay = next(delays, RESTART_DELAY_SECONDS[-1])
 
     def stop(self, grace: float) -> None:
@@ -196,6 +194,23 @@ class HeavyProcess:
         if process is not None and process.stdin is not None:
             process.stdin.close()
         shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def _ready_line(process: subprocess.Popen[bytes], seconds: float) -> bytes:
+    """The first line the starting heavy-work process prints, or b"" if it exits or stays silent for `seconds`."""
+    assert process.stdout is not None
+    deadline = time.monotonic() + seconds
+    pending = b""
+    while b"\n" not in pending and time.monotonic() < deadline:
+        ready, _, _ = select.select([process.stdout], [], [], 0.5)
+        if ready:
+            chunk = os.read(process.stdout.fileno(), 4096)
+            if not chunk:
+                break
+            pending += chunk
+        elif process.poll() is not None:
+            break
+    return pending.split(b"\n", 1)[0]
 
 
 def _drain(stream: Any) -> None:

@@ -287,6 +287,19 @@ def test_the_heavy_process_never_outlives_the_front(family_root: Path, tmp_path:
     _wait(lambda: not _alive(heavy), 30, "the orphaned heavy process to exit")
 
 
+def test_a_heavy_process_that_cannot_start_stops_the_front_with_its_reason(family_root: Path, tmp_path: Path) -> None:
+    not_a_directory = tmp_path / "cache-file"
+    not_a_directory.write_text("a file where the cache directory should be")
+    env = dict(os.environ, KINSHIP_HOST="127.0.0.1", KINSHIP_PORT="0", KINSHIP_METRICS_PORT="0",
+               KINSHIP_ALLOWED_ROOTS=str(family_root), KINSHIP_CACHE_DIR=str(not_a_directory),
+               KINSHIP_OUTPUT_ROOT=str(tmp_path / "merges"), KINSHIP_DEVICE="cpu", KINSHIP_LOG_FORMAT="text",
+               KINSHIP_HEAVY_PROCESS="true")
+    result = subprocess.run([sys.executable, "-m", "kinship_service"], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "cannot open the cache" in result.stderr and "the heavy-work process did not start" in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+
+
 def test_ctrl_c_in_a_terminal_stops_both_processes_in_order(family_root: Path, tmp_path: Path) -> None:
     """A terminal's Ctrl-C signals the whole process group: the heavy-work process leaves it to the front."""
     running = Split(family_root, tmp_path, own_session=True)
