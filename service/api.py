@@ -134,10 +134,14 @@ class KinshipServicer(service_pb2_grpc.KinshipServiceServicer):
         self.admission = Admission(settings.heavy_workers, settings.heavy_queue, max_waiters=settings.max_workers // 2)
         self.jobs.output_registrar = self._register_merge_output
 
-    def _run_heavy(self, key: Any, work: Callable[[Callable[[], None]], T], context: grpc.ServicerContext, kind: str) -> T:
-        """Run `work` on the heavy executor (admitted, coalesced), or hand the call on from a light-only servicer."""
+    def _run_heavy(self, key: Any, work: Callable[..., T], context: grpc.ServicerContext, kind: str) -> T:
+        """Run `work(check)` on the heavy executor (admitted, coalesced).
+
+        A light-only servicer (the front) runs `work(check, light_only=True)` instead, inline: the
+        work answers from the cache alone or raises NeedsHeavyWork, and front.py forwards the call.
+        """
         if self.admission is None:
-            raise NeedsHeavyWork(kind)
+            return work(cancellation_check(context), light_only=True)
         return self.admission.run(key, work, cancellation_check(context), kind=kind)
 
     def _register_merge_output(self, output: LocalPath, base: CheckpointSpec) -> None:
@@ -181,8 +185,6 @@ class KinshipServicer(service_pb2_grpc.KinshipServiceServicer):
 
         if mode == FINGERPRINT:  # light: cached fingerprints only, never a pass
             outcome = compute(cancellation_check(context))
-        elif self.admission is None:  # the front: cached pair results or fingerprints, else NeedsHeavyWork (forwarded)
-            outcome = compute(cancellation_check(context), light_only=True)
         else:  # EXACT and AUTO may read weights or stored deltas: heavy, admitted and coalesced
             key = ("Kinship", request.SerializeToString(deterministic=True))
             outcome = self._run_heavy(key, compute, context, "kinship")
@@ -217,8 +219,6 @@ class KinshipServicer(service_pb2_grpc.KinshipServiceServicer):
 
         if mode == FINGERPRINT or all(recommend.pair_key(a, b) in known for a, b in itertools.combinations(top, 2)):
             return compute(cancellation_check(context))  # light: every value given, or fingerprints only
-        if self.admission is None:  # the front: cached answers only, else NeedsHeavyWork (forwarded)
-            return compute(cancellation_check(context), light_only=True)
         key = ("population", base, tuple(members), metric, mode, tuple(sorted(known.items())))
         return self._run_heavy(key, compute, context, "population")
 
@@ -272,7 +272,9 @@ class KinshipServicer(service_pb2_grpc.KinshipServiceServicer):
         checkpoint = spec_from_ref(request.checkpoint, "checkpoint")
         base = spec_from_ref(request.base, "base")
 
-        def register(check: Callable[[], None]) -> Any:
+        def register(check: Callable[[], None], light_only: bool = False) -> Any:
+            if light_only:  # a registration always reads the weights
+                raise NeedsHeavyWork("register")
             reg = self.kinship_cache.register(checkpoint, base, check_cancelled=check)
             metrics.BYTES_READ.inc(reg.bytes_read)  # once, however many callers share the registration
             return reg

@@ -146,6 +146,16 @@ def _lockstep(readers: Sequence[CheckpointReader], tensor: TensorPlan, max_eleme
             stream.close()
 
 
+def no_common_tensors() -> InvalidArgument:
+    """The error of a comparison whose plan holds no tensor (the models do not share the base's tensors)."""
+    return InvalidArgument(
+        "no floating tensor is shared, with one shape, by the base and every model; check that the models "
+        "were fine-tuned from this base (or ask for shape_mismatch_policy=LEADING_SLICE)",
+        reason="NO_COMMON_TENSORS",
+        field="models",
+    )
+
+
 def exact_kinship(
     base: Checkpoint,
     models: Sequence[Checkpoint],
@@ -177,12 +187,7 @@ def exact_kinship(
     headers = [r.tensors() for r in readers]
     plan = plan_comparison(headers, labels, leading_slice)
     if not plan.tensors:
-        raise InvalidArgument(
-            "no floating tensor is shared, with one shape, by the base and every model; check that the models "
-            "were fine-tuned from this base (or ask for shape_mismatch_policy=LEADING_SLICE)",
-            reason="NO_COMMON_TENSORS",
-            field="models",
-        )
+        raise no_common_tensors()
     n = len(models)
     # Reads: each chunk is a memory-mapped slice of at most chunk_bytes / (n + 1) bytes per checkpoint.
     itemsize = max(ITEMSIZE[h[t.name].dtype] for h in headers for t in plan.tensors)

@@ -56,13 +56,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from kinship_client.v1 import common_pb2, kinship_pb2, service_pb2
 
 from . import __version__, auth, metrics
-from .errors import NeedsHeavyWork
+from .api import KinshipServicer
 from .config import Settings
+from .errors import NeedsHeavyWork
+from .server import REFLECTED_SERVICES, SERVICE_NAME, grpc_options, log_serving
 
 log = logging.getLogger("kinship.front")
 
 SERVICE = service_pb2.DESCRIPTOR.services_by_name["KinshipService"]
-SERVICE_NAME = SERVICE.full_name
 LIGHT_CAPABLE = ("Kinship", "RankCandidates", "ShouldStop")
 """Methods the front answers itself when the request needs no heavy work; everything else is forwarded."""
 
@@ -250,9 +251,6 @@ class InlineContext:
     def add_callback(self, callback: Callable[[], None]) -> bool:
         return True
 
-    def invocation_metadata(self) -> Any:
-        return self._context.invocation_metadata()
-
 
 def _memory_only(request: Any) -> bool:
     """Whether a light-capable request is answered from memory alone (inline on the event loop).
@@ -271,8 +269,6 @@ class Front:
     """Builds the aio server: light calls inline, the rest forwarded to the heavy-work process."""
 
     def __init__(self, settings: Settings, heavy: HeavyProcess) -> None:
-        from .api import KinshipServicer  # imports torch: after the heavy process is on its way
-
         self.settings = settings
         self.heavy = heavy
         self.servicer = KinshipServicer(settings, light_only=True)
@@ -448,7 +444,7 @@ async def start_front(settings: Settings, heavy: HeavyProcess) -> RunningFront:
         interceptors.append(auth.AioBearerTokenInterceptor(tokens))
     server = grpc.aio.server(
         interceptors=interceptors,
-        options=_server_options(settings),
+        options=grpc_options(settings),
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
     )
     server.add_generic_rpc_handlers((front.handler(),))
@@ -456,9 +452,7 @@ async def start_front(settings: Settings, heavy: HeavyProcess) -> RunningFront:
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
-    )
+    reflection.enable_server_reflection(REFLECTED_SERVICES, server)
     address = f"{settings.host}:{settings.port}"
     port = server.add_secure_port(address, credentials) if credentials is not None else server.add_insecure_port(address)
     if port == 0:
@@ -478,19 +472,14 @@ async def start_front(settings: Settings, heavy: HeavyProcess) -> RunningFront:
     metrics.BUILD_INFO.labels(__version__, str(front.servicer.device)).set(1)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info(
-        "serving",
-        extra={
-            "address": address,
-            "port": port,
-            "metrics_port": settings.metrics_port,
-            "health_port": settings.health_port,
-            "device": str(front.servicer.device),
-            "tls": credentials is not None,
-            "mutual_tls": settings.tls_client_ca_file is not None,
-            "auth": tokens is not None,
-            "heavy_process_pid": heavy.process.pid if heavy.process else None,
-        },
+    log_serving(
+        settings,
+        address,
+        port,
+        front.servicer.device,
+        tls=credentials is not None,
+        auth=tokens is not None,
+        heavy_process_pid=heavy.process.pid if heavy.process else None,
     )
     return running
 
@@ -529,12 +518,6 @@ async def _serve(settings: Settings, stop: asyncio.Event, received: list[int]) -
     await heavy_stopped
     log.info("stopped")
     return 0
-
-
-def _server_options(settings: Settings) -> list[tuple[str, Any]]:
-    from .server import grpc_options
-
-    return grpc_options(settings)
 
 
 def run(settings: Settings) -> int:

@@ -57,6 +57,7 @@ from .exact import (
     _lockstep,
     _require_defined,
     exact_kinship,
+    no_common_tensors,
     plan_comparison,
 )
 from .fingerprint import (
@@ -597,13 +598,7 @@ class KinshipCache:
         labels = [r.label for r in (base_r, *model_rs)]
         plan = self._plan([base_ident, *idents], labels, leading_slice)
         if not plan.tensors:
-            # The same error the exact pass gives, without reading any weights.
-            raise InvalidArgument(
-                "no floating tensor is shared, with one shape, by the base and every model; check that the models "
-                "were fine-tuned from this base (or ask for shape_mismatch_policy=LEADING_SLICE)",
-                reason="NO_COMMON_TENSORS",
-                field="models",
-            )
+            raise no_common_tensors()  # the exact pass's error, without reading any weights
 
         def outcome(result: ExactKinship, mode_used: str, source: str) -> KinshipOutcome:
             result.seconds = time.perf_counter() - started

@@ -30,6 +30,8 @@ from .api import KinshipServicer
 from .config import ConfigError, Settings
 
 SERVICE_NAME = service_pb2.DESCRIPTOR.services_by_name["KinshipService"].full_name
+REFLECTED_SERVICES = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+"""What server reflection lists (the front's aio server and this one alike)."""
 
 log = logging.getLogger("kinship.server")
 
@@ -148,9 +150,7 @@ def serve(settings: Settings, *, bind: str | None = None) -> RunningServer:
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
-    )
+    reflection.enable_server_reflection(REFLECTED_SERVICES, server)
     address = bind or f"{settings.host}:{settings.port}"
     if credentials is not None and bind is None:
         port = server.add_secure_port(address, credentials)
@@ -173,6 +173,12 @@ def serve(settings: Settings, *, bind: str | None = None) -> RunningServer:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     if settings.cpu_kernel and servicer.device.type == "cpu":
         threading.Thread(target=_warm_up_cpu_kernel, name="cpu-kernel-warm-up", daemon=True).start()
+    log_serving(settings, address, port, servicer.device, tls=credentials is not None, auth=tokens is not None)
+    return RunningServer(server, health_servicer, servicer, port, settings, metrics_server, health_server)
+
+
+def log_serving(settings: Settings, address: str, port: int, device: Any, *, tls: bool, auth: bool, **more: Any) -> None:
+    """The one "serving" log line of a started server (this one or the front), with its configuration."""
     log.info(
         "serving",
         extra={
@@ -180,13 +186,13 @@ def serve(settings: Settings, *, bind: str | None = None) -> RunningServer:
             "port": port,
             "metrics_port": settings.metrics_port,
             "health_port": settings.health_port,
-            "device": str(servicer.device),
-            "tls": credentials is not None,
+            "device": str(device),
+            "tls": tls,
             "mutual_tls": settings.tls_client_ca_file is not None,
-            "auth": tokens is not None,
+            "auth": auth,
+            **more,
         },
     )
-    return RunningServer(server, health_servicer, servicer, port, settings, metrics_server, health_server)
 
 
 def _warm_up_cpu_kernel() -> None:
