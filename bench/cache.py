@@ -23,37 +23,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from _server import proc_status, server_pids, start_server  # bench/ is the script's directory
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
-
-
-def start_server(env_overrides: dict[str, str]) -> tuple[subprocess.Popen, str]:
-    env = dict(os.environ)
-    env.update(env_overrides)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "kinship_service"], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
-    )
-    assert process.stdout is not None
-    for line in process.stdout:
-        match = re.search(r"kinship-server listening on (\S+)", line)
-        if match:
-            return process, match.group(1)
-    raise RuntimeError("the server did not start")
-
-
-def peak_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -102,7 +81,7 @@ def main() -> int:
         "KINSHIP_LOG_FORMAT": "text",
         "KINSHIP_GRACE_SECONDS": "0",
     }
-    process, address = start_server(server_env)
+    process, address = start_server(server_env, work / "server.log")
     try:
         client = KinshipClient(address, timeout=3600)
         client.wait_ready()
@@ -191,7 +170,8 @@ def main() -> int:
             )
             print(f"cold / warm EXACT: {cold_s / warm_best:.0f}x  (target >= 10x)")
             print(f"FINGERPRINT on the same set: {fp_s * 1e3:.2f} ms, max |PCC error| vs exact {worst:.5f}")
-        print(f"server peak RSS: {peak_rss_mib(process.pid):.0f} MiB")
+        peaks = [proc_status(pid, "VmHWM") for pid in server_pids(process.pid)]  # the front and its heavy-work process
+        print(f"server peak RSS: {sum(peaks):.0f} MiB ({' + '.join(f'{p:.0f}' for p in peaks)} MiB by process)")
         client.close()
     finally:
         process.terminate()

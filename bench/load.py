@@ -37,7 +37,6 @@ import gc
 import json
 import os
 import random
-import re
 import shutil
 import subprocess
 import sys
@@ -48,51 +47,9 @@ from pathlib import Path
 
 import grpc
 
+from _server import cpu_seconds, proc_status, server_pids, start_server  # bench/ is the script's directory
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-# -- server process --------------------------------------------------------------------------
-def start_server(env_overrides: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
-    env = dict(os.environ)
-    env.update(env_overrides)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "kinship_service"], env=env, stdout=subprocess.PIPE, stderr=open(log, "wb"), text=True
-    )
-    assert process.stdout is not None
-    deadline = time.monotonic() + 120
-    for line in process.stdout:
-        match = re.search(r"kinship-server listening on (\S+)", line)
-        if match:
-            return process, match.group(1)
-        if time.monotonic() > deadline:
-            break
-    process.kill()
-    raise RuntimeError(f"the server did not start; see {log}")
-
-
-def proc_status(pid: int, field: str) -> float:
-    """A /proc/<pid>/status field in MiB (VmHWM: peak RSS, VmRSS: current)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds a process has used (/proc/<pid>/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def server_pids(pid: int) -> list[int]:
-    """The server process and its children (the heavy-work process of KINSHIP_HEAVY_PROCESS=true)."""
-    pids = [pid]
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            pids += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            pass
-    return pids
 
 
 def percentile(values: list[float], q: float) -> float:
