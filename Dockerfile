@@ -56,7 +56,7 @@ RUN pip install --no-cache-dir --no-deps . \
 # Compile the fused CPU kernel (numba) now, so the server finds it in the cache instead of
 # compiling for seconds at start. Entries are for this build machine's CPU; on another CPU
 # the server compiles once at start, in the background (a copy under /tmp if read-only).
-RUN NUMBA_CACHE_DIR=/opt/numba-cache python -c "from kinship_service import cpu_kernel; print('numba warm-up', cpu_kernel.warm_up())"
+RUN NUMBA_CACHE_DIR=/opt/numba-cache python -c "from kinship_service.kinship import cpu_kernel; print('numba warm-up', cpu_kernel.warm_up())"
 
 # --------------------------------------------------------------------------- runtime
 FROM ${BASE_IMAGE} AS runtime

@@ -53,11 +53,11 @@ def main() -> int:
     import torch
 
     from kinship_client import KinshipClient
+    from kinship_service.cache.registry import KinshipCache
+    from kinship_service.checkpoints.sources import LocalPath
+    from kinship_service.checkpoints.synthetic import LlamaShape, make_base, make_family, save_checkpoint
     from kinship_service.config import Settings
-    from kinship_service.fingerprint import SKETCH_WIDTH, estimate
-    from kinship_service.registry import KinshipCache
-    from kinship_service.sources import LocalPath
-    from kinship_service.synthetic import LlamaShape, make_base, make_family, save_checkpoint
+    from kinship_service.kinship.fingerprint import SKETCH_WIDTH, estimate
 
     work = args.dir / "cache"
     small_dir = work / f"small-n{args.matrix}"
@@ -160,7 +160,7 @@ def main() -> int:
             t0 = time.perf_counter()
             fp = client.kinship(str(dirs[0]), [str(d) for d in dirs[1:]], mode="fingerprint")
             fp_s = time.perf_counter() - t0
-            worst = max(abs(a.values.pcc - b.values.pcc) for a, b in zip(fp.pairs, cold.pairs))
+            worst = max(abs(a.values.pcc - b.values.pcc) for a, b in zip(fp.pairs, cold.pairs, strict=False))
             warm_best = min(warm_s)
             print(
                 f"EXACT on base + 3 x {cold.elements_compared / 1e6:.0f}M parameters bf16 "

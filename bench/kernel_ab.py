@@ -33,15 +33,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
+import torch  # noqa: E402
 from kinship import peak_rss_mib, read_floor, reset_peak_rss, rss_now_mib  # noqa: E402
 
-import torch  # noqa: E402
-
-from kinship_service import cpu_kernel  # noqa: E402
-from kinship_service.exact import _lockstep, exact_kinship, plan_comparison  # noqa: E402
-from kinship_service.kinship_math import PairwiseMoments, Similarities, similarities  # noqa: E402
-from kinship_service.sources import LocalPath, resolve  # noqa: E402
-from kinship_service.streaming import ITEMSIZE, CheckpointReader  # noqa: E402
+from kinship_service.checkpoints.sources import LocalPath, resolve  # noqa: E402
+from kinship_service.checkpoints.streaming import ITEMSIZE, CheckpointReader  # noqa: E402
+from kinship_service.kinship import cpu_kernel  # noqa: E402
+from kinship_service.kinship.exact import _lockstep, exact_kinship, plan_comparison  # noqa: E402
+from kinship_service.kinship.similarity import PairwiseMoments, Similarities, similarities  # noqa: E402
 
 
 def fused_pass(base, models, *, chunk_bytes: int = 256 * 2**20, widen_f32: bool = False) -> Similarities:
@@ -71,15 +70,15 @@ def fused_pass(base, models, *, chunk_bytes: int = 256 * 2**20, widen_f32: bool 
 
 def worst_relative_difference(a: Similarities, b: Similarities) -> float:
     worst = 0.0
-    for pa, pb in zip(a.pairs(), b.pairs()):
-        for x, y in zip(pa[2:], pb[2:]):
+    for pa, pb in zip(a.pairs(), b.pairs(), strict=False):
+        for x, y in zip(pa[2:], pb[2:], strict=False):
             worst = max(worst, abs(x - y) / max(abs(y), 1e-300))
     return worst
 
 
 def compile_seconds() -> tuple[float, float]:
     """warm_up() in fresh interpreters: with an empty numba cache, then with that cache filled."""
-    code = "import time; t=time.perf_counter(); from kinship_service import cpu_kernel as k; w=k.warm_up(); print(w, time.perf_counter()-t)"
+    code = "import time; t=time.perf_counter(); from kinship_service.kinship import cpu_kernel as k; w=k.warm_up(); print(w, time.perf_counter()-t)"
     with tempfile.TemporaryDirectory(prefix="kinship-numba-") as cache:
         env = dict(os.environ, NUMBA_CACHE_DIR=cache)
         cold = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True).stdout.split()

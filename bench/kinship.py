@@ -57,7 +57,7 @@ def ensure_family(directory: Path, params: float, n_models: int) -> list[Path]:
     # Generated in a child process so its memory does not count in this one's peak RSS.
     code = (
         "import sys, torch; from pathlib import Path; "
-        "from kinship_service.synthetic import shape_for_parameters, write_family_streaming; "
+        "from kinship_service.checkpoints.synthetic import shape_for_parameters, write_family_streaming; "
         f"s = shape_for_parameters({int(params)}, num_layers=8); print('shape', s, s.num_parameters, flush=True); "
         f"write_family_streaming(Path({str(directory)!r}), s, {n_models}, rho=0.5, dtype=torch.bfloat16)"
     )
@@ -98,7 +98,7 @@ def main() -> int:
 
     from kinship_client import KinshipClient
     from kinship_service.config import Settings
-    from kinship_service.server import serve
+    from kinship_service.server.main import serve
 
     files = sorted(p for d in dirs for p in d.glob("*.safetensors"))
     read_floor(files)  # warm the page cache so floor and service see the same state

@@ -46,7 +46,6 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import grpc
-
 from _server import cpu_seconds, proc_status, server_pids, start_server  # bench/ is the script's directory
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,7 +63,14 @@ def percentile(values: list[float], q: float) -> float:
 def make_data(work: Path, n_light: int, heavy_params: float) -> dict[str, object]:
     import torch
 
-    from kinship_service.synthetic import LlamaShape, make_base, make_family, save_checkpoint, shape_for_parameters, write_family_streaming
+    from kinship_service.checkpoints.synthetic import (
+        LlamaShape,
+        make_base,
+        make_family,
+        save_checkpoint,
+        shape_for_parameters,
+        write_family_streaming,
+    )
 
     light = work / "light"
     shape = LlamaShape(vocab_size=512, hidden_size=64, intermediate_size=176, num_layers=2)
@@ -360,7 +366,7 @@ def main() -> int:
         recorder = Recorder()
         cpu0, own_cpu0 = [cpu_seconds(p) for p in pids], time.process_time()
         timing = asyncio.run(run_load(address, data, args, recorder))
-        process_cpu = [cpu_seconds(p) - c for p, c in zip(pids, cpu0)]
+        process_cpu = [cpu_seconds(p) - c for p, c in zip(pids, cpu0, strict=False)]
         server_cpu = sum(process_cpu)
         own_cpu = time.process_time() - own_cpu0
         process_peaks = [proc_status(p, "VmHWM") for p in pids]

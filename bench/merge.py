@@ -45,8 +45,8 @@ def generate(directory: Path, params: float) -> None:
     """Write models a and b (bf16, 2 shards each, with config and tokenizer files) one tensor at a time."""
     import torch
 
-    from kinship_service.merge_writer import HeaderEntry, SafetensorsWriter, tensor_bytes
-    from kinship_service.synthetic import shape_for_parameters
+    from kinship_service.checkpoints.synthetic import shape_for_parameters
+    from kinship_service.merge.writer import HeaderEntry, SafetensorsWriter, tensor_bytes
 
     shape = shape_for_parameters(int(params))
     shapes = shape.tensor_shapes()
@@ -118,10 +118,10 @@ def merge(directory: Path, threads: int = 1) -> None:
 
     import torch
 
+    from kinship_service.checkpoints.sources import LocalPath, resolve
     from kinship_service.config import Settings
-    from kinship_service.merge_writer import MergeRunner, MergeSettings, ModelCard
-    from kinship_service.slerp import FactorEntry, InterpolationSpec
-    from kinship_service.sources import LocalPath, resolve
+    from kinship_service.merge.slerp import FactorEntry, InterpolationSpec
+    from kinship_service.merge.writer import MergeRunner, MergeSettings, ModelCard
 
     baseline = _rss_kib("VmRSS")
     cpu_before = _cpu()

@@ -33,9 +33,9 @@ import json
 import sys
 import time
 import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
 
 from kinship_client import KinshipClient, Member, Population, Recommendation
 from kinship_client.population import population_to_json

@@ -20,7 +20,7 @@ import torch
 from kinship_client import KinshipClient
 from kinship_client.cli import format_kinship_table
 from kinship_client.population import Member
-from kinship_service.synthetic import LlamaShape, make_base, save_checkpoint
+from kinship_service.checkpoints.synthetic import LlamaShape, make_base, save_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "demo-output"

@@ -26,9 +26,8 @@ _ABSOLUTE_IMPORT = re.compile(r"^from kinship\.v1 import (\w+)", re.MULTILINE)
 
 def generate() -> dict[str, str]:
     """Run protoc (from grpcio-tools) and return {file name: content}."""
-    from grpc_tools import protoc  # dev dependency: only needed to regenerate
-
     import grpc_tools
+    from grpc_tools import protoc  # dev dependency: only needed to regenerate
 
     well_known = Path(grpc_tools.__file__).parent / "_proto"
     protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in PACKAGE_DIR.glob("*.proto"))

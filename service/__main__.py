@@ -1,3 +1,3 @@
-from .server import main
+from kinship_service.server.main import main
 
 raise SystemExit(main())

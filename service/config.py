@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Mapping
 
 DEFAULT_PORT = 50051
 DEFAULT_METRICS_PORT = 9090
@@ -100,7 +100,7 @@ class Settings:
     """CA bundle (PEM) for client certificates; when set, clients must present one (mutual TLS)."""
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> "Settings":
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
         """Build settings from `KINSHIP_*` variables; `overrides` win over the environment."""
         env = os.environ if environ is None else environ
         values: dict[str, object] = {}
@@ -118,7 +118,7 @@ class Settings:
         settings.validate()
         return settings
 
-    def with_overrides(self, **changes: object) -> "Settings":
+    def with_overrides(self, **changes: object) -> Settings:
         """A copy with some fields changed (validated)."""
         settings = replace(self, **changes)  # type: ignore[arg-type]
         settings.validate()

@@ -6,17 +6,17 @@ import asyncio
 import os
 import tempfile
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 import torch
 
 from kinship_client import KinshipClient
+from kinship_service.checkpoints.synthetic import LlamaShape, make_base, make_family, save_checkpoint
 from kinship_service.config import Settings
-from kinship_service.front import HeavyProcess, start_front
-from kinship_service.server import RunningServer, serve
-from kinship_service.synthetic import LlamaShape, make_base, make_family, save_checkpoint
+from kinship_service.server.front import HeavyProcess, start_front
+from kinship_service.server.main import RunningServer, serve
 
 # No network in tests: Hub checkpoints resolve only from a cache layout a test builds here.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -67,7 +67,7 @@ def server_factory(tmp_path: Path, model_root: Path) -> Iterator[Callable[..., R
 
 
 @pytest.fixture
-def server(request: pytest.FixtureRequest, server_factory: Callable[..., RunningServer], split_factory: Callable[..., "InProcessSplit"]):
+def server(request: pytest.FixtureRequest, server_factory: Callable[..., RunningServer], split_factory: Callable[..., InProcessSplit]):
     """The single-process server; in modules marked `both_layouts`, also the front with its heavy-work server."""
     if getattr(request, "param", "one-process") == "front":
         return split_factory()

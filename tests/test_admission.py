@@ -7,13 +7,13 @@ controls, so no test depends on timing.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
 
 import pytest
 
-from kinship_service.admission import Admission
 from kinship_service.errors import Cancelled, DeadlineExceeded, InvalidArgument, ResourceExhausted
+from kinship_service.server.admission import Admission
 
 
 def never_cancelled() -> None:
@@ -220,8 +220,8 @@ from pathlib import Path  # noqa: E402
 import grpc  # noqa: E402
 
 from kinship_client.v1 import common_pb2, kinship_pb2, merge_pb2, recommend_pb2, service_pb2_grpc  # noqa: E402
-from kinship_service import admission as admission_module  # noqa: E402
-from kinship_service.synthetic import LlamaShape, make_base, make_family, save_checkpoint  # noqa: E402
+from kinship_service.checkpoints.synthetic import LlamaShape, make_base, make_family, save_checkpoint  # noqa: E402
+from kinship_service.server import admission as admission_module  # noqa: E402
 
 # About 16M parameters (62 MiB per float32 file); 24 names hard-linked to 3 files make an exact
 # pass over 300 pairs that runs for seconds, while the disk holds four files.

@@ -20,11 +20,11 @@ from safetensors.torch import save_file
 
 from kinship_client import KinshipClient, KinshipRpcError
 from kinship_client.cli import main as cli_main
-from kinship_service import metrics
-from kinship_service.cache import CacheStore
-from kinship_service.delta import bits, encode, from_bytes, reconstruct, to_parts
-from kinship_service.server import RunningServer
-from kinship_service.synthetic import LlamaShape, make_base, make_family, save_checkpoint
+from kinship_service.cache.delta import bits, encode, from_bytes, reconstruct, to_parts
+from kinship_service.cache.store import CacheStore
+from kinship_service.checkpoints.synthetic import LlamaShape, make_base, make_family, save_checkpoint
+from kinship_service.server import metrics
+from kinship_service.server.main import RunningServer
 
 from .server_process import launch
 
@@ -123,7 +123,7 @@ def test_cold_request_fills_cache_and_warm_request_reads_nothing(server: Running
 
 
 def _spec(path: Path):
-    from kinship_service.sources import LocalPath
+    from kinship_service.checkpoints.sources import LocalPath
 
     return LocalPath(str(path))
 
@@ -516,7 +516,7 @@ def test_registered_hub_checkpoints_need_not_stay_in_the_hub_cache(
     again = client.register_checkpoint(refs[0], str(model_root / "base"))
     assert again.already_registered
     # The stored delta alone rebuilds the weights (with the local base), bit for bit.
-    from kinship_service.sources import HubRepo
+    from kinship_service.checkpoints.sources import HubRepo
 
     on_disk_base, original = load(model_root / "base"), load(tmp_path / "src-0")
     for name, chunks in server.servicer.kinship_cache.read_delta(_spec(model_root / "base"), HubRepo("kinship-gone/m0", "0" * 40)):
@@ -537,10 +537,10 @@ def test_registered_hub_checkpoints_need_not_stay_in_the_hub_cache(
 
 def test_repeated_fingerprint_answers_are_identical_and_other_tensor_sets_stay_refused(tmp_path: Path, model_root: Path) -> None:
     """The FINGERPRINT path memoises per plan (tensor list, groups) and per sketch pair: nothing may leak across."""
+    from kinship_service.cache.registry import KinshipCache
+    from kinship_service.checkpoints.sources import LocalPath
     from kinship_service.config import Settings
     from kinship_service.errors import FailedPrecondition
-    from kinship_service.registry import KinshipCache
-    from kinship_service.sources import LocalPath
 
     shape = LlamaShape(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2)
     base = make_base(shape, seed=40)

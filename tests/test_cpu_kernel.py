@@ -15,8 +15,8 @@ import torch
 
 pytest.importorskip("numba")
 
-from kinship_service import cpu_kernel  # noqa: E402
-from kinship_service.kinship_math import PairwiseMoments, similarities  # noqa: E402
+from kinship_service.kinship import cpu_kernel  # noqa: E402
+from kinship_service.kinship.similarity import PairwiseMoments, similarities  # noqa: E402
 
 REL = 1e-9
 # Chunk lengths around the kernel's tile (<= 1024) and work-item (65536) boundaries.
@@ -65,7 +65,7 @@ def fused(rows: list[torch.Tensor], pieces: int = 1) -> PairwiseMoments:
     moments = PairwiseMoments(len(rows) - 1)
     length = rows[0].numel()
     bounds = np.linspace(0, length, pieces + 1).astype(int)
-    for start, stop in zip(bounds[:-1], bounds[1:]):
+    for start, stop in zip(bounds[:-1], bounds[1:], strict=False):
         cpu_kernel.accumulate([r.reshape(-1)[start:stop] for r in rows], moments)
     return moments
 
@@ -107,7 +107,7 @@ def test_similarities_match_reference_metrics(dtype):
     result = similarities(fused(rows, pieces=4))
     expected = reference_metrics(rows)
     for i, j, pcc, cosine, euclidean in result.pairs():
-        for got, want, metric in zip((pcc, cosine, euclidean), expected[(i, j)], ("pcc", "cosine", "euclidean")):
+        for got, want, metric in zip((pcc, cosine, euclidean), expected[(i, j)], ("pcc", "cosine", "euclidean"), strict=False):
             assert math.isclose(got, want, rel_tol=REL, abs_tol=0.0), f"{metric} {i},{j}: {got!r} vs {want!r}"
 
 
@@ -125,7 +125,7 @@ def test_near_identical_models_keep_precision(dtype):
     assert expected[(0, 1)][0] > 0.99999
     result = similarities(fused(rows, pieces=3))
     for i, j, pcc, cosine, euclidean in result.pairs():
-        for got, want in zip((pcc, cosine, euclidean), expected[(i, j)]):
+        for got, want in zip((pcc, cosine, euclidean), expected[(i, j)], strict=False):
             assert math.isclose(got, want, rel_tol=REL, abs_tol=0.0)
 
 
@@ -211,7 +211,7 @@ def test_concurrent_callers_get_their_own_results():
     families = [family(3, 150_000, torch.bfloat16, seed=30 + i) for i in range(4)]
     with ThreadPoolExecutor(max_workers=4) as pool:
         results = list(pool.map(lambda rows: fused(rows, pieces=3), families))
-    for rows, moments in zip(families, results):
+    for rows, moments in zip(families, results, strict=False):
         assert_moments_close(moments, reference(rows), REL)
 
 
@@ -220,8 +220,8 @@ def test_without_numba_the_torch_path_is_signalled():
     code = (
         "import sys; sys.modules['numba'] = None\n"
         "import torch\n"
-        "from kinship_service import cpu_kernel as k\n"
-        "from kinship_service.kinship_math import PairwiseMoments\n"
+        "from kinship_service.kinship import cpu_kernel as k\n"
+        "from kinship_service.kinship.similarity import PairwiseMoments\n"
         "assert not k.available() and k.warm_up() == 0.0\n"
         "try:\n"
         "    k.accumulate([torch.zeros(3)] * 3, PairwiseMoments(2))\n"
@@ -250,12 +250,12 @@ def test_bad_rows_are_rejected():
 
 
 # -- fingerprints in the same pass ----------------------------------------------------------
+from kinship_service.cache.registry import FingerprintObserver  # noqa: E402
+from kinship_service.checkpoints.sources import LocalPath, resolve  # noqa: E402
+from kinship_service.checkpoints.synthetic import LlamaShape, make_base, make_family, save_checkpoint  # noqa: E402
 from kinship_service.config import ConfigError, Settings  # noqa: E402
-from kinship_service.exact import exact_kinship  # noqa: E402
-from kinship_service.fingerprint import SKETCH_WIDTH, SketchBuilder, StatsBuilder, block_params, sign_table  # noqa: E402
-from kinship_service.registry import FingerprintObserver  # noqa: E402
-from kinship_service.sources import LocalPath, resolve  # noqa: E402
-from kinship_service.synthetic import LlamaShape, make_base, make_family, save_checkpoint  # noqa: E402
+from kinship_service.kinship.exact import exact_kinship  # noqa: E402
+from kinship_service.kinship.fingerprint import SKETCH_WIDTH, SketchBuilder, StatsBuilder, block_params, sign_table  # noqa: E402
 
 
 def countsketch_reference(deltas: np.ndarray, name: str, offset: int, width: int) -> np.ndarray:
@@ -281,7 +281,7 @@ def assert_sketch_close(got: np.ndarray, want: np.ndarray, rel: float = 1e-9) ->
 
 
 def assert_stats_close(got: StatsBuilder, want: StatsBuilder, rel: float = 1e-12) -> None:
-    for mine, theirs in zip(got.groups, want.groups):
+    for mine, theirs in zip(got.groups, want.groups, strict=False):
         assert list(mine) == list(theirs)  # the same groups, in the same order
         for group, stats in theirs.items():
             assert mine[group].count == stats.count
@@ -314,7 +314,7 @@ def test_fused_sketch_and_stats_match_reference_and_observer(dtype, width):
         cuts = [0, 1, length // 3, length // 3 + 1023, length]
         group_moments = moments.setdefault(group, PairwiseMoments(n))
         plan = TensorPlanLike(name, group)
-        for start, stop in zip(cuts[:-1], cuts[1:]):
+        for start, stop in zip(cuts[:-1], cuts[1:], strict=False):
             cpu_kernel.accumulate([r[start:stop] for r in rows], group_moments, sketch=fused, tensor=name, offset=offset + start)
             observer.observe(plan, offset + start, torch.from_numpy(deltas[:, start:stop]).contiguous())
     fused.finish(moments)
@@ -344,7 +344,7 @@ def test_sketch_does_not_depend_on_threads_or_chunking():
             fused = cpu_kernel.FusedFingerprint(SketchBuilder(n), StatsBuilder(n))
             moments = PairwiseMoments(n)
             bounds = np.linspace(0, 600_000, pieces + 1).astype(int)
-            for start, stop in zip(bounds[:-1], bounds[1:]):
+            for start, stop in zip(bounds[:-1], bounds[1:], strict=False):
                 cpu_kernel.accumulate([r[start:stop] for r in rows], moments, sketch=fused, tensor="t", offset=int(start) + 9)
             fused.finish({"g": moments})
             sketches.append(fused.builder.sketch.numpy().copy())
@@ -399,7 +399,7 @@ def _checkpoints(root, dtype, *, grow: bool):
         name = "model.layers.0.mlp.down_proj.weight"
         grown[name] = torch.cat([grown[name], torch.randn(grown[name].shape[0], 8)], dim=1)
         models[2] = grown
-    dirs = [save_checkpoint(t, root / label, dtype=dtype) for t, label in zip((base, *models), ("base", "m0", "m1", "m2"))]
+    dirs = [save_checkpoint(t, root / label, dtype=dtype) for t, label in zip((base, *models), ("base", "m0", "m1", "m2"), strict=False)]
     return [resolve(LocalPath(str(d)), [root]) for d in dirs]
 
 
@@ -419,8 +419,8 @@ def test_exact_pass_fuses_fingerprints_like_the_torch_path(tmp_path, dtype, grow
     assert_stats_close(fast.stats, slow.stats)
     assert set(fast.stats.groups[0]) == set(fast_result.by_group)
     assert any(t.sliced for t in fast_result.plan.tensors) == grow
-    for (i, j, *got), (_, _, *want) in zip(fast_result.overall.pairs(), slow_result.overall.pairs()):
-        for a, b in zip(got, want):
+    for (_i, _j, *got), (_, _, *want) in zip(fast_result.overall.pairs(), slow_result.overall.pairs(), strict=False):
+        for a, b in zip(got, want, strict=False):
             assert math.isclose(a, b, rel_tol=1e-9)
 
 
@@ -475,7 +475,7 @@ def test_read_only_prefilled_cache_is_copied_to_a_writable_place(tmp_path):
         f"read_only = {str(prefilled)!r}\n"
         "real = os.access\n"
         "os.access = lambda path, mode, **kw: False if str(path) == read_only and mode == os.W_OK else real(path, mode, **kw)\n"
-        "from kinship_service import cpu_kernel\n"
+        "from kinship_service.kinship import cpu_kernel\n"
         "print(os.environ['NUMBA_CACHE_DIR'])\n"
     )
     env = {**os.environ, "NUMBA_CACHE_DIR": str(prefilled), "TMPDIR": str(scratch)}

@@ -157,7 +157,7 @@ def test_healthcheck_calls_grpc_health_in_exec_form(final, pyproject):
     options, _, command = checks[0].value.partition("CMD ")
     argv = exec_form(command)
     assert argv[0] == "kinship-healthcheck", argv
-    assert pyproject["project"]["scripts"]["kinship-healthcheck"] == "kinship_service.healthcheck:main"
+    assert pyproject["project"]["scripts"]["kinship-healthcheck"] == "kinship_service.server.healthcheck:main"
     assert "--start-period" in options, "allow for CUDA warm-up before failures count"
 
 
@@ -172,7 +172,7 @@ def test_entrypoint_is_the_console_script_in_exec_form(final, pyproject):
     entrypoints = final.all("ENTRYPOINT")
     assert len(entrypoints) == 1
     assert exec_form(entrypoints[0].value) == ["kinship-server"], "exec form keeps the server PID 1 so it gets SIGTERM"
-    assert pyproject["project"]["scripts"]["kinship-server"] == "kinship_service.server:main"
+    assert pyproject["project"]["scripts"]["kinship-server"] == "kinship_service.server.main:main"
     assert not final.all("CMD")
 
 

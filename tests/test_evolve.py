@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 
 from kinship_client import KinshipClient
-from kinship_service.synthetic import make_base, make_family, save_checkpoint
+from kinship_service.checkpoints.synthetic import make_base, make_family, save_checkpoint
 
 from .conftest import SMALL
 
@@ -65,7 +65,7 @@ def test_evolve_runs_algorithm_1_until_should_stop(server_factory, model_root, t
     base = make_base(SMALL, seed=0)
     family = make_family(base, 3, rho=0.2, seed=7)
     foundation = {}
-    for name, model in zip(["alpha", "beta", "gamma"], family):
+    for name, model in zip(["alpha", "beta", "gamma"], family, strict=False):
         foundation[name] = str(save_checkpoint(model, model_root / name, config=SMALL.config(torch.float32)))
     base_path = str(save_checkpoint(base, model_root / "base", config=SMALL.config(torch.float32)))
     evaluate = StandInEvaluation(base, family)
@@ -130,7 +130,7 @@ def test_evolve_command_line(server_factory, model_root, tmp_path, capsys, monke
     base = make_base(SMALL, seed=1)
     family = make_family(base, 2, rho=0.5, seed=2)
     args = ["--target", server.address, "--base", str(save_checkpoint(base, model_root / "base"))]
-    for name, model in zip(["x", "y"], family):
+    for name, model in zip(["x", "y"], family, strict=False):
         args += ["--model", f"{name}={save_checkpoint(model, model_root / name)}"]
     # A user's evaluation module on the import path.
     (tmp_path / "user_eval.py").write_text(

@@ -30,8 +30,8 @@ import subprocess
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import grpc
 import numpy as np
@@ -40,8 +40,8 @@ import torch
 from safetensors import safe_open
 
 from kinship_client import KinshipClient, KinshipRpcError
-from kinship_service.cache import CacheStore
-from kinship_service.synthetic import LlamaShape, make_base, make_family, save_checkpoint
+from kinship_service.cache.store import CacheStore
+from kinship_service.checkpoints.synthetic import LlamaShape, make_base, make_family, save_checkpoint
 
 from .server_process import launch
 

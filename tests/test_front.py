@@ -15,8 +15,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import grpc
 import numpy as np
@@ -28,7 +28,7 @@ from kinship_client import KinshipClient
 from kinship_client.client import KinshipRpcError
 from kinship_client.population import Member
 from kinship_client.v1 import common_pb2, kinship_pb2, service_pb2_grpc
-from kinship_service.synthetic import LlamaShape, make_base, make_family, save_checkpoint
+from kinship_service.checkpoints.synthetic import LlamaShape, make_base, make_family, save_checkpoint
 
 from .conftest import SMALL
 from .server_process import launch

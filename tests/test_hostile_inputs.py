@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kinship_client.v1 import common_pb2, kinship_pb2, service_pb2_grpc
-from kinship_service.synthetic import make_base, save_checkpoint
+from kinship_service.checkpoints.synthetic import make_base, save_checkpoint
 
 from .conftest import SMALL
 

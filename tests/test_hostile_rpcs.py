@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kinship_client.v1 import common_pb2, merge_pb2, recommend_pb2, service_pb2_grpc
-from kinship_service.synthetic import make_base, make_family, save_checkpoint
+from kinship_service.checkpoints.synthetic import make_base, make_family, save_checkpoint
 
 from .conftest import SMALL
 from .test_hostile_inputs import TRICKY_PATHS

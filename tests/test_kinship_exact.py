@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kinship_service.exact import exact_kinship
-from kinship_service.sources import LocalPath, resolve
-from kinship_service.streaming import ReadStats
-from kinship_service.synthetic import LlamaShape, make_base, make_family, save_checkpoint
+from kinship_service.checkpoints.sources import LocalPath, resolve
+from kinship_service.checkpoints.streaming import ReadStats
+from kinship_service.checkpoints.synthetic import LlamaShape, make_base, make_family, save_checkpoint
+from kinship_service.kinship.exact import exact_kinship
 
 from .conftest import SMALL
 
@@ -57,7 +57,7 @@ def assert_close(result_pairs, expected) -> None:
     for pair in result_pairs:
         exp = expected[(pair.first, pair.second)]
         got = (pair.values.pcc, pair.values.cosine, pair.values.euclidean)
-        for g, e, metric in zip(got, exp, ("pcc", "cosine", "euclidean")):
+        for g, e, metric in zip(got, exp, ("pcc", "cosine", "euclidean"), strict=False):
             assert math.isclose(g, e, rel_tol=REL, abs_tol=0.0), f"{metric} of {pair.first},{pair.second}: {g!r} vs {e!r}"
 
 

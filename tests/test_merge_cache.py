@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from safetensors.torch import load_file
 
-from kinship_service.synthetic import make_base, make_family, save_checkpoint
+from kinship_service.checkpoints.synthetic import make_base, make_family, save_checkpoint
 
 from .conftest import SMALL
 

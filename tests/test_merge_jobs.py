@@ -13,8 +13,8 @@ import os
 import resource
 import signal
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import grpc
 import numpy as np
@@ -25,8 +25,8 @@ from safetensors import safe_open
 from kinship_client import KinshipClient
 from kinship_client.client import KinshipRpcError
 from kinship_client.merge import MergeJobInfo
-from kinship_service.server import RunningServer
-from kinship_service.synthetic import LlamaShape, make_base, make_family, save_checkpoint
+from kinship_service.checkpoints.synthetic import LlamaShape, make_base, make_family, save_checkpoint
+from kinship_service.server.main import RunningServer
 
 from .server_process import launch
 

@@ -8,7 +8,7 @@ import pytest
 
 from kinship_client import KinshipRpcError
 from kinship_client.population import Member
-from kinship_service.synthetic import make_base, make_family, save_checkpoint
+from kinship_service.checkpoints.synthetic import make_base, make_family, save_checkpoint
 
 from .conftest import SMALL
 

@@ -1,4 +1,4 @@
-"""Pure logic of RankCandidates and ShouldStop (kinship_service.recommend), on the paper's own numbers.
+"""Pure logic of RankCandidates and ShouldStop (kinship_service.guidance.recommend), on the paper's own numbers.
 
 No gRPC and no checkpoints: kinship values are given as numbers.
 """
@@ -9,9 +9,9 @@ import math
 
 import pytest
 
-from kinship_service import recommend
 from kinship_service.errors import InvalidArgument
-from kinship_service.recommend import Member, pair_key
+from kinship_service.guidance import recommend
+from kinship_service.guidance.recommend import Member, pair_key
 
 # Hu et al., "Exploring Model Kinship for Merging Large Language Models" (arXiv 2410.12613),
 # Table 2, "Greedy Strategy" (Mistral-7B; Avg. = average task performance; Kinship = PCC

@@ -18,9 +18,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from .conftest import SMALL
 from kinship_client import KinshipRpcError, Member
-from kinship_service.synthetic import make_base, save_checkpoint
+from kinship_service.checkpoints.synthetic import make_base, save_checkpoint
+
+from .conftest import SMALL
 
 pytestmark = pytest.mark.both_layouts  # each server test also runs through the front (conftest)
 
@@ -32,7 +33,7 @@ def make_grouped(
     generator = torch.Generator().manual_seed(seed)
     common = {k: torch.randn(v.shape, generator=generator) for k, v in base.items()}
     models = {}
-    for group_name, names in groups.items():
+    for _group_name, names in groups.items():
         direction = {k: torch.randn(v.shape, generator=generator) for k, v in base.items()}
         for name in names:
             models[name] = {

@@ -12,9 +12,8 @@ from grpc_status import rpc_status
 
 from kinship_client import KinshipClient, KinshipRpcError
 from kinship_client.v1 import common_pb2, kinship_pb2, service_pb2_grpc
-from kinship_service import metrics
-from kinship_service.synthetic import LlamaShape, make_base, make_family, save_checkpoint
-
+from kinship_service.checkpoints.synthetic import LlamaShape, make_base, make_family, save_checkpoint
+from kinship_service.server import metrics
 
 pytestmark = pytest.mark.both_layouts  # each server test also runs through the front (conftest)
 

@@ -20,9 +20,9 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from kinship_client import KinshipClient
 from kinship_client.client import KinshipRpcError
 from kinship_client.v1 import kinship_pb2, service_pb2_grpc
-from kinship_service import metrics
 from kinship_service.config import ConfigError, Settings
-from kinship_service.server import serve
+from kinship_service.server import metrics
+from kinship_service.server.main import serve
 
 x509 = pytest.importorskip("cryptography.x509", reason="pip install cryptography (test extra) for the TLS tests")
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
@@ -307,7 +307,7 @@ def test_mutual_tls(server_factory, family, pki):
 
 
 def test_healthcheck_module(server_factory, pki, capsys):
-    from kinship_service import healthcheck
+    from kinship_service.server import healthcheck
 
     running = server_factory()
     assert healthcheck.main(["--address", running.address]) == 0

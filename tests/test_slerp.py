@@ -17,9 +17,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from kinship_service.checkpoints.sources import LocalPath, resolve
+from kinship_service.checkpoints.synthetic import LlamaShape, make_base, save_checkpoint
 from kinship_service.errors import InvalidArgument
-from kinship_service.merge_writer import MergeRunner, MergeSettings, ModelCard
-from kinship_service.slerp import (
+from kinship_service.merge.slerp import (
     FactorEntry,
     InterpolationSpec,
     SlerpStats,
@@ -28,8 +29,7 @@ from kinship_service.slerp import (
     resolve_t,
     slerp,
 )
-from kinship_service.sources import LocalPath, resolve
-from kinship_service.synthetic import LlamaShape, make_base, save_checkpoint
+from kinship_service.merge.writer import MergeRunner, MergeSettings, ModelCard
 
 
 def ref_slerp(a: np.ndarray, b: np.ndarray, t: float) -> tuple[np.ndarray, bool]:

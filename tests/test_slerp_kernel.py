@@ -21,11 +21,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from kinship_service import slerp_kernel
-from kinship_service.merge_writer import MergeRunner, MergeSettings, ModelCard
-from kinship_service.slerp import Coefficients, FactorEntry, InterpolationSpec, slerp_coefficients
-from kinship_service.sources import LocalPath, resolve
-from kinship_service.synthetic import LlamaShape, make_base, save_checkpoint
+from kinship_service.checkpoints.sources import LocalPath, resolve
+from kinship_service.checkpoints.synthetic import LlamaShape, make_base, save_checkpoint
+from kinship_service.merge import slerp_kernel
+from kinship_service.merge.slerp import Coefficients, FactorEntry, InterpolationSpec, slerp_coefficients
+from kinship_service.merge.writer import MergeRunner, MergeSettings, ModelCard
 
 pytestmark = pytest.mark.skipif(not slerp_kernel.available(), reason="numba is not installed: the merge uses torch")
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from kinship_service.checkpoints.sources import HubRepo, LocalPath, resolve, resolve_with_stats
+from kinship_service.checkpoints.streaming import CheckpointReader
+from kinship_service.checkpoints.synthetic import make_base, make_family, save_checkpoint
 from kinship_service.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
-from kinship_service.sources import HubRepo, LocalPath, resolve, resolve_with_stats
-from kinship_service.streaming import CheckpointReader
-from kinship_service.synthetic import make_base, make_family, save_checkpoint
 
 from .conftest import SMALL
 
@@ -218,7 +218,7 @@ def test_stats_from_resolution_are_the_files_stats(model_root):
     sharded = save_checkpoint(make_base(SMALL, seed=34), model_root / "sharded", shards=2)
     checkpoint, stats = resolve_with_stats(LocalPath(str(sharded)), [model_root])
     assert len(stats) == len(checkpoint.files) == 2
-    for file, st in zip(checkpoint.files, stats):
+    for file, st in zip(checkpoint.files, stats, strict=False):
         assert st is not None
         now = os.stat(file)
         assert (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) == (now.st_ino, now.st_size, now.st_mtime_ns, now.st_ctime_ns)

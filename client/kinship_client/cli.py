@@ -17,8 +17,9 @@ import json
 import math
 import os
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from .client import KinshipClient, KinshipResult, KinshipRpcError
 from .merge_cli import add_merge_commands
@@ -145,7 +146,7 @@ def format_matrix(matrix: KinshipMatrix) -> list[str]:
     """A kinship matrix as aligned text rows."""
     width = max([len(n) for n in matrix.names] + [9])
     lines = [f"kinship matrix ({matrix.metric}):", " " * width + "  " + "  ".join(n.rjust(width) for n in matrix.names)]
-    for name, row in zip(matrix.names, matrix.values):
+    for name, row in zip(matrix.names, matrix.values, strict=False):
         lines.append(name.ljust(width) + "  " + "  ".join(_fmt(v, width) for v in row))
     return lines
 

@@ -14,18 +14,17 @@ request field at fault.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence, Union
+from typing import Any
 
 import grpc
 
-from .v1 import common_pb2, kinship_pb2, service_pb2_grpc
 from .merge import MergeJobInfo, MergeOperation, TLike, dtype_value, interpolation_factor, iter_watch, state_value
-from .v1 import merge_pb2
-from .v1 import recommend_pb2
 from .population import AGGREGATIONS, METRICS, KnownKinshipLike, Member, RankResult, StopResult, known_kinship_triples
+from .v1 import common_pb2, kinship_pb2, merge_pb2, recommend_pb2, service_pb2_grpc
 
-CheckpointLike = Union[str, common_pb2.CheckpointRef]
+CheckpointLike = str | common_pb2.CheckpointRef
 
 DEFAULT_TIMEOUT = 600.0
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 2**20
@@ -54,7 +53,7 @@ class KinshipRpcError(Exception):
         self.retry_after = retry_after
 
     @classmethod
-    def from_rpc_error(cls, error: grpc.RpcError) -> "KinshipRpcError":
+    def from_rpc_error(cls, error: grpc.RpcError) -> KinshipRpcError:
         code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
         message = error.details() if hasattr(error, "details") else str(error)
         reason, field_name, retry_after = _rich_details(error)
@@ -122,7 +121,7 @@ class Values:
     euclidean: float
 
     @classmethod
-    def from_proto(cls, message: common_pb2.KinshipValues) -> "Values":
+    def from_proto(cls, message: common_pb2.KinshipValues) -> Values:
         return cls(message.pcc, message.cosine, message.euclidean)
 
 
@@ -234,7 +233,7 @@ class KinshipClient:
         self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
         self.stub = service_pb2_grpc.KinshipServiceStub(self._channel)
 
-    def __enter__(self) -> "KinshipClient":
+    def __enter__(self) -> KinshipClient:
         return self
 
     def __exit__(self, *exc: Any) -> None:

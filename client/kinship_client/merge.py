@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -24,7 +25,7 @@ from .v1 import merge_pb2
 if TYPE_CHECKING:
     from .client import KinshipClient
 
-TLike = Union[float, int, Sequence[float], Sequence[Mapping[str, Any]], merge_pb2.InterpolationFactor]
+TLike = float | int | Sequence[float] | Sequence[Mapping[str, Any]] | merge_pb2.InterpolationFactor
 
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
@@ -43,7 +44,7 @@ def _state_name(value: int) -> str:
     return merge_pb2.MergeJobState.Name(value).removeprefix("MERGE_JOB_STATE_").lower()
 
 
-def state_value(name: Optional[str]) -> int:
+def state_value(name: str | None) -> int:
     """`"running"` -> MERGE_JOB_STATE_RUNNING; None -> unspecified (all)."""
     if name is None:
         return merge_pb2.MERGE_JOB_STATE_UNSPECIFIED
@@ -52,7 +53,7 @@ def state_value(name: Optional[str]) -> int:
     return merge_pb2.MergeJobState.Value("MERGE_JOB_STATE_" + name.upper())
 
 
-def dtype_value(name: Optional[str]) -> int:
+def dtype_value(name: str | None) -> int:
     key = name.lower().removeprefix("torch.") if name else None
     if key not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}; use bfloat16, float16 or float32")
@@ -111,12 +112,12 @@ class MergeJobInfo:
     bytes_done: int
     bytes_total: int
     eta_seconds: float
-    error: Optional[MergeError]
+    error: MergeError | None
     request_id: str
     raw: merge_pb2.MergeJob = field(repr=False)
 
     @classmethod
-    def from_proto(cls, job: merge_pb2.MergeJob) -> "MergeJobInfo":
+    def from_proto(cls, job: merge_pb2.MergeJob) -> MergeJobInfo:
         error = None
         if job.HasField("error") and job.error.code:
             code = next((c.name for c in grpc.StatusCode if c.value[0] == job.error.code), str(job.error.code))
@@ -150,12 +151,12 @@ class MergeJobInfo:
 class MergeOperation:
     """A started merge: `job_id`, `info` (as started) and `wait()` that follows WatchMergeJob."""
 
-    def __init__(self, client: "KinshipClient", info: MergeJobInfo) -> None:
+    def __init__(self, client: KinshipClient, info: MergeJobInfo) -> None:
         self._client = client
         self.info = info
         self.job_id = info.job_id
 
-    def wait(self, timeout: Optional[float] = None, on_progress: Optional[Callable[[MergeJobInfo], None]] = None) -> MergeJobInfo:
+    def wait(self, timeout: float | None = None, on_progress: Callable[[MergeJobInfo], None] | None = None) -> MergeJobInfo:
         """Block until the job ends and return its final info (check `.state`; failures do not raise).
 
         Follows the WatchMergeJob stream (reconnecting if it breaks); `on_progress` gets every

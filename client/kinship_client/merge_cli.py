@@ -18,8 +18,9 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 from .client import KinshipClient
 from .merge import STATES, MergeJobInfo, TLike, format_bytes, format_eta
@@ -100,7 +101,7 @@ def _finish(info: MergeJobInfo, as_json: bool) -> int:
     return 0 if info.state == "succeeded" else 1
 
 
-def _follow(client: KinshipClient, job_id: str, args: argparse.Namespace, op_wait: Optional[Callable[..., MergeJobInfo]] = None) -> int:
+def _follow(client: KinshipClient, job_id: str, args: argparse.Namespace, op_wait: Callable[..., MergeJobInfo] | None = None) -> int:
     bar = ProgressBar() if not args.quiet else None
     try:
         if op_wait is None:

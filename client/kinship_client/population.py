@@ -18,16 +18,17 @@ Only grpcio and protobuf are needed (PyYAML is optional).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence, Union
+from typing import Any
 
 from .v1 import common_pb2, recommend_pb2
 
 METRICS = {"pcc": common_pb2.METRIC_PCC, "cosine": common_pb2.METRIC_COSINE, "euclidean": common_pb2.METRIC_EUCLIDEAN}
 AGGREGATIONS = {"mean": recommend_pb2.AGGREGATION_MEAN, "min": recommend_pb2.AGGREGATION_MIN, "max": recommend_pb2.AGGREGATION_MAX}
 
-KnownKinshipLike = Union[Mapping[tuple[str, str], float], Iterable[tuple[str, str, float]]]
+KnownKinshipLike = Mapping[tuple[str, str], float] | Iterable[tuple[str, str, float]]
 """Kinship values already known: `{(a, b): value}` or `[(a, b, value), ...]`."""
 
 
@@ -77,7 +78,7 @@ class KinshipMatrix:
         return self.values[self.names.index(a)][self.names.index(b)]
 
     @classmethod
-    def from_proto(cls, message: recommend_pb2.KinshipMatrix) -> "KinshipMatrix":
+    def from_proto(cls, message: recommend_pb2.KinshipMatrix) -> KinshipMatrix:
         n = len(message.names)
         flat = list(message.values)
         return cls(
@@ -96,7 +97,7 @@ class MemberGain:
     generation: int | None
 
     @classmethod
-    def from_proto(cls, message: recommend_pb2.MemberGain) -> "MemberGain":
+    def from_proto(cls, message: recommend_pb2.MemberGain) -> MemberGain:
         return cls(message.name, message.gain, message.generation if message.HasField("generation") else None)
 
 
@@ -112,7 +113,7 @@ class Recommendation:
     reason: str
 
     @classmethod
-    def from_proto(cls, message: recommend_pb2.Recommendation) -> "Recommendation":
+    def from_proto(cls, message: recommend_pb2.Recommendation) -> Recommendation:
         return cls(
             message.pair.first,
             message.pair.second,
@@ -145,7 +146,7 @@ class RankResult:
         return next((r for r in self.recommendations if r.kind == "exploration"), None)
 
     @classmethod
-    def from_proto(cls, message: recommend_pb2.RankCandidatesResponse) -> "RankResult":
+    def from_proto(cls, message: recommend_pb2.RankCandidatesResponse) -> RankResult:
         return cls(
             recommendations=[Recommendation.from_proto(r) for r in message.recommendations],
             top_k=list(message.top_k),
@@ -172,7 +173,7 @@ class StopResult:
     raw: recommend_pb2.ShouldStopResponse = field(repr=False)
 
     @classmethod
-    def from_proto(cls, message: recommend_pb2.ShouldStopResponse) -> "StopResult":
+    def from_proto(cls, message: recommend_pb2.ShouldStopResponse) -> StopResult:
         return cls(
             stop=message.stop,
             reasons=[_enum_name(recommend_pb2.StopReason, r, "STOP_REASON_") for r in message.reasons],

@@ -1,0 +1,801 @@
+"""Merge jobs: a persistent registry and a bounded worker pool.
+
+`MergeJobManager` accepts merge requests (idempotent by request id), runs at most
+`KINSHIP_MAX_MERGE_JOBS` at once with at most `KINSHIP_MAX_QUEUED_MERGE_JOBS` waiting (beyond that
+RESOURCE_EXHAUSTED with a retry hint), and lets callers get, list (paginated, newest first),
+cancel and watch them.
+
+The registry lives in SQLite (stdlib `sqlite3`, WAL mode) under `KINSHIP_CACHE_DIR/jobs`. We chose
+it over `diskcache.Index` because listing needs ordered, filtered range queries (newest first,
+by state, resumable from a page token) and idempotency needs a unique index on the request id
+checked atomically across processes; SQLite gives both in one transaction and survives crashes
+(WAL, synchronous=FULL on every state change).
+
+Each job row records its owner (host, pid and a per-start nonce) and a heartbeat. On start-up, and
+periodically, jobs still QUEUED or RUNNING whose owner is gone (same host and the process is dead,
+or no heartbeat for `STALE_SECONDS`) become FAILED with reason SERVER_RESTARTED and their temporary
+directories are removed: a job is never silently lost, and never looks finished when it is not.
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import json
+import logging
+import os
+import socket
+import sqlite3
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from kinship_service.checkpoints.sources import CheckpointSpec, HubRepo, LocalPath, describe, resolve
+from kinship_service.config import Settings
+from kinship_service.errors import (
+    AlreadyExists,
+    Cancelled,
+    FailedPrecondition,
+    InvalidArgument,
+    KinshipError,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+    status_code_number,
+)
+from kinship_service.merge.slerp import InterpolationSpec
+from kinship_service.merge.writer import (
+    MergeRunner,
+    MergeSettings,
+    ModelCard,
+    Progress,
+    TensorObserver,
+    remove_tree,
+    resolve_output_dir,
+    temp_dir_for,
+)
+
+log = logging.getLogger("kinship.jobs")
+
+QUEUED = "QUEUED"
+RUNNING = "RUNNING"
+SUCCEEDED = "SUCCEEDED"
+FAILED = "FAILED"
+CANCELLED = "CANCELLED"
+ACTIVE = (QUEUED, RUNNING)
+FINAL = (SUCCEEDED, FAILED, CANCELLED)
+STATES = ACTIVE + FINAL
+
+STALE_SECONDS = 120.0
+"""A job whose owner has not written a heartbeat for this long is considered abandoned."""
+HEARTBEAT_SECONDS = 10.0
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+_NOTIFY_SECONDS = 0.2
+_PERSIST_SECONDS = 2.0
+
+_LIVE_OWNERS: set[str] = set()
+"""Owners (managers) alive in this process, so a second manager on one directory spares them."""
+
+
+# --------------------------------------------------------------------------------------------
+# Domain records
+# --------------------------------------------------------------------------------------------
+
+
+def _spec_to_json(spec: CheckpointSpec) -> dict[str, str]:
+    if isinstance(spec, HubRepo):
+        return {"hub": spec.repo_id, "revision": spec.revision}
+    return {"path": spec.path}
+
+
+def _spec_from_json(data: dict[str, str]) -> CheckpointSpec:
+    if "hub" in data:
+        return HubRepo(data["hub"], data.get("revision", ""))
+    return LocalPath(data["path"])
+
+
+@dataclass(frozen=True)
+class MergeRequest:
+    """A validated StartMerge request, in domain terms."""
+
+    model_a: CheckpointSpec
+    model_b: CheckpointSpec
+    t: InterpolationSpec
+    output_path: str
+    request_id: str = ""
+    out_dtype: str | None = None
+    compute_cast: str | None = None
+    max_shard_bytes: int = 0
+    leading_slice: bool = False
+    overwrite: bool = False
+    num_layers: int | None = None
+    base: CheckpointSpec | None = None
+    """When set, the output is registered against this base before the job succeeds."""
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["model_a"] = _spec_to_json(self.model_a)
+        data["model_b"] = _spec_to_json(self.model_b)
+        data["t"] = self.t.to_json()
+        data["base"] = _spec_to_json(self.base) if self.base is not None else None
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> MergeRequest:
+        values = dict(data)
+        values["model_a"] = _spec_from_json(values["model_a"])
+        values["model_b"] = _spec_from_json(values["model_b"])
+        values["t"] = InterpolationSpec.from_json(values["t"])
+        values["base"] = _spec_from_json(values["base"]) if values.get("base") else None
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class JobError:
+    code: int
+    """google.rpc.Code number."""
+    message: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """A snapshot of one job."""
+
+    job_id: str
+    request: MergeRequest
+    state: str
+    output_dir: str
+    tmp_dir: str
+    create_time: float
+    start_time: float | None = None
+    end_time: float | None = None
+    tensors_done: int = 0
+    tensors_total: int = 0
+    bytes_done: int = 0
+    bytes_total: int = 0
+    eta_seconds: float = 0.0
+    error: JobError | None = None
+    owner: str = ""
+    version: int = 0
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["request"] = self.request.to_json()
+        data.pop("version")
+        return json.dumps(data)
+
+    @classmethod
+    def from_json(cls, text: str) -> JobRecord:
+        data = json.loads(text)
+        data["request"] = MergeRequest.from_json(data["request"])
+        data["error"] = JobError(**data["error"]) if data.get("error") else None
+        return cls(**data)
+
+
+def model_spec_from_name(name: str, allowed_roots: tuple[Path, ...]) -> CheckpointSpec:
+    """A mergekit model name: a local path when it is absolute or exists under an allowed root, else a Hub repo id."""
+    if not name or "\x00" in name:
+        raise InvalidArgument(f"model name {name!r} in mergekit_yaml is empty or holds a NUL byte", field="mergekit_yaml")
+    if name.startswith(("/", "./", "../", "~")):
+        return LocalPath(name)
+    for root in allowed_roots:
+        candidate = Path(os.path.realpath(Path(root) / name))
+        # Only look inside the root: existence elsewhere must not be probed through this name.
+        if candidate.is_relative_to(os.path.realpath(root)) and candidate.exists():
+            return LocalPath(str(candidate))
+    repo, _, revision = name.partition("@")
+    return HubRepo(repo, revision)
+
+
+def _error_from_os(exc: OSError) -> JobError:
+    where = f" ({exc.filename})" if exc.filename else ""
+    text = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return JobError(
+            status_code_number(grpc.StatusCode.RESOURCE_EXHAUSTED),
+            f"the disk is full while writing the merge{where}: {text}; no output was left behind; free space and start it again",
+            "DISK_FULL",
+        )
+    if exc.errno == errno.EFBIG:
+        return JobError(
+            status_code_number(grpc.StatusCode.RESOURCE_EXHAUSTED),
+            f"a file grew beyond the allowed size while writing the merge{where}: {text}; no output was left behind; "
+            "lower max_shard_bytes or raise the file-size limit and start it again",
+            "FILE_TOO_LARGE",
+        )
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return JobError(
+            status_code_number(grpc.StatusCode.PERMISSION_DENIED),
+            f"the output location is not writable{where}: {text}; fix the permissions of KINSHIP_OUTPUT_ROOT and start it again",
+            "OUTPUT_NOT_WRITABLE",
+        )
+    return JobError(
+        status_code_number(grpc.StatusCode.UNAVAILABLE),
+        f"an I/O error stopped the merge{where}: {text}; no output was left behind; start it again",
+        "IO_ERROR",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The store
+# --------------------------------------------------------------------------------------------
+
+
+class _Store:
+    """The SQLite table of jobs. One connection guarded by a lock (threads share it)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(path), check_same_thread=False, timeout=30.0, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(
+            """
+            CREATE TABLE IF NOT EXISTS jobs (
+                seq INTEGER PRIMARY KEY AUTOINCREMENT,
+                job_id TEXT NOT NULL UNIQUE,
+                request_id TEXT NOT NULL,
+                state TEXT NOT NULL,
+                owner TEXT NOT NULL,
+                heartbeat REAL NOT NULL,
+                record TEXT NOT NULL
+            );
+            CREATE UNIQUE INDEX IF NOT EXISTS jobs_request_id ON jobs(request_id) WHERE request_id != '';
+            CREATE INDEX IF NOT EXISTS jobs_state_seq ON jobs(state, seq);
+            """
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def insert(self, record: JobRecord) -> JobRecord | None:
+        """Insert; on a request-id clash return the existing record instead."""
+        with self._lock:
+            try:
+                self._db.execute(
+                    "INSERT INTO jobs(job_id, request_id, state, owner, heartbeat, record) VALUES (?, ?, ?, ?, ?, ?)",
+                    (record.job_id, record.request_id, record.state, record.owner, time.time(), record.to_json()),
+                )
+                return None
+            except sqlite3.IntegrityError:
+                row = self._db.execute("SELECT record FROM jobs WHERE request_id = ?", (record.request_id,)).fetchone()
+                if row is None:
+                    raise
+                return JobRecord.from_json(row[0])
+
+    def save(self, record: JobRecord) -> None:
+        with self._lock:
+            self._db.execute(
+                "UPDATE jobs SET state = ?, heartbeat = ?, record = ? WHERE job_id = ?",
+                (record.state, time.time(), record.to_json(), record.job_id),
+            )
+
+    def get(self, job_id: str) -> JobRecord | None:
+        with self._lock:
+            row = self._db.execute("SELECT record FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        return JobRecord.from_json(row[0]) if row else None
+
+    def by_request_id(self, request_id: str) -> JobRecord | None:
+        with self._lock:
+            row = self._db.execute("SELECT record FROM jobs WHERE request_id = ?", (request_id,)).fetchone()
+        return JobRecord.from_json(row[0]) if row else None
+
+    def page(self, before_seq: int | None, state: str | None, limit: int) -> list[tuple[int, JobRecord]]:
+        query = "SELECT seq, record FROM jobs WHERE 1 = 1"
+        args: list[Any] = []
+        if before_seq is not None:
+            query += " AND seq < ?"
+            args.append(before_seq)
+        if state is not None:
+            query += " AND state = ?"
+            args.append(state)
+        query += " ORDER BY seq DESC LIMIT ?"
+        args.append(limit)
+        with self._lock:
+            rows = self._db.execute(query, args).fetchall()
+        return [(seq, JobRecord.from_json(text)) for seq, text in rows]
+
+    def active_rows(self) -> list[tuple[str, float, JobRecord]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT owner, heartbeat, record FROM jobs WHERE state IN (?, ?)", ACTIVE
+            ).fetchall()
+        return [(owner, heartbeat, JobRecord.from_json(text)) for owner, heartbeat, text in rows]
+
+    def heartbeat(self, owner: str) -> None:
+        with self._lock:
+            self._db.execute("UPDATE jobs SET heartbeat = ? WHERE owner = ? AND state IN (?, ?)", (time.time(), owner, *ACTIVE))
+
+
+# --------------------------------------------------------------------------------------------
+# The manager
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Live:
+    """A job this process owns and has not finished."""
+
+    record: JobRecord
+    cancel: threading.Event = field(default_factory=threading.Event)
+    shutdown: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
+    last_notify: float = 0.0
+    last_persist: float = 0.0
+
+
+def _owner_alive(owner: str, me: str) -> bool:
+    """Whether the process that owns a job row may still be working on it."""
+    if owner in _LIVE_OWNERS:
+        return True
+    try:
+        host, pid_text, _nonce = owner.rsplit(":", 2)
+        pid = int(pid_text)
+    except ValueError:
+        return False
+    my_host, my_pid, _ = me.rsplit(":", 2)
+    if host != my_host:
+        return True  # another machine: only the heartbeat can tell
+    if pid == int(my_pid):
+        return False  # our pid, but not a live manager here: an earlier incarnation
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class MergeJobManager:
+    """Runs SLERP merge jobs; see the module docstring."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.tensor_observer_factory: Callable[[JobRecord], TensorObserver | None] | None = None
+        """Set by the server wiring to observe every output tensor of a job (e.g. the fingerprint cache)."""
+        self.output_registrar: Callable[[CheckpointSpec, CheckpointSpec], None] | None = None
+        """Set by the server wiring: `registrar(output, base)` caches a finished output's fingerprint and delta."""
+        self._store: _Store | None = None
+        self._cond = threading.Condition()
+        self._live: dict[str, _Live] = {}
+        self._queue: deque[str] = deque()
+        self._running = 0
+        self._closing = False
+        self._threads: list[threading.Thread] = []
+        self._stop = threading.Event()
+
+    def _register_output(self, live: _Live, base: CheckpointSpec) -> None:
+        """Cache the finished output's fingerprint and delta; a failure here does not fail the merge.
+
+        The output was just written, so this pass reads it from the page cache, not the disk.
+        """
+        assert self.output_registrar is not None
+        try:
+            self.output_registrar(LocalPath(live.record.output_dir), base)
+        except Exception as exc:  # noqa: BLE001 - the merged model is complete and valid either way
+            log.warning(
+                "merged model not registered in the cache",
+                extra={"job_id": live.record.job_id, "error": str(exc)},
+            )
+
+    # -- life cycle ----------------------------------------------------------------------------
+    @property
+    def store(self) -> _Store:
+        if self._store is None:
+            raise Unavailable(
+                f"merge jobs are unavailable: the job registry under {self.settings.cache_dir}/jobs could not be "
+                "opened (see the server log); fix KINSHIP_CACHE_DIR and restart",
+                reason="JOBS_UNAVAILABLE",
+            )
+        return self._store
+
+    def start(self) -> None:
+        """Open the registry, fail jobs abandoned by a dead server, start the workers."""
+        if self._store is not None:
+            return
+        path = Path(self.settings.cache_dir) / "jobs" / "jobs.sqlite3"
+        try:
+            self._store = _Store(path)
+        except (OSError, sqlite3.Error) as exc:
+            # The rest of the service still works; merge RPCs answer UNAVAILABLE saying why.
+            log.error("merge jobs disabled: cannot open the job registry %s: %s", path, exc)
+            return
+        _LIVE_OWNERS.add(self.owner)
+        self._recover(startup=True)
+        for i in range(self.settings.max_merge_jobs):
+            thread = threading.Thread(target=self._worker, name=f"merge-{i}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        beat = threading.Thread(target=self._heartbeat_loop, name="merge-heartbeat", daemon=True)
+        beat.start()
+        self._threads.append(beat)
+
+    def shutdown(self, grace: float = 0.0) -> None:
+        """Stop: queued jobs fail now, running ones get `grace` seconds to finish, then are stopped."""
+        with self._cond:
+            if self._closing or self._store is None:
+                return
+            self._closing = True
+            queued = [self._live[j] for j in self._queue if j in self._live]
+            self._queue.clear()
+        error = JobError(
+            status_code_number(grpc.StatusCode.UNAVAILABLE),
+            "the server shut down before this job ran; start it again",
+            "SERVER_SHUTDOWN",
+        )
+        for live in queued:
+            self._finish(live, FAILED, error)
+        deadline = time.monotonic() + grace
+        running = [live for live in list(self._live.values()) if live.record.state == RUNNING]
+        for live in running:
+            live.done.wait(max(0.0, deadline - time.monotonic()))
+        for live in running:
+            live.shutdown.set()
+        for live in running:
+            live.done.wait(60.0)
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        for thread in self._threads:
+            thread.join(timeout=5.0)
+        _LIVE_OWNERS.discard(self.owner)
+        self.store.close()
+        self._store = None
+
+    def _recover(self, startup: bool) -> None:
+        now = time.time()
+        for owner, heartbeat, record in self.store.active_rows():
+            if owner == self.owner:
+                continue
+            stale = now - heartbeat > STALE_SECONDS
+            if _owner_alive(owner, self.owner) and not stale:
+                continue
+            remove_tree(Path(record.tmp_dir))
+            failed = replace(
+                record,
+                state=FAILED,
+                end_time=now,
+                eta_seconds=0.0,
+                error=JobError(
+                    status_code_number(grpc.StatusCode.ABORTED),
+                    f"the server stopped (crash, kill or restart) while this job was {record.state.lower()}; "
+                    "its partial output was removed; start the merge again",
+                    "SERVER_RESTARTED",
+                ),
+            )
+            self.store.save(failed)
+            log.warning("merge job abandoned by a stopped server marked failed", extra={"job_id": record.job_id, "owner": owner})
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stop.wait(HEARTBEAT_SECONDS):
+            try:
+                self.store.heartbeat(self.owner)
+                self._recover(startup=False)
+            except Exception:  # noqa: BLE001 - keep beating; the next round retries
+                log.exception("merge job heartbeat failed")
+
+    # -- requests ------------------------------------------------------------------------------
+    def submit(self, request: MergeRequest) -> JobRecord:
+        """Queue a merge; the same request_id returns the existing job (ALREADY_EXISTS if the request differs)."""
+        roots = self.settings.allowed_roots
+        if request.request_id:
+            existing = self.store.by_request_id(request.request_id)
+            if existing is not None:
+                return self._same_request(existing, request)
+        for spec, name in ((request.model_a, "model_a"), (request.model_b, "model_b")):
+            if isinstance(spec, LocalPath):
+                resolve(spec, roots, name)  # NOT_FOUND / PERMISSION_DENIED now, not later in the job
+        root = Path(self.settings.output_root)
+        root.mkdir(parents=True, exist_ok=True)
+        final_dir = resolve_output_dir(root, request.output_path)
+        if final_dir.exists() and not request.overwrite:
+            raise AlreadyExists(
+                f"output {request.output_path} already exists under the output root; choose another path or set overwrite",
+                reason="OUTPUT_EXISTS",
+                field="output_path",
+            )
+        job_id = uuid.uuid4().hex
+        record = JobRecord(
+            job_id=job_id,
+            request=request,
+            state=QUEUED,
+            output_dir=str(final_dir),
+            tmp_dir=str(temp_dir_for(final_dir, job_id)),
+            create_time=time.time(),
+            owner=self.owner,
+        )
+        with self._cond:
+            if self._closing:
+                raise Unavailable("the server is shutting down; retry on another replica", reason="SHUTTING_DOWN")
+            for live in self._live.values():
+                if live.record.output_dir == record.output_dir:
+                    raise FailedPrecondition(
+                        f"job {live.record.job_id} is already writing {request.output_path}; wait for it or choose another path",
+                        reason="OUTPUT_BUSY",
+                        field="output_path",
+                    )
+            capacity = self.settings.max_merge_jobs + self.settings.max_queued_merge_jobs
+            if len(self._queue) + self._running >= capacity:
+                raise ResourceExhausted(
+                    f"{self._running} merge jobs are running and {len(self._queue)} are queued (the limit); retry later",
+                    reason="MERGE_QUEUE_FULL",
+                    retry_after_seconds=self._retry_hint(),
+                )
+            clash = self.store.insert(record)
+            if clash is not None:
+                return self._same_request(clash, request)
+            self._live[job_id] = _Live(record)
+            self._queue.append(job_id)
+            self._cond.notify_all()
+        log.info("merge job queued", extra={"job_id": job_id, "output": record.output_dir})
+        return record
+
+    @staticmethod
+    def _same_request(existing: JobRecord, request: MergeRequest) -> JobRecord:
+        if existing.request.to_json() != request.to_json():
+            raise AlreadyExists(
+                f"request_id {request.request_id!r} was already used for a different merge (job {existing.job_id}); "
+                "use a new request_id",
+                reason="REQUEST_ID_REUSED",
+                field="request_id",
+            )
+        return existing
+
+    def _retry_hint(self) -> float:
+        etas = [l.record.eta_seconds for l in self._live.values() if l.record.state == RUNNING and l.record.eta_seconds > 0]
+        return float(min(etas)) if etas else 30.0
+
+    def get(self, job_id: str) -> JobRecord:
+        if not job_id:
+            raise InvalidArgument("job_id is required", field="job_id")
+        with self._cond:
+            live = self._live.get(job_id)
+            if live is not None:
+                return live.record
+        record = self.store.get(job_id)
+        if record is None:
+            raise NotFound(f"no merge job {job_id}", reason="JOB_NOT_FOUND", field="job_id")
+        return record
+
+    def list(self, page_size: int, page_token: str, state: str | None) -> tuple[list[JobRecord], str]:
+        """Jobs newest first; `page_token` from a previous call continues after its last job."""
+        if page_size < 0:
+            raise InvalidArgument("page_size must be >= 0", field="page_size")
+        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        before: int | None = None
+        if page_token:
+            try:
+                token = json.loads(base64.urlsafe_b64decode(page_token.encode()))
+                before = int(token["before"])
+                token_state = token.get("state")
+                if not 0 <= before < 2**63:  # SQLite integers; a forged token must not reach the query
+                    raise ValueError("before out of range")
+            except (ValueError, KeyError, TypeError, OverflowError, AttributeError):
+                raise InvalidArgument("page_token is not a token from ListMergeJobs", field="page_token") from None
+            if token_state != state:
+                raise InvalidArgument("page_token belongs to a listing with another state filter", field="page_token")
+        rows = self.store.page(before, state, size + 1)
+        more = len(rows) > size
+        rows = rows[:size]
+        with self._cond:
+            records = [self._live[r.job_id].record if r.job_id in self._live else r for _, r in rows]
+        next_token = ""
+        if more and rows:
+            next_token = base64.urlsafe_b64encode(json.dumps({"before": rows[-1][0], "state": state}).encode()).decode()
+        return records, next_token
+
+    def cancel(self, job_id: str, wait_seconds: float = 30.0) -> JobRecord:
+        """Cancel a job; returns it CANCELLED, or in its final state when it had already ended."""
+        record = self.get(job_id)
+        with self._cond:
+            live = self._live.get(job_id)
+            if live is None:
+                if record.state in ACTIVE:
+                    raise FailedPrecondition(
+                        f"job {job_id} runs on another server process ({record.owner}); cancel it there",
+                        reason="JOB_NOT_OWNED",
+                    )
+                return record
+            live.cancel.set()
+            queued = live.record.state == QUEUED
+            if queued and job_id in self._queue:
+                self._queue.remove(job_id)
+        if queued:
+            self._finish(live, CANCELLED, None)
+        else:
+            live.done.wait(wait_seconds)
+        return self.get(job_id)
+
+    def watch(self, job_id: str, is_active: Callable[[], bool] = lambda: True) -> Iterator[JobRecord]:
+        """Yield the job now and after every change, ending after its final state."""
+        record = self.get(job_id)
+        last_version = -1
+        while True:
+            with self._cond:
+                while True:
+                    live = self._live.get(job_id)
+                    record = live.record if live is not None else (self.store.get(job_id) or record)
+                    if record.version != last_version or record.state in FINAL:
+                        break
+                    self._cond.wait(timeout=1.0)
+                    if not is_active():
+                        return
+            last_version = record.version
+            yield record
+            if record.state in FINAL:
+                return
+            if not is_active():
+                return
+
+    # -- workers -------------------------------------------------------------------------------
+    def _update(self, live: _Live, persist: bool, **changes: Any) -> None:
+        with self._cond:
+            live.record = replace(live.record, version=live.record.version + 1, **changes)
+            record = live.record
+            now = time.monotonic()
+            notify = persist or now - live.last_notify >= _NOTIFY_SECONDS
+            if notify:
+                live.last_notify = now
+                self._cond.notify_all()
+            save = persist or now - live.last_persist >= _PERSIST_SECONDS
+            if save:
+                live.last_persist = now
+        if save:
+            self._save(record)
+
+    def _save(self, record: JobRecord) -> None:
+        """Persist a record; a registry failure is logged, never allowed to kill a worker."""
+        try:
+            self.store.save(record)
+        except Exception:  # noqa: BLE001
+            log.exception("cannot persist merge job %s (state %s)", record.job_id, record.state)
+
+    def _finish(self, live: _Live, state: str, error: JobError | None) -> None:
+        # Persist first, then publish: whoever sees the final state (and may immediately reuse the
+        # output path) finds the job neither live nor stale in the store.
+        with self._cond:
+            record = replace(
+                live.record, version=live.record.version + 1, state=state, error=error, end_time=time.time(), eta_seconds=0.0
+            )
+        self._save(record)
+        with self._cond:
+            live.record = record
+            self._live.pop(record.job_id, None)
+            self._cond.notify_all()
+        live.done.set()
+        log.info(
+            "merge job finished",
+            extra={"job_id": live.record.job_id, "state": state, "reason": error.reason if error else ""},
+        )
+
+    def _worker(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._stop.is_set():
+                    self._cond.wait(timeout=1.0)
+                if self._stop.is_set():
+                    return
+                job_id = self._queue.popleft()
+                live = self._live.get(job_id)
+                if live is None or live.record.state != QUEUED or live.cancel.is_set():
+                    continue
+                self._running += 1
+                # RUNNING under the same lock as the pop, so a concurrent cancel never sees it queued.
+                live.record = replace(live.record, version=live.record.version + 1, state=RUNNING, start_time=time.time())
+                self._cond.notify_all()
+            try:
+                self._run(live)
+            finally:
+                with self._cond:
+                    self._running -= 1
+
+    def _run(self, live: _Live) -> None:
+        request = live.record.request
+        started = time.monotonic()
+
+        def check_cancelled() -> None:
+            if live.cancel.is_set() or live.shutdown.is_set():
+                raise Cancelled("the merge job was cancelled")
+
+        def progress(p: Progress) -> None:
+            elapsed = time.monotonic() - started
+            eta = elapsed * (p.bytes_total - p.bytes_done) / p.bytes_done if p.bytes_done > 0 else 0.0
+            final_tensor = p.tensors_done == p.tensors_total
+            self._update(
+                live,
+                final_tensor,
+                tensors_done=p.tensors_done,
+                tensors_total=p.tensors_total,
+                bytes_done=p.bytes_done,
+                bytes_total=p.bytes_total,
+                eta_seconds=eta,
+            )
+
+        try:
+            self._save(live.record)  # RUNNING, with its start time
+            roots = self.settings.allowed_roots
+            checkpoint_a = resolve(request.model_a, roots, "model_a")
+            checkpoint_b = resolve(request.model_b, roots, "model_b")
+            check_cancelled()
+            observer = self.tensor_observer_factory(live.record) if self.tensor_observer_factory else None
+            runner = MergeRunner(
+                checkpoint_a,
+                checkpoint_b,
+                MergeSettings(
+                    t=request.t,
+                    out_dtype=request.out_dtype,
+                    compute_cast=request.compute_cast,
+                    max_shard_bytes=request.max_shard_bytes,
+                    leading_slice=request.leading_slice,
+                    num_layers=request.num_layers,
+                ),
+                chunk_elements=min(1 << 18, max(1 << 12, self.settings.chunk_bytes // 64)),
+                allowed_roots=roots,
+                progress=progress,
+                check_cancelled=check_cancelled,
+                on_tensor=observer,
+                use_cpu_kernel=self.settings.cpu_kernel,
+            )
+            card = ModelCard(
+                describe(request.model_a),
+                describe(request.model_b),
+                checkpoint_a.revision,
+                checkpoint_b.revision,
+                request.t,
+                job_id=live.record.job_id,
+            )
+            summary = runner.run(Path(live.record.tmp_dir), Path(live.record.output_dir), overwrite=request.overwrite, card=card)
+            self._update(live, True, bytes_done=summary.bytes_written, tensors_done=summary.tensors)
+            if request.base is not None and self.output_registrar is not None:
+                self._register_output(live, request.base)
+            self._finish(live, SUCCEEDED, None)
+        except Cancelled:
+            remove_tree(Path(live.record.tmp_dir))
+            if live.cancel.is_set():
+                self._finish(live, CANCELLED, None)
+            else:
+                self._finish(
+                    live,
+                    FAILED,
+                    JobError(
+                        status_code_number(grpc.StatusCode.UNAVAILABLE),
+                        "the server shut down while this job was running; its partial output was removed; start it again",
+                        "SERVER_SHUTDOWN",
+                    ),
+                )
+        except KinshipError as exc:
+            remove_tree(Path(live.record.tmp_dir))
+            self._finish(live, FAILED, JobError(status_code_number(exc.code), exc.message, exc.reason))
+        except OSError as exc:
+            remove_tree(Path(live.record.tmp_dir))
+            self._finish(live, FAILED, _error_from_os(exc))
+        except Exception:  # noqa: BLE001 - a bug: record it, keep the worker alive
+            incident = uuid.uuid4().hex[:12]
+            log.exception("merge job crashed", extra={"job_id": live.record.job_id, "incident": incident})
+            remove_tree(Path(live.record.tmp_dir))
+            self._finish(
+                live,
+                FAILED,
+                JobError(
+                    status_code_number(grpc.StatusCode.INTERNAL),
+                    f"internal error (incident {incident}); the server log has the details",
+                    "INTERNAL",
+                ),
+            )

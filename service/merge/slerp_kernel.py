@@ -1,0 +1,302 @@
+"""Fused CPU kernels for the SLERP merge: each reads a pair of input chunks once, in their stored dtype.
+
+The torch path of `merge_writer` converts both chunks to float32 (two passes), computes the
+reductions with a batched matmul, and later converts again, scales, adds and rounds to the
+output dtype (four more passes). Here:
+
+- `reduce_pair(a, b)`: `<a,a>`, `<b,b>`, `<a,b>` of two flat chunks (bf16, fp16 or fp32, read by
+  their bits and widened in registers) accumulated in float64. Every product of two bf16, fp16
+  or fp32 values is exact in float64, so the sums are at least as accurate as `SlerpStats`'
+  float32 row dot products (they differ from them by ~1e-9 relative, far below anything that
+  shows in a bf16 or fp16 output; the linear/SLERP branch can only flip for |cos| within
+  ~1e-9 of the 0.9995 threshold).
+- `interpolate(a, b, coefficients, out, intermediate)`: `ca * a + cb * b` written straight into
+  the output chunk, with torch's exact float32 arithmetic: `x = fl32(a * fl32(ca))`, then
+  `fma(b, fl32(cb), x)` (ATen's vectorised `add(..., alpha=)` fuses it; probed once, see
+  `_torch_fuses`), rounded to the intermediate dtype (model A's, when it is neither float32
+  nor the output dtype: mergekit's cast) and then to the output dtype: bf16 by
+  round-to-nearest-even exactly as `c10::BFloat16`, fp16 by the IEEE conversion. Given the
+  same coefficients the output is bit-identical to `MergeRunner._finish_slerp` (NaN payloads
+  aside).
+
+Both kernels release the GIL, so the merge's worker threads run them in parallel. numba is
+optional: `available()` is False without it (or when `cpu_kernel` cannot load), and the merge
+keeps its torch path. Float64 inputs (and anything else unusual) also stay on torch
+(`supports`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import numpy as np
+import torch
+
+from kinship_service.kinship import cpu_kernel
+from kinship_service.merge.slerp import Coefficients, SlerpStats
+
+_FLOAT, _BF16, _FP16 = 0, 1, 2
+_KIND = {torch.float32: _FLOAT, torch.bfloat16: _BF16, torch.float16: _FP16}
+_NONE = -1
+
+log = logging.getLogger(__name__)
+
+if cpu_kernel.available():
+    from llvmlite import ir as _ir
+    from numba import types
+    from numba.extending import intrinsic
+
+    from kinship_service.kinship.cpu_kernel import _f32_from_bits, _jit
+
+    @intrinsic
+    def _bits_from_f32(typingctx, value):  # type: ignore[no-untyped-def]
+        """The uint32 bits of a float32 (no conversion)."""
+        sig = types.uint32(types.float32)
+
+        def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+            return builder.bitcast(args[0], _ir.IntType(32))
+
+        return sig, codegen
+
+    @intrinsic
+    def _f32_from_half_bits(typingctx, bits):  # type: ignore[no-untyped-def]
+        """The IEEE half with these uint16 bits, widened to float32 (exact; F16C where present)."""
+        sig = types.float32(types.uint16)
+
+        def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+            return builder.fpext(builder.bitcast(args[0], _ir.HalfType()), _ir.FloatType())
+
+        return sig, codegen
+
+    @intrinsic
+    def _half_bits_from_f32(typingctx, value):  # type: ignore[no-untyped-def]
+        """float32 -> IEEE half (round to nearest even), as its uint16 bits."""
+        sig = types.uint16(types.float32)
+
+        def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+            return builder.bitcast(builder.fptrunc(args[0], _ir.HalfType()), _ir.IntType(16))
+
+        return sig, codegen
+
+    @intrinsic
+    def _fma32(typingctx, x, y, z):  # type: ignore[no-untyped-def]
+        """x * y + z with one rounding (llvm.fma.f32; vectorised to vfmadd)."""
+        sig = types.float32(types.float32, types.float32, types.float32)
+
+        def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+            f32 = _ir.FloatType()
+            fn = builder.module.declare_intrinsic("llvm.fma", [f32], _ir.FunctionType(f32, [f32, f32, f32]))
+            return builder.call(fn, args)
+
+        return sig, codegen
+
+    @_jit(inline="always")
+    def _load(x, kind, i):  # type: ignore[no-untyped-def]
+        """Element i of a stored row as float32 (exact): bf16/fp16 from their uint16 bits."""
+        if kind == _BF16:
+            return _f32_from_bits(np.uint32(x[i]) << np.uint32(16))
+        if kind == _FP16:
+            return _f32_from_half_bits(np.uint16(x[i]))
+        return np.float32(x[i])
+
+    @_jit(inline="always")
+    def _bf16_bits(r):  # type: ignore[no-untyped-def]
+        """float32 -> bfloat16 bits, round to nearest even (c10::BFloat16's round_to_nearest_even)."""
+        if r != r:
+            return np.uint16(0x7FC0)
+        u = _bits_from_f32(r)
+        return np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+
+    @_jit(inline="always")
+    def _round_to(r, kind):  # type: ignore[no-untyped-def]
+        """float32 r rounded to `kind` and widened back to float32 (mergekit's intermediate cast)."""
+        if kind == _BF16:
+            return _f32_from_bits(np.uint32(_bf16_bits(r)) << np.uint32(16))
+        if kind == _FP16:
+            return _f32_from_half_bits(_half_bits_from_f32(r))
+        return r
+
+    @_jit(inline="always")
+    def _store(out, kind, i, r):  # type: ignore[no-untyped-def]
+        if kind == _BF16:
+            out[i] = _bf16_bits(r)
+        elif kind == _FP16:
+            out[i] = _half_bits_from_f32(r)
+        else:
+            out[i] = r
+
+    @_jit(inline="always", fastmath={"reassoc", "contract"})
+    def _reduce_loop(a, b, ka, kb, n):  # type: ignore[no-untyped-def]
+        aa = 0.0
+        bb = 0.0
+        ab = 0.0
+        for i in range(n):
+            x = np.float64(_load(a, ka, i))
+            y = np.float64(_load(b, kb, i))
+            aa += x * x
+            bb += y * y
+            ab += x * y
+        return aa, bb, ab
+
+    @_jit(nogil=True, fastmath={"reassoc", "contract"})
+    def _reduce(a, b, ka, kb, result):  # type: ignore[no-untyped-def]
+        """result[:] = (<a,a>, <b,b>, <a,b>) in float64; float64 reassociation only (no nnan/ninf)."""
+        n = a.size
+        if ka == _BF16 and kb == _BF16:
+            aa, bb, ab = _reduce_loop(a, b, _BF16, _BF16, n)
+        elif ka == _FP16 and kb == _FP16:
+            aa, bb, ab = _reduce_loop(a, b, _FP16, _FP16, n)
+        elif ka == _FLOAT and kb == _FLOAT:
+            aa, bb, ab = _reduce_loop(a, b, _FLOAT, _FLOAT, n)
+        else:
+            aa, bb, ab = _reduce_loop(a, b, ka, kb, n)
+        result[0] = aa
+        result[1] = bb
+        result[2] = ab
+
+    @_jit(inline="always")
+    def _interp_loop(a, b, out, ka, kb, km, ko, ca, cb, fused, n):  # type: ignore[no-untyped-def]
+        for i in range(n):
+            x = _load(a, ka, i) * ca
+            y = _load(b, kb, i)
+            if fused:
+                r = _fma32(y, cb, x)
+            else:
+                r = x + np.float32(y * cb)
+            _store(out, ko, i, _round_to(r, km))
+
+    # No fastmath here: every float32 operation must round exactly as torch's does.
+    @_jit(nogil=True)
+    def _interpolate(a, b, out, ka, kb, km, ko, ca, cb, fused):  # type: ignore[no-untyped-def]
+        """out[i] = round_ko(round_km(fma(b[i], cb, fl32(a[i] * ca)))) for every i."""
+        n = a.size
+        if fused and km == _NONE and ka == kb and ka == ko:
+            if ka == _BF16:
+                _interp_loop(a, b, out, _BF16, _BF16, _NONE, _BF16, ca, cb, True, n)
+            elif ka == _FP16:
+                _interp_loop(a, b, out, _FP16, _FP16, _NONE, _FP16, ca, cb, True, n)
+            else:
+                _interp_loop(a, b, out, _FLOAT, _FLOAT, _NONE, _FLOAT, ca, cb, True, n)
+        elif fused and km == _NONE and ka == kb and ka == _FLOAT:
+            if ko == _BF16:
+                _interp_loop(a, b, out, _FLOAT, _FLOAT, _NONE, _BF16, ca, cb, True, n)
+            else:
+                _interp_loop(a, b, out, _FLOAT, _FLOAT, _NONE, ko, ca, cb, True, n)
+        else:
+            _interp_loop(a, b, out, ka, kb, km, ko, ca, cb, fused, n)
+
+
+def available() -> bool:
+    """Whether the kernels can run here (numba importable); else the merge uses its torch path."""
+    return cpu_kernel.available()
+
+
+_checked: dict[tuple[torch.dtype, ...], bool] = {}
+
+
+def supports(dtype_a: torch.dtype, dtype_b: torch.dtype, out_dtype: torch.dtype, intermediate: torch.dtype) -> bool:
+    """Whether these stored, output and intermediate dtypes have a working kernel (float64 stays on torch).
+
+    The first time per combination the kernels run on a few elements (compiling them, or loading
+    numba's cache); if that fails the combination stays on torch (logged once) instead of failing merges.
+    """
+    key = (dtype_a, dtype_b, out_dtype, intermediate)
+    if not available() or not all(d in _KIND for d in key):
+        return False
+    ok = _checked.get(key)
+    if ok is None:
+        try:
+            a, b = torch.zeros(4, dtype=dtype_a), torch.ones(4, dtype=dtype_b)
+            reduce_pair(a, b)
+            interpolate(a, b, Coefficients(0.5, 0.5, False, 0.0), torch.empty(4, dtype=out_dtype), intermediate)
+            ok = True
+        except Exception:  # a numba/LLVM problem on this machine: the torch path still works
+            log.exception("SLERP kernel unavailable for %s; merging with torch", key)
+            ok = False
+        _checked[key] = ok
+    return ok
+
+
+def _as_numpy(row: torch.Tensor) -> np.ndarray:
+    """A zero-copy numpy view of a contiguous 1-D CPU tensor; bf16 and fp16 as their uint16 bits."""
+    if not row.is_contiguous() or row.dim() != 1:
+        raise ValueError("the kernels take flat contiguous chunks")
+    if row.dtype in (torch.bfloat16, torch.float16):
+        return row.detach().view(torch.int16).numpy().view(np.uint16)
+    return row.detach().numpy()
+
+
+_probe_lock = threading.Lock()
+_fuses: bool | None = None
+
+
+def _torch_fuses() -> bool:
+    """Whether this torch fuses `add(x, y, alpha=c)` into one FMA (its vectorised CPU kernels do
+    where the CPU has FMA), so the kernel rounds exactly as the torch path would here."""
+    global _fuses
+    if _fuses is None:
+        with _probe_lock:
+            if _fuses is None:
+                x = torch.full((64,), -1.0, dtype=torch.float32)
+                y = torch.full((64,), 1.0 + 2.0**-23, dtype=torch.float32)
+                c = 1.0 - 2.0**-23
+                # y * c = 1 - 2^-46 exactly: fused, -1 + y*c is -2^-46; rounded first, y*c is 1 and the sum 0.
+                _fuses = bool((torch.add(x, y, alpha=c) != 0.0).all())
+    return _fuses
+
+
+def reduce_pair(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
+    """`(<a,a>, <b,b>, <a,b>)` of two flat chunks of equal length in their stored dtypes, in float64."""
+    if a.numel() != b.numel():
+        raise ValueError(f"chunks differ in length: {a.numel()} vs {b.numel()}")
+    result = np.zeros(3, dtype=np.float64)
+    if a.numel():
+        _reduce(_as_numpy(a), _as_numpy(b), _KIND[a.dtype], _KIND[b.dtype], result)
+    return float(result[0]), float(result[1]), float(result[2])
+
+
+def reduce_stats(a: torch.Tensor, b: torch.Tensor) -> SlerpStats:
+    """`reduce_pair` as a `SlerpStats` of the chunk (to be summed in chunk order with `SlerpStats.total`)."""
+    stats = SlerpStats()
+    stats.aa, stats.bb, stats.ab = reduce_pair(a, b)
+    stats.count = a.numel()
+    return stats
+
+
+def interpolate(a: torch.Tensor, b: torch.Tensor, coefficients: Coefficients, out: torch.Tensor, intermediate: torch.dtype) -> None:
+    """`out = ca * a + cb * b` from flat chunks in their stored dtypes, rounded as the torch path rounds.
+
+    `intermediate` is the dtype mergekit casts the result to before the output dtype (model A's, or
+    the configured `dtype`); it only matters when it is neither float32 nor `out`'s dtype.
+    """
+    if not (a.numel() == b.numel() == out.numel()):
+        raise ValueError(f"chunks differ in length: {a.numel()}, {b.numel()}, {out.numel()}")
+    if not a.numel():
+        return
+    middle = _KIND[intermediate] if intermediate not in (torch.float32, out.dtype) else _NONE
+    _interpolate(
+        _as_numpy(a),
+        _as_numpy(b),
+        _as_numpy(out),
+        _KIND[a.dtype],
+        _KIND[b.dtype],
+        middle,
+        _KIND[out.dtype],
+        np.float32(coefficients.ca),
+        np.float32(coefficients.cb),
+        _torch_fuses(),
+    )
+
+
+def warm_up() -> float:
+    """Compile (or load from numba's cache) the kernels for the usual dtypes; returns the seconds taken."""
+    started = time.perf_counter()
+    coefficients = Coefficients(0.5, 0.5, False, 0.0)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        a = torch.zeros(8, dtype=dtype)
+        reduce_pair(a, a)
+        for out_dtype in (torch.bfloat16, torch.float16, torch.float32):
+            interpolate(a, a, coefficients, torch.empty(8, dtype=out_dtype), dtype)
+    return time.perf_counter() - started

@@ -1,0 +1,166 @@
+"""Translation between the merge-job protos (kinship.v1 merge.proto) and the domain records of `jobs`.
+
+Part of the gRPC layer (kept out of api.py so the merge RPCs stay a few lines there): validates
+a StartMergeRequest into a `MergeRequest`, and turns `JobRecord`s into `MergeJob` messages.
+"""
+
+from __future__ import annotations
+
+from google.protobuf import timestamp_pb2
+
+from kinship_client.v1 import common_pb2, merge_pb2
+from kinship_service.errors import InvalidArgument
+from kinship_service.jobs.manager import (
+    CANCELLED,
+    FAILED,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    JobRecord,
+    MergeRequest,
+    model_spec_from_name,
+)
+from kinship_service.merge.slerp import FactorEntry, InterpolationSpec, parse_mergekit_yaml, validate_spec
+from kinship_service.server.refs import ref_from_spec, spec_from_ref
+
+_STATE_TO_PROTO = {
+    QUEUED: merge_pb2.MERGE_JOB_STATE_QUEUED,
+    RUNNING: merge_pb2.MERGE_JOB_STATE_RUNNING,
+    SUCCEEDED: merge_pb2.MERGE_JOB_STATE_SUCCEEDED,
+    FAILED: merge_pb2.MERGE_JOB_STATE_FAILED,
+    CANCELLED: merge_pb2.MERGE_JOB_STATE_CANCELLED,
+}
+_STATE_FROM_PROTO = {v: k for k, v in _STATE_TO_PROTO.items()}
+_DTYPES = {
+    merge_pb2.DTYPE_FLOAT32: "F32",
+    merge_pb2.DTYPE_FLOAT16: "F16",
+    merge_pb2.DTYPE_BFLOAT16: "BF16",
+}
+
+
+def state_filter(value: int) -> str | None:
+    """ListMergeJobsRequest.state -> a state name, None for all."""
+    if value == merge_pb2.MERGE_JOB_STATE_UNSPECIFIED:
+        return None
+    if value not in _STATE_FROM_PROTO:
+        raise InvalidArgument(f"unknown state {value}", field="state")
+    return _STATE_FROM_PROTO[value]
+
+
+def spec_from_factor(factor: merge_pb2.InterpolationFactor, field: str = "t") -> InterpolationSpec:
+    """An InterpolationFactor proto as an InterpolationSpec (validated)."""
+    entries = []
+    for i, entry in enumerate(factor.entries):
+        which = entry.value.WhichOneof("value")
+        where = f"{field}.entries[{i}].value"
+        if which == "constant":
+            entries.append(FactorEntry(entry.filter, (entry.value.constant,), False))
+        elif which == "gradient":
+            if not entry.value.gradient.anchors:
+                raise InvalidArgument(f"{where}.gradient has no anchors", field=where)
+            entries.append(FactorEntry(entry.filter, tuple(entry.value.gradient.anchors), True))
+        else:
+            raise InvalidArgument(f"{where} is not set: give a constant or a gradient", field=where)
+    return validate_spec(InterpolationSpec(tuple(entries)), field)
+
+
+def factor_from_spec(spec: InterpolationSpec) -> merge_pb2.InterpolationFactor:
+    factor = merge_pb2.InterpolationFactor()
+    for entry in spec.entries:
+        value = (
+            merge_pb2.FactorValue(gradient=merge_pb2.LayerGradient(anchors=list(entry.anchors)))
+            if entry.gradient
+            else merge_pb2.FactorValue(constant=entry.anchors[0])
+        )
+        factor.entries.append(merge_pb2.FilteredFactor(filter=entry.filter, value=value))
+    return factor
+
+
+def merge_request(request: merge_pb2.StartMergeRequest, allowed_roots: tuple) -> MergeRequest:
+    """Validate a StartMergeRequest (INVALID_ARGUMENT naming the field) into a MergeRequest."""
+    if request.dtype not in (merge_pb2.DTYPE_UNSPECIFIED, *_DTYPES):
+        raise InvalidArgument(f"unknown dtype {request.dtype}", field="dtype")
+    if request.max_shard_bytes < 0:
+        raise InvalidArgument("max_shard_bytes must be >= 0 (0: the default 5 GB)", field="max_shard_bytes")
+    policy = request.shape_mismatch_policy
+    if policy not in (
+        common_pb2.SHAPE_MISMATCH_POLICY_UNSPECIFIED,
+        common_pb2.SHAPE_MISMATCH_POLICY_ERROR,
+        common_pb2.SHAPE_MISMATCH_POLICY_LEADING_SLICE,
+    ):
+        raise InvalidArgument("merges take ERROR or LEADING_SLICE as shape_mismatch_policy", field="shape_mismatch_policy")
+    if len(request.request_id) > 200:
+        raise InvalidArgument("request_id is longer than 200 characters", field="request_id")
+    out_dtype = _DTYPES.get(request.dtype)
+    compute_cast = None
+    num_layers = None
+    if request.mergekit_yaml:
+        given = [f for f in ("model_a", "model_b", "t") if request.HasField(f)]
+        if given:
+            raise InvalidArgument(
+                f"give either mergekit_yaml or model_a/model_b/t, not both (also set: {', '.join(given)})", field="mergekit_yaml"
+            )
+        config = parse_mergekit_yaml(request.mergekit_yaml)
+        model_a = model_spec_from_name(config.model_a, tuple(allowed_roots))
+        model_b = model_spec_from_name(config.model_b, tuple(allowed_roots))
+        spec = config.t
+        out_dtype = out_dtype or config.out_dtype or config.dtype
+        compute_cast = config.dtype
+        num_layers = config.num_layers
+    else:
+        for name in ("model_a", "model_b", "t"):
+            if not request.HasField(name):
+                raise InvalidArgument(f"{name} is required (or give mergekit_yaml)", field=name)
+        model_a = spec_from_ref(request.model_a, "model_a")
+        model_b = spec_from_ref(request.model_b, "model_b")
+        spec = spec_from_factor(request.t)
+    base = spec_from_ref(request.base, "base") if request.HasField("base") else None
+    return MergeRequest(
+        base=base,
+        model_a=model_a,
+        model_b=model_b,
+        t=spec,
+        output_path=request.output_path,
+        request_id=request.request_id,
+        out_dtype=out_dtype,
+        compute_cast=compute_cast,
+        max_shard_bytes=request.max_shard_bytes,
+        leading_slice=policy == common_pb2.SHAPE_MISMATCH_POLICY_LEADING_SLICE,
+        overwrite=request.overwrite,
+        num_layers=num_layers,
+    )
+
+
+def _timestamp(seconds: float | None) -> timestamp_pb2.Timestamp | None:
+    if seconds is None:
+        return None
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+def job_proto(record: JobRecord) -> merge_pb2.MergeJob:
+    """A JobRecord as a MergeJob message."""
+    job = merge_pb2.MergeJob(
+        job_id=record.job_id,
+        request_id=record.request_id,
+        state=_STATE_TO_PROTO[record.state],
+        progress=merge_pb2.MergeProgress(
+            tensors_done=record.tensors_done,
+            tensors_total=record.tensors_total,
+            bytes_done=record.bytes_done,
+            bytes_total=record.bytes_total,
+            eta_seconds=record.eta_seconds,
+        ),
+        output_path=record.output_dir,
+        model_a=ref_from_spec(record.request.model_a),
+        model_b=ref_from_spec(record.request.model_b),
+        t=factor_from_spec(record.request.t),
+    )
+    if record.error is not None:
+        job.error.CopyFrom(common_pb2.ErrorStatus(code=record.error.code, message=record.error.message, reason=record.error.reason))
+    for name in ("create_time", "start_time", "end_time"):
+        stamp = _timestamp(getattr(record, name))
+        if stamp is not None:
+            getattr(job, name).CopyFrom(stamp)
+    return job
