@@ -137,7 +137,7 @@ class MergeJobManager:
         assert self.output_registrar is not None
         try:
             self.output_registrar(LocalPath(live.record.output_dir), base)
-        except Exception as exc:  # noqa: BLE001 - the merged model is complete and valid either way
+        except Exception as exc:  # any failure: the merged model is complete and valid either way
             log.warning(
                 "merged model not registered in the cache",
                 extra={"job_id": live.record.job_id, "error": str(exc)},
@@ -146,6 +146,7 @@ class MergeJobManager:
     # -- life cycle ----------------------------------------------------------------------------
     @property
     def store(self) -> JobStore:
+        """The open registry; UNAVAILABLE saying why when it could not be opened."""
         if self._store is None:
             raise Unavailable(
                 f"merge jobs are unavailable: the job registry under {self.settings.cache_dir}/jobs could not be "
@@ -236,7 +237,7 @@ class MergeJobManager:
             try:
                 self.store.heartbeat(self.owner)
                 self._recover(startup=False)
-            except Exception:  # noqa: BLE001 - keep beating; the next round retries
+            except Exception:  # any failure: keep beating; the next round retries
                 log.exception("merge job heartbeat failed")
 
     # -- requests ------------------------------------------------------------------------------
@@ -311,6 +312,7 @@ class MergeJobManager:
         return float(min(etas)) if etas else 30.0
 
     def get(self, job_id: str) -> JobRecord:
+        """A job's current snapshot (live when this process runs it); NOT_FOUND otherwise."""
         if not job_id:
             raise InvalidArgument("job_id is required", field="job_id")
         with self._cond:
@@ -412,7 +414,7 @@ class MergeJobManager:
         """Persist a record; a registry failure is logged, never allowed to kill a worker."""
         try:
             self.store.save(record)
-        except Exception:  # noqa: BLE001
+        except Exception:  # any failure is logged: the docstring says why
             log.exception("cannot persist merge job %s (state %s)", record.job_id, record.state)
 
     def _finish(self, live: _Live, state: str, error: JobError | None) -> None:
@@ -532,7 +534,7 @@ class MergeJobManager:
         except OSError as exc:
             remove_tree(Path(live.record.tmp_dir))
             self._finish(live, FAILED, job_error_from_os(exc))
-        except Exception:  # noqa: BLE001 - a bug: record it, keep the worker alive
+        except Exception:  # a bug: record it, keep the worker alive
             incident = uuid.uuid4().hex[:12]
             log.exception("merge job crashed", extra={"job_id": live.record.job_id, "incident": incident})
             remove_tree(Path(live.record.tmp_dir))

@@ -58,6 +58,7 @@ class MergeRequest:
     """When set, the output is registered against this base before the job succeeds."""
 
     def to_json(self) -> dict[str, Any]:
+        """A JSON-able form (the registry stores it; idempotency compares it)."""
         data = asdict(self)
         data["model_a"] = _spec_to_json(self.model_a)
         data["model_b"] = _spec_to_json(self.model_b)
@@ -67,6 +68,7 @@ class MergeRequest:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> MergeRequest:
+        """The request `to_json` described."""
         values = dict(data)
         values["model_a"] = _spec_from_json(values["model_a"])
         values["model_b"] = _spec_from_json(values["model_b"])
@@ -77,6 +79,7 @@ class MergeRequest:
 
 @dataclass(frozen=True)
 class JobError:
+    """Why a job failed, as a google.rpc status."""
     code: int
     """google.rpc.Code number."""
     message: str
@@ -106,9 +109,11 @@ class JobRecord:
 
     @property
     def request_id(self) -> str:
+        """The client's idempotency key ('' when none was given)."""
         return self.request.request_id
 
     def to_json(self) -> str:
+        """The record as JSON text (without its in-memory version counter)."""
         data = asdict(self)
         data["request"] = self.request.to_json()
         data.pop("version")
@@ -116,6 +121,7 @@ class JobRecord:
 
     @classmethod
     def from_json(cls, text: str) -> JobRecord:
+        """The record `to_json` wrote."""
         data = json.loads(text)
         data["request"] = MergeRequest.from_json(data["request"])
         data["error"] = JobError(**data["error"]) if data.get("error") else None

@@ -43,6 +43,7 @@ class JobStore:
         )
 
     def close(self) -> None:
+        """Close the database connection."""
         with self._lock:
             self._db.close()
 
@@ -62,6 +63,7 @@ class JobStore:
                 return JobRecord.from_json(row[0])
 
     def save(self, record: JobRecord) -> None:
+        """Write a job's new snapshot (and refresh its heartbeat)."""
         with self._lock:
             self._db.execute(
                 "UPDATE jobs SET state = ?, heartbeat = ?, record = ? WHERE job_id = ?",
@@ -69,16 +71,19 @@ class JobStore:
             )
 
     def get(self, job_id: str) -> JobRecord | None:
+        """The stored snapshot of a job, or None."""
         with self._lock:
             row = self._db.execute("SELECT record FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
         return JobRecord.from_json(row[0]) if row else None
 
     def by_request_id(self, request_id: str) -> JobRecord | None:
+        """The job started with this request id, or None."""
         with self._lock:
             row = self._db.execute("SELECT record FROM jobs WHERE request_id = ?", (request_id,)).fetchone()
         return JobRecord.from_json(row[0]) if row else None
 
     def page(self, before_seq: int | None, state: str | None, limit: int) -> list[tuple[int, JobRecord]]:
+        """Up to `limit` jobs newest first, older than `before_seq`, optionally in one state, with their sequence numbers."""
         query = "SELECT seq, record FROM jobs WHERE 1 = 1"
         args: list[Any] = []
         if before_seq is not None:
@@ -94,6 +99,7 @@ class JobStore:
         return [(seq, JobRecord.from_json(text)) for seq, text in rows]
 
     def active_rows(self) -> list[tuple[str, float, JobRecord]]:
+        """Every QUEUED or RUNNING job with its owner and last heartbeat (for recovery)."""
         with self._lock:
             rows = self._db.execute(
                 "SELECT owner, heartbeat, record FROM jobs WHERE state IN (?, ?)", ACTIVE
@@ -101,5 +107,6 @@ class JobStore:
         return [(owner, heartbeat, JobRecord.from_json(text)) for owner, heartbeat, text in rows]
 
     def heartbeat(self, owner: str) -> None:
+        """Refresh the heartbeat of every active job `owner` holds."""
         with self._lock:
             self._db.execute("UPDATE jobs SET heartbeat = ? WHERE owner = ? AND state IN (?, ?)", (time.time(), owner, *ACTIVE))

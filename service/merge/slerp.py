@@ -70,6 +70,7 @@ class InterpolationSpec:
 
     @classmethod
     def constant(cls, value: float) -> InterpolationSpec:
+        """One value for every tensor."""
         return cls((FactorEntry("", (float(value),)),))
 
     def to_json(self) -> list[dict[str, Any]]:
@@ -78,6 +79,7 @@ class InterpolationSpec:
 
     @classmethod
     def from_json(cls, data: Sequence[dict[str, Any]]) -> InterpolationSpec:
+        """The spec `to_json` described."""
         return cls(tuple(FactorEntry(str(d["filter"]), tuple(float(a) for a in d["anchors"]), bool(d["gradient"])) for d in data))
 
     def to_mergekit(self) -> Any:
@@ -217,6 +219,7 @@ class SlerpStats:
         return out
 
     def coefficients(self, t: float) -> Coefficients:
+        """The SLERP weights of A and B at `t` from the accumulated reductions."""
         return slerp_coefficients(self.aa, self.bb, self.ab, t)
 
 

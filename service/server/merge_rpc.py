@@ -67,6 +67,7 @@ def spec_from_factor(factor: merge_pb2.InterpolationFactor, field: str = "t") ->
 
 
 def factor_from_spec(spec: InterpolationSpec) -> merge_pb2.InterpolationFactor:
+    """An InterpolationSpec as the InterpolationFactor proto (the inverse of `spec_from_factor`)."""
     factor = merge_pb2.InterpolationFactor()
     for entry in spec.entries:
         value = (
