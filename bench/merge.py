@@ -46,7 +46,7 @@ def generate(directory: Path, params: float) -> None:
     import torch
 
     from kinship_service.checkpoints.synthetic import shape_for_parameters
-    from kinship_service.merge.writer import HeaderEntry, SafetensorsWriter, tensor_bytes
+    from kinship_service.merge.safetensors_writer import HeaderEntry, SafetensorsWriter, tensor_bytes
 
     shape = shape_for_parameters(int(params))
     shapes = shape.tensor_shapes()
@@ -68,6 +68,7 @@ def generate(directory: Path, params: float) -> None:
         for index, group in enumerate(groups):
             file = f"model-{index + 1:05d}-of-{SHARDS:05d}.safetensors"
             writer = SafetensorsWriter(out / file, [HeaderEntry(n, "BF16", shapes[n]) for n in group], {"format": "pt"})
+            offset = 0
             for name in group:
                 dims = shapes[name]
                 base_gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
@@ -79,7 +80,9 @@ def generate(directory: Path, params: float) -> None:
                 # Most tensors are near-colinear fine-tunes (linear fallback); q_proj differ more (SLERP branch).
                 scale = 1.0 if "q_proj" in name else noise
                 tensor = (base + scale * base.std() * torch.randn(dims, generator=gen)).to(torch.bfloat16)
-                writer.write(tensor_bytes(tensor))
+                data = tensor_bytes(tensor)
+                writer.write_at(offset, data)
+                offset += data.nbytes
                 weight_map[name] = file
                 del base, tensor
             writer.finish()
@@ -121,7 +124,9 @@ def merge(directory: Path, threads: int = 1) -> None:
     from kinship_service.checkpoints.sources import LocalPath, resolve
     from kinship_service.config import Settings
     from kinship_service.merge.slerp import FactorEntry, InterpolationSpec
-    from kinship_service.merge.writer import MergeRunner, MergeSettings, ModelCard
+    from kinship_service.merge.model_card import ModelCard
+    from kinship_service.merge.plan import MergeSettings
+    from kinship_service.merge.runner import MergeRunner
 
     baseline = _rss_kib("VmRSS")
     cpu_before = _cpu()

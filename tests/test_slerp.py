@@ -20,16 +20,18 @@ from safetensors import safe_open
 from kinship_service.checkpoints.sources import LocalPath, resolve
 from kinship_service.checkpoints.synthetic import LlamaShape, make_base, save_checkpoint
 from kinship_service.errors import InvalidArgument
+from kinship_service.merge.mergekit_config import parse_mergekit_yaml
+from kinship_service.merge.model_card import ModelCard
+from kinship_service.merge.plan import MergeSettings
+from kinship_service.merge.runner import MergeRunner
 from kinship_service.merge.slerp import (
     FactorEntry,
     InterpolationSpec,
     SlerpStats,
     layer_fraction,
-    parse_mergekit_yaml,
     resolve_t,
     slerp,
 )
-from kinship_service.merge.writer import MergeRunner, MergeSettings, ModelCard
 
 
 def ref_slerp(a: np.ndarray, b: np.ndarray, t: float) -> tuple[np.ndarray, bool]:

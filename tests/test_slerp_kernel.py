@@ -1,7 +1,7 @@
 """The fused SLERP kernels (slerp_kernel.py) against the torch path and a float64 reference written here.
 
 - Interpolation: given the same coefficients, the kernel's output is bit-identical to the merge
-  writer's torch path (`MergeRunner._finish_slerp` on float32 copies), for every stored dtype,
+  torch path (`slerp_stream.finish_slerp` on float32 copies), for every stored dtype,
   mixed input dtypes, every output dtype, the intermediate cast, the SLERP and linear branches,
   t = 0, t = 1, odd lengths (vector tails) and zero tensors.
 - Reductions: `<a,a>`, `<b,b>`, `<a,b>` equal a float64 NumPy reference to ~1e-12 (every product of
@@ -24,8 +24,11 @@ from safetensors import safe_open
 from kinship_service.checkpoints.sources import LocalPath, resolve
 from kinship_service.checkpoints.synthetic import LlamaShape, make_base, save_checkpoint
 from kinship_service.merge import slerp_kernel
+from kinship_service.merge.model_card import ModelCard
+from kinship_service.merge.plan import MergeSettings
+from kinship_service.merge.runner import MergeRunner
 from kinship_service.merge.slerp import Coefficients, FactorEntry, InterpolationSpec, slerp_coefficients
-from kinship_service.merge.writer import MergeRunner, MergeSettings, ModelCard
+from kinship_service.merge.slerp_stream import finish_slerp
 
 pytestmark = pytest.mark.skipif(not slerp_kernel.available(), reason="numba is not installed: the merge uses torch")
 
@@ -50,10 +53,10 @@ def ref_coefficients(aa: float, bb: float, ab: float, t: float) -> tuple[float, 
 
 
 def torch_path(a: torch.Tensor, b: torch.Tensor, coefficients: Coefficients, out_dtype: torch.dtype, intermediate: torch.dtype) -> torch.Tensor:
-    """What the merge writer's torch path writes for this chunk (float32 pair, then `_finish_slerp`)."""
+    """What the merge's torch path writes for this chunk (float32 pair, then `finish_slerp`)."""
     pair = torch.stack((a.float(), b.float()))
     out = torch.empty(a.numel(), dtype=out_dtype)
-    MergeRunner._finish_slerp(MergeRunner, pair, coefficients, out, intermediate)  # type: ignore[arg-type]
+    finish_slerp(pair, coefficients, out, intermediate)
     return out
 
 

@@ -1,15 +1,10 @@
-"""Merge jobs: a persistent registry and a bounded worker pool.
+"""Merge jobs: a bounded worker pool over the persistent registry.
 
 `MergeJobManager` accepts merge requests (idempotent by request id), runs at most
 `KINSHIP_MAX_MERGE_JOBS` at once with at most `KINSHIP_MAX_QUEUED_MERGE_JOBS` waiting (beyond that
 RESOURCE_EXHAUSTED with a retry hint), and lets callers get, list (paginated, newest first),
-cancel and watch them.
-
-The registry lives in SQLite (stdlib `sqlite3`, WAL mode) under `KINSHIP_CACHE_DIR/jobs`. We chose
-it over `diskcache.Index` because listing needs ordered, filtered range queries (newest first,
-by state, resumable from a page token) and idempotency needs a unique index on the request id
-checked atomically across processes; SQLite gives both in one transaction and survives crashes
-(WAL, synchronous=FULL on every state change).
+cancel and watch them. The registry is `store.JobStore` (SQLite under `KINSHIP_CACHE_DIR/jobs`);
+the records are `records`.
 
 Each job row records its owner (host, pid and a per-start nonce) and a heartbeat. On start-up, and
 periodically, jobs still QUEUED or RUNNING whose owner is gone (same host and the process is dead,
@@ -20,7 +15,6 @@ directories are removed: a job is never silently lost, and never looks finished 
 from __future__ import annotations
 
 import base64
-import errno
 import json
 import logging
 import os
@@ -31,13 +25,13 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-from kinship_service.checkpoints.sources import CheckpointSpec, HubRepo, LocalPath, describe, resolve
+from kinship_service.checkpoints.sources import CheckpointSpec, LocalPath, describe, resolve
 from kinship_service.config import Settings
 from kinship_service.errors import (
     AlreadyExists,
@@ -50,28 +44,26 @@ from kinship_service.errors import (
     Unavailable,
     status_code_number,
 )
-from kinship_service.merge.slerp import InterpolationSpec
-from kinship_service.merge.writer import (
-    MergeRunner,
-    MergeSettings,
-    ModelCard,
-    Progress,
-    TensorObserver,
-    remove_tree,
-    resolve_output_dir,
-    temp_dir_for,
+from kinship_service.jobs.records import (
+    ACTIVE,
+    CANCELLED,
+    FAILED,
+    FINAL,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    JobError,
+    JobRecord,
+    MergeRequest,
+    job_error_from_os,
 )
+from kinship_service.jobs.store import JobStore
+from kinship_service.merge.model_card import ModelCard
+from kinship_service.merge.output import remove_tree, resolve_output_dir, temp_dir_for
+from kinship_service.merge.plan import MergeSettings
+from kinship_service.merge.runner import MergeRunner, Progress
 
 log = logging.getLogger("kinship.jobs")
-
-QUEUED = "QUEUED"
-RUNNING = "RUNNING"
-SUCCEEDED = "SUCCEEDED"
-FAILED = "FAILED"
-CANCELLED = "CANCELLED"
-ACTIVE = (QUEUED, RUNNING)
-FINAL = (SUCCEEDED, FAILED, CANCELLED)
-STATES = ACTIVE + FINAL
 
 STALE_SECONDS = 120.0
 """A job whose owner has not written a heartbeat for this long is considered abandoned."""
@@ -83,248 +75,6 @@ _PERSIST_SECONDS = 2.0
 
 _LIVE_OWNERS: set[str] = set()
 """Owners (managers) alive in this process, so a second manager on one directory spares them."""
-
-
-# --------------------------------------------------------------------------------------------
-# Domain records
-# --------------------------------------------------------------------------------------------
-
-
-def _spec_to_json(spec: CheckpointSpec) -> dict[str, str]:
-    if isinstance(spec, HubRepo):
-        return {"hub": spec.repo_id, "revision": spec.revision}
-    return {"path": spec.path}
-
-
-def _spec_from_json(data: dict[str, str]) -> CheckpointSpec:
-    if "hub" in data:
-        return HubRepo(data["hub"], data.get("revision", ""))
-    return LocalPath(data["path"])
-
-
-@dataclass(frozen=True)
-class MergeRequest:
-    """A validated StartMerge request, in domain terms."""
-
-    model_a: CheckpointSpec
-    model_b: CheckpointSpec
-    t: InterpolationSpec
-    output_path: str
-    request_id: str = ""
-    out_dtype: str | None = None
-    compute_cast: str | None = None
-    max_shard_bytes: int = 0
-    leading_slice: bool = False
-    overwrite: bool = False
-    num_layers: int | None = None
-    base: CheckpointSpec | None = None
-    """When set, the output is registered against this base before the job succeeds."""
-
-    def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["model_a"] = _spec_to_json(self.model_a)
-        data["model_b"] = _spec_to_json(self.model_b)
-        data["t"] = self.t.to_json()
-        data["base"] = _spec_to_json(self.base) if self.base is not None else None
-        return data
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> MergeRequest:
-        values = dict(data)
-        values["model_a"] = _spec_from_json(values["model_a"])
-        values["model_b"] = _spec_from_json(values["model_b"])
-        values["t"] = InterpolationSpec.from_json(values["t"])
-        values["base"] = _spec_from_json(values["base"]) if values.get("base") else None
-        return cls(**values)
-
-
-@dataclass(frozen=True)
-class JobError:
-    code: int
-    """google.rpc.Code number."""
-    message: str
-    reason: str
-
-
-@dataclass(frozen=True)
-class JobRecord:
-    """A snapshot of one job."""
-
-    job_id: str
-    request: MergeRequest
-    state: str
-    output_dir: str
-    tmp_dir: str
-    create_time: float
-    start_time: float | None = None
-    end_time: float | None = None
-    tensors_done: int = 0
-    tensors_total: int = 0
-    bytes_done: int = 0
-    bytes_total: int = 0
-    eta_seconds: float = 0.0
-    error: JobError | None = None
-    owner: str = ""
-    version: int = 0
-
-    @property
-    def request_id(self) -> str:
-        return self.request.request_id
-
-    def to_json(self) -> str:
-        data = asdict(self)
-        data["request"] = self.request.to_json()
-        data.pop("version")
-        return json.dumps(data)
-
-    @classmethod
-    def from_json(cls, text: str) -> JobRecord:
-        data = json.loads(text)
-        data["request"] = MergeRequest.from_json(data["request"])
-        data["error"] = JobError(**data["error"]) if data.get("error") else None
-        return cls(**data)
-
-
-def model_spec_from_name(name: str, allowed_roots: tuple[Path, ...]) -> CheckpointSpec:
-    """A mergekit model name: a local path when it is absolute or exists under an allowed root, else a Hub repo id."""
-    if not name or "\x00" in name:
-        raise InvalidArgument(f"model name {name!r} in mergekit_yaml is empty or holds a NUL byte", field="mergekit_yaml")
-    if name.startswith(("/", "./", "../", "~")):
-        return LocalPath(name)
-    for root in allowed_roots:
-        candidate = Path(os.path.realpath(Path(root) / name))
-        # Only look inside the root: existence elsewhere must not be probed through this name.
-        if candidate.is_relative_to(os.path.realpath(root)) and candidate.exists():
-            return LocalPath(str(candidate))
-    repo, _, revision = name.partition("@")
-    return HubRepo(repo, revision)
-
-
-def _error_from_os(exc: OSError) -> JobError:
-    where = f" ({exc.filename})" if exc.filename else ""
-    text = exc.strerror or str(exc)
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return JobError(
-            status_code_number(grpc.StatusCode.RESOURCE_EXHAUSTED),
-            f"the disk is full while writing the merge{where}: {text}; no output was left behind; free space and start it again",
-            "DISK_FULL",
-        )
-    if exc.errno == errno.EFBIG:
-        return JobError(
-            status_code_number(grpc.StatusCode.RESOURCE_EXHAUSTED),
-            f"a file grew beyond the allowed size while writing the merge{where}: {text}; no output was left behind; "
-            "lower max_shard_bytes or raise the file-size limit and start it again",
-            "FILE_TOO_LARGE",
-        )
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return JobError(
-            status_code_number(grpc.StatusCode.PERMISSION_DENIED),
-            f"the output location is not writable{where}: {text}; fix the permissions of KINSHIP_OUTPUT_ROOT and start it again",
-            "OUTPUT_NOT_WRITABLE",
-        )
-    return JobError(
-        status_code_number(grpc.StatusCode.UNAVAILABLE),
-        f"an I/O error stopped the merge{where}: {text}; no output was left behind; start it again",
-        "IO_ERROR",
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# The store
-# --------------------------------------------------------------------------------------------
-
-
-class _Store:
-    """The SQLite table of jobs. One connection guarded by a lock (threads share it)."""
-
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(path), check_same_thread=False, timeout=30.0, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(
-            """
-            CREATE TABLE IF NOT EXISTS jobs (
-                seq INTEGER PRIMARY KEY AUTOINCREMENT,
-                job_id TEXT NOT NULL UNIQUE,
-                request_id TEXT NOT NULL,
-                state TEXT NOT NULL,
-                owner TEXT NOT NULL,
-                heartbeat REAL NOT NULL,
-                record TEXT NOT NULL
-            );
-            CREATE UNIQUE INDEX IF NOT EXISTS jobs_request_id ON jobs(request_id) WHERE request_id != '';
-            CREATE INDEX IF NOT EXISTS jobs_state_seq ON jobs(state, seq);
-            """
-        )
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    def insert(self, record: JobRecord) -> JobRecord | None:
-        """Insert; on a request-id clash return the existing record instead."""
-        with self._lock:
-            try:
-                self._db.execute(
-                    "INSERT INTO jobs(job_id, request_id, state, owner, heartbeat, record) VALUES (?, ?, ?, ?, ?, ?)",
-                    (record.job_id, record.request_id, record.state, record.owner, time.time(), record.to_json()),
-                )
-                return None
-            except sqlite3.IntegrityError:
-                row = self._db.execute("SELECT record FROM jobs WHERE request_id = ?", (record.request_id,)).fetchone()
-                if row is None:
-                    raise
-                return JobRecord.from_json(row[0])
-
-    def save(self, record: JobRecord) -> None:
-        with self._lock:
-            self._db.execute(
-                "UPDATE jobs SET state = ?, heartbeat = ?, record = ? WHERE job_id = ?",
-                (record.state, time.time(), record.to_json(), record.job_id),
-            )
-
-    def get(self, job_id: str) -> JobRecord | None:
-        with self._lock:
-            row = self._db.execute("SELECT record FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-        return JobRecord.from_json(row[0]) if row else None
-
-    def by_request_id(self, request_id: str) -> JobRecord | None:
-        with self._lock:
-            row = self._db.execute("SELECT record FROM jobs WHERE request_id = ?", (request_id,)).fetchone()
-        return JobRecord.from_json(row[0]) if row else None
-
-    def page(self, before_seq: int | None, state: str | None, limit: int) -> list[tuple[int, JobRecord]]:
-        query = "SELECT seq, record FROM jobs WHERE 1 = 1"
-        args: list[Any] = []
-        if before_seq is not None:
-            query += " AND seq < ?"
-            args.append(before_seq)
-        if state is not None:
-            query += " AND state = ?"
-            args.append(state)
-        query += " ORDER BY seq DESC LIMIT ?"
-        args.append(limit)
-        with self._lock:
-            rows = self._db.execute(query, args).fetchall()
-        return [(seq, JobRecord.from_json(text)) for seq, text in rows]
-
-    def active_rows(self) -> list[tuple[str, float, JobRecord]]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT owner, heartbeat, record FROM jobs WHERE state IN (?, ?)", ACTIVE
-            ).fetchall()
-        return [(owner, heartbeat, JobRecord.from_json(text)) for owner, heartbeat, text in rows]
-
-    def heartbeat(self, owner: str) -> None:
-        with self._lock:
-            self._db.execute("UPDATE jobs SET heartbeat = ? WHERE owner = ? AND state IN (?, ?)", (time.time(), owner, *ACTIVE))
-
-
-# --------------------------------------------------------------------------------------------
-# The manager
-# --------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -368,11 +118,9 @@ class MergeJobManager:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.tensor_observer_factory: Callable[[JobRecord], TensorObserver | None] | None = None
-        """Set by the server wiring to observe every output tensor of a job (e.g. the fingerprint cache)."""
         self.output_registrar: Callable[[CheckpointSpec, CheckpointSpec], None] | None = None
         """Set by the server wiring: `registrar(output, base)` caches a finished output's fingerprint and delta."""
-        self._store: _Store | None = None
+        self._store: JobStore | None = None
         self._cond = threading.Condition()
         self._live: dict[str, _Live] = {}
         self._queue: deque[str] = deque()
@@ -389,7 +137,7 @@ class MergeJobManager:
         assert self.output_registrar is not None
         try:
             self.output_registrar(LocalPath(live.record.output_dir), base)
-        except Exception as exc:  # noqa: BLE001 - the merged model is complete and valid either way
+        except Exception as exc:  # any failure: the merged model is complete and valid either way
             log.warning(
                 "merged model not registered in the cache",
                 extra={"job_id": live.record.job_id, "error": str(exc)},
@@ -397,7 +145,8 @@ class MergeJobManager:
 
     # -- life cycle ----------------------------------------------------------------------------
     @property
-    def store(self) -> _Store:
+    def store(self) -> JobStore:
+        """The open registry; UNAVAILABLE saying why when it could not be opened."""
         if self._store is None:
             raise Unavailable(
                 f"merge jobs are unavailable: the job registry under {self.settings.cache_dir}/jobs could not be "
@@ -412,7 +161,7 @@ class MergeJobManager:
             return
         path = Path(self.settings.cache_dir) / "jobs" / "jobs.sqlite3"
         try:
-            self._store = _Store(path)
+            self._store = JobStore(path)
         except (OSError, sqlite3.Error) as exc:
             # The rest of the service still works; merge RPCs answer UNAVAILABLE saying why.
             log.error("merge jobs disabled: cannot open the job registry %s: %s", path, exc)
@@ -488,7 +237,7 @@ class MergeJobManager:
             try:
                 self.store.heartbeat(self.owner)
                 self._recover(startup=False)
-            except Exception:  # noqa: BLE001 - keep beating; the next round retries
+            except Exception:  # any failure: keep beating; the next round retries
                 log.exception("merge job heartbeat failed")
 
     # -- requests ------------------------------------------------------------------------------
@@ -563,6 +312,7 @@ class MergeJobManager:
         return float(min(etas)) if etas else 30.0
 
     def get(self, job_id: str) -> JobRecord:
+        """A job's current snapshot (live when this process runs it); NOT_FOUND otherwise."""
         if not job_id:
             raise InvalidArgument("job_id is required", field="job_id")
         with self._cond:
@@ -664,7 +414,7 @@ class MergeJobManager:
         """Persist a record; a registry failure is logged, never allowed to kill a worker."""
         try:
             self.store.save(record)
-        except Exception:  # noqa: BLE001
+        except Exception:  # any failure is logged: the docstring says why
             log.exception("cannot persist merge job %s (state %s)", record.job_id, record.state)
 
     def _finish(self, live: _Live, state: str, error: JobError | None) -> None:
@@ -734,7 +484,6 @@ class MergeJobManager:
             checkpoint_a = resolve(request.model_a, roots, "model_a")
             checkpoint_b = resolve(request.model_b, roots, "model_b")
             check_cancelled()
-            observer = self.tensor_observer_factory(live.record) if self.tensor_observer_factory else None
             runner = MergeRunner(
                 checkpoint_a,
                 checkpoint_b,
@@ -750,7 +499,6 @@ class MergeJobManager:
                 allowed_roots=roots,
                 progress=progress,
                 check_cancelled=check_cancelled,
-                on_tensor=observer,
                 use_cpu_kernel=self.settings.cpu_kernel,
             )
             card = ModelCard(
@@ -785,8 +533,8 @@ class MergeJobManager:
             self._finish(live, FAILED, JobError(status_code_number(exc.code), exc.message, exc.reason))
         except OSError as exc:
             remove_tree(Path(live.record.tmp_dir))
-            self._finish(live, FAILED, _error_from_os(exc))
-        except Exception:  # noqa: BLE001 - a bug: record it, keep the worker alive
+            self._finish(live, FAILED, job_error_from_os(exc))
+        except Exception:  # a bug: record it, keep the worker alive
             incident = uuid.uuid4().hex[:12]
             log.exception("merge job crashed", extra={"job_id": live.record.job_id, "incident": incident})
             remove_tree(Path(live.record.tmp_dir))

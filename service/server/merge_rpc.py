@@ -6,11 +6,13 @@ a StartMergeRequest into a `MergeRequest`, and turns `JobRecord`s into `MergeJob
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from google.protobuf import timestamp_pb2
 
 from kinship_client.v1 import common_pb2, merge_pb2
 from kinship_service.errors import InvalidArgument
-from kinship_service.jobs.manager import (
+from kinship_service.jobs.records import (
     CANCELLED,
     FAILED,
     QUEUED,
@@ -18,9 +20,9 @@ from kinship_service.jobs.manager import (
     SUCCEEDED,
     JobRecord,
     MergeRequest,
-    model_spec_from_name,
 )
-from kinship_service.merge.slerp import FactorEntry, InterpolationSpec, parse_mergekit_yaml, validate_spec
+from kinship_service.merge.mergekit_config import model_spec_from_name, parse_mergekit_yaml
+from kinship_service.merge.slerp import FactorEntry, InterpolationSpec, validate_spec
 from kinship_service.server.refs import ref_from_spec, spec_from_ref
 
 _STATE_TO_PROTO = {
@@ -30,7 +32,7 @@ _STATE_TO_PROTO = {
     FAILED: merge_pb2.MERGE_JOB_STATE_FAILED,
     CANCELLED: merge_pb2.MERGE_JOB_STATE_CANCELLED,
 }
-_STATE_FROM_PROTO = {v: k for k, v in _STATE_TO_PROTO.items()}
+_STATE_FROM_PROTO: dict[int, str] = {v: k for k, v in _STATE_TO_PROTO.items()}
 _DTYPES = {
     merge_pb2.DTYPE_FLOAT32: "F32",
     merge_pb2.DTYPE_FLOAT16: "F16",
@@ -65,6 +67,7 @@ def spec_from_factor(factor: merge_pb2.InterpolationFactor, field: str = "t") ->
 
 
 def factor_from_spec(spec: InterpolationSpec) -> merge_pb2.InterpolationFactor:
+    """An InterpolationSpec as the InterpolationFactor proto (the inverse of `spec_from_factor`)."""
     factor = merge_pb2.InterpolationFactor()
     for entry in spec.entries:
         value = (
@@ -76,7 +79,7 @@ def factor_from_spec(spec: InterpolationSpec) -> merge_pb2.InterpolationFactor:
     return factor
 
 
-def merge_request(request: merge_pb2.StartMergeRequest, allowed_roots: tuple) -> MergeRequest:
+def merge_request(request: merge_pb2.StartMergeRequest, allowed_roots: tuple[Path, ...]) -> MergeRequest:
     """Validate a StartMergeRequest (INVALID_ARGUMENT naming the field) into a MergeRequest."""
     if request.dtype not in (merge_pb2.DTYPE_UNSPECIFIED, *_DTYPES):
         raise InvalidArgument(f"unknown dtype {request.dtype}", field="dtype")
@@ -101,8 +104,8 @@ def merge_request(request: merge_pb2.StartMergeRequest, allowed_roots: tuple) ->
                 f"give either mergekit_yaml or model_a/model_b/t, not both (also set: {', '.join(given)})", field="mergekit_yaml"
             )
         config = parse_mergekit_yaml(request.mergekit_yaml)
-        model_a = model_spec_from_name(config.model_a, tuple(allowed_roots))
-        model_b = model_spec_from_name(config.model_b, tuple(allowed_roots))
+        model_a = model_spec_from_name(config.model_a, allowed_roots)
+        model_b = model_spec_from_name(config.model_b, allowed_roots)
         spec = config.t
         out_dtype = out_dtype or config.out_dtype or config.dtype
         compute_cast = config.dtype

@@ -1,0 +1,158 @@
+"""The merge-job domain records: a request, a job's snapshot, its error, the job states; their JSON forms.
+
+What the registry stores (`store`), the manager updates (`manager`) and the gRPC layer translates
+(`server.merge_rpc`). Pure data: no I/O.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import grpc
+
+from kinship_service.checkpoints.sources import CheckpointSpec, HubRepo, LocalPath
+from kinship_service.errors import status_code_number
+from kinship_service.merge.slerp import InterpolationSpec
+
+QUEUED = "QUEUED"
+RUNNING = "RUNNING"
+SUCCEEDED = "SUCCEEDED"
+FAILED = "FAILED"
+CANCELLED = "CANCELLED"
+ACTIVE = (QUEUED, RUNNING)
+FINAL = (SUCCEEDED, FAILED, CANCELLED)
+STATES = ACTIVE + FINAL
+
+
+def _spec_to_json(spec: CheckpointSpec) -> dict[str, str]:
+    if isinstance(spec, HubRepo):
+        return {"hub": spec.repo_id, "revision": spec.revision}
+    return {"path": spec.path}
+
+
+def _spec_from_json(data: dict[str, str]) -> CheckpointSpec:
+    if "hub" in data:
+        return HubRepo(data["hub"], data.get("revision", ""))
+    return LocalPath(data["path"])
+
+
+@dataclass(frozen=True)
+class MergeRequest:
+    """A validated StartMerge request, in domain terms."""
+
+    model_a: CheckpointSpec
+    model_b: CheckpointSpec
+    t: InterpolationSpec
+    output_path: str
+    request_id: str = ""
+    out_dtype: str | None = None
+    compute_cast: str | None = None
+    max_shard_bytes: int = 0
+    leading_slice: bool = False
+    overwrite: bool = False
+    num_layers: int | None = None
+    base: CheckpointSpec | None = None
+    """When set, the output is registered against this base before the job succeeds."""
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-able form (the registry stores it; idempotency compares it)."""
+        data = asdict(self)
+        data["model_a"] = _spec_to_json(self.model_a)
+        data["model_b"] = _spec_to_json(self.model_b)
+        data["t"] = self.t.to_json()
+        data["base"] = _spec_to_json(self.base) if self.base is not None else None
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> MergeRequest:
+        """The request `to_json` described."""
+        values = dict(data)
+        values["model_a"] = _spec_from_json(values["model_a"])
+        values["model_b"] = _spec_from_json(values["model_b"])
+        values["t"] = InterpolationSpec.from_json(values["t"])
+        values["base"] = _spec_from_json(values["base"]) if values.get("base") else None
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class JobError:
+    """Why a job failed, as a google.rpc status."""
+    code: int
+    """google.rpc.Code number."""
+    message: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """A snapshot of one job."""
+
+    job_id: str
+    request: MergeRequest
+    state: str
+    output_dir: str
+    tmp_dir: str
+    create_time: float
+    start_time: float | None = None
+    end_time: float | None = None
+    tensors_done: int = 0
+    tensors_total: int = 0
+    bytes_done: int = 0
+    bytes_total: int = 0
+    eta_seconds: float = 0.0
+    error: JobError | None = None
+    owner: str = ""
+    version: int = 0
+
+    @property
+    def request_id(self) -> str:
+        """The client's idempotency key ('' when none was given)."""
+        return self.request.request_id
+
+    def to_json(self) -> str:
+        """The record as JSON text (without its in-memory version counter)."""
+        data = asdict(self)
+        data["request"] = self.request.to_json()
+        data.pop("version")
+        return json.dumps(data)
+
+    @classmethod
+    def from_json(cls, text: str) -> JobRecord:
+        """The record `to_json` wrote."""
+        data = json.loads(text)
+        data["request"] = MergeRequest.from_json(data["request"])
+        data["error"] = JobError(**data["error"]) if data.get("error") else None
+        return cls(**data)
+
+
+def job_error_from_os(exc: OSError) -> JobError:
+    """The JobError of an I/O failure while writing a merge: disk full, file too large, not writable, or other I/O."""
+    where = f" ({exc.filename})" if exc.filename else ""
+    text = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return JobError(
+            status_code_number(grpc.StatusCode.RESOURCE_EXHAUSTED),
+            f"the disk is full while writing the merge{where}: {text}; no output was left behind; free space and start it again",
+            "DISK_FULL",
+        )
+    if exc.errno == errno.EFBIG:
+        return JobError(
+            status_code_number(grpc.StatusCode.RESOURCE_EXHAUSTED),
+            f"a file grew beyond the allowed size while writing the merge{where}: {text}; no output was left behind; "
+            "lower max_shard_bytes or raise the file-size limit and start it again",
+            "FILE_TOO_LARGE",
+        )
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return JobError(
+            status_code_number(grpc.StatusCode.PERMISSION_DENIED),
+            f"the output location is not writable{where}: {text}; fix the permissions of KINSHIP_OUTPUT_ROOT and start it again",
+            "OUTPUT_NOT_WRITABLE",
+        )
+    return JobError(
+        status_code_number(grpc.StatusCode.UNAVAILABLE),
+        f"an I/O error stopped the merge{where}: {text}; no output was left behind; start it again",
+        "IO_ERROR",
+    )

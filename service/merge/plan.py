@@ -1,0 +1,208 @@
+"""The merge plan: every output tensor, how it is made, its dtype, its parameters and its shard, decided before anything is written.
+
+Tensors floating in both models are made by the merge method (`methods`); non-floating ones must
+be identical and are copied; a tensor in one model only passes through. Any incompatibility
+raises here, so a merge that starts writing has no surprise left in its inputs' headers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from kinship_service.checkpoints.sources import SINGLE_FILE, Checkpoint
+from kinship_service.checkpoints.streaming import DTYPES, FLOATING, ITEMSIZE, TensorInfo
+from kinship_service.errors import FailedPrecondition, InvalidArgument
+from kinship_service.kinship.similarity import _EMBED as PRE_LAYER
+from kinship_service.kinship.similarity import layer_index
+from kinship_service.merge.methods import get_method
+from kinship_service.merge.slerp import InterpolationSpec
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
+DTYPE_CONFIG_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
+"""safetensors dtype names as config.json's `torch_dtype` spells them."""
+
+KIND_MERGE = "merge"
+"""Made by the merge method from the models' tensors."""
+KIND_COPY_A = "copy_a"
+KIND_COPY_B = "copy_b"
+KIND_EQUAL = "equal"
+"""Non-floating and identical in both models: copied once both are checked equal."""
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One output tensor and how it is made."""
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    dtype: str
+    """Output dtype (safetensors name)."""
+    parameters: Mapping[str, float] = field(default_factory=dict)
+    """The method's parameters resolved for this tensor (slerp: `t`); empty for copies."""
+    sliced: bool = False
+    """Built from the common leading slice of differently shaped inputs."""
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tensor in the output."""
+        return int(math.prod(self.shape) * ITEMSIZE[self.dtype])
+
+    def parameter(self, name: str) -> float:
+        """The resolved value of one of the method's parameters (the plan resolved them all)."""
+        return self.parameters[name]
+
+
+@dataclass(frozen=True)
+class MergeSettings:
+    """What to merge and how, as resolved by the job layer."""
+
+    t: InterpolationSpec
+    out_dtype: str | None = None
+    """Output dtype of floating tensors (safetensors name); None keeps model A's (per tensor)."""
+    compute_cast: str | None = None
+    """mergekit's `dtype`: round inputs to this dtype before merging (YAML configs only)."""
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+    leading_slice: bool = False
+    num_layers: int | None = None
+    """Layer count for t gradients; None reads config.json, else the tensor names."""
+    method: str = "slerp"
+    """The merge method's name in `methods.METHODS`."""
+
+    @property
+    def parameters(self) -> dict[str, InterpolationSpec]:
+        """The method's global parameters by name, each a mergekit parameter setting (filters, gradients)."""
+        return {"t": self.t}
+
+
+@dataclass
+class MergePlan:
+    """The planned output: tensors in file order, their split into shards, and what config.json will say."""
+
+    tensors: list[PlannedTensor]
+    shards: list[list[PlannedTensor]]
+    num_layers: int
+    config_dtype: str
+    """The dtype named in the output config.json (`torch_dtype`)."""
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of all output tensors."""
+        return sum(t.nbytes for t in self.tensors)
+
+    def shard_names(self) -> list[str]:
+        """File names of the shards, as transformers names them."""
+        if len(self.shards) == 1:
+            return [SINGLE_FILE]
+        n = len(self.shards)
+        return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
+def _order_key(name: str) -> tuple[int, int, str]:
+    index = layer_index(name)
+    if index is not None:
+        return (1, index, name)
+    return (0, 0, name) if PRE_LAYER.search(name) else (2, 0, name)
+
+
+def read_config(checkpoint: Checkpoint) -> dict[str, object] | None:
+    """Model A's config.json, or None when it has none (or it is unreadable)."""
+    path = checkpoint.directory / "config.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def count_layers(names: Sequence[str], config: dict[str, object] | None) -> int:
+    """The decoder layer count: config.json's `num_hidden_layers` when consistent, else from the names."""
+    indices = [i for i in (layer_index(n) for n in names) if i is not None]
+    from_names = max(indices) + 1 if indices else 0
+    configured = (config or {}).get("num_hidden_layers")
+    if isinstance(configured, int) and not isinstance(configured, bool) and configured >= from_names:
+        return configured
+    return from_names
+
+
+def plan_merge(
+    infos_a: dict[str, TensorInfo], infos_b: dict[str, TensorInfo], settings: MergeSettings, config_a: dict[str, object] | None
+) -> MergePlan:
+    """Decide every output tensor, its dtype, parameters and shard; raise before anything is written.
+
+    Floating tensors in both models are merged by the method (shapes must match unless
+    `leading_slice`); non-floating ones must be identical and are copied; a tensor in one model
+    only passes through.
+    """
+    method = get_method(settings.method)
+    method.check(settings)
+    names = sorted(set(infos_a) | set(infos_b), key=_order_key)
+    num_layers = settings.num_layers if settings.num_layers is not None else count_layers(names, config_a)
+    if settings.num_layers is not None:
+        found = count_layers(names, None)
+        if found and found != settings.num_layers:
+            raise InvalidArgument(
+                f"the mergekit layer_range covers {settings.num_layers} layers but the models have {found}; "
+                "only full-range slerp merges are supported",
+                field="mergekit_yaml",
+            )
+    planned: list[PlannedTensor] = []
+    for name in names:
+        a, b = infos_a.get(name), infos_b.get(name)
+        if a is not None and b is not None:
+            if a.is_floating != b.is_floating:
+                raise FailedPrecondition(
+                    f"tensor {name} is {a.dtype} in model A but {b.dtype} in model B; they cannot be merged",
+                    reason="DTYPE_MISMATCH",
+                )
+            if not a.is_floating:
+                if a.shape != b.shape or a.dtype != b.dtype:
+                    raise FailedPrecondition(
+                        f"non-floating tensor {name} differs between the models ({a.dtype}{list(a.shape)} vs "
+                        f"{b.dtype}{list(b.shape)}); it can only be copied when identical",
+                        reason="NON_FLOATING_MISMATCH",
+                    )
+                planned.append(PlannedTensor(name, KIND_EQUAL, a.shape, a.dtype))
+                continue
+            for info in (a, b):
+                if info.dtype not in DTYPES:
+                    raise FailedPrecondition(f"tensor {name} has dtype {info.dtype}, which this server cannot merge", reason="UNSUPPORTED_DTYPE")
+            shape, sliced = a.shape, False
+            if a.shape != b.shape:
+                if not settings.leading_slice or len(a.shape) != len(b.shape):
+                    hint = (
+                        "; the ranks differ, so no common slice exists"
+                        if len(a.shape) != len(b.shape)
+                        else "; set shape_mismatch_policy to LEADING_SLICE to merge the common leading slice"
+                    )
+                    raise FailedPrecondition(
+                        f"tensor {name} has shape {list(a.shape)} in model A but {list(b.shape)} in model B{hint}",
+                        reason="SHAPE_MISMATCH",
+                    )
+                shape, sliced = tuple(min(x, y) for x, y in zip(a.shape, b.shape, strict=False)), True
+            parameters = method.tensor_parameters(settings, name, num_layers)
+            planned.append(PlannedTensor(name, KIND_MERGE, shape, settings.out_dtype or a.dtype, parameters, sliced))
+        else:
+            only = a if a is not None else b
+            assert only is not None
+            dtype = settings.out_dtype if (settings.out_dtype and only.is_floating) else only.dtype
+            if only.dtype not in DTYPES and dtype != only.dtype:
+                raise FailedPrecondition(f"tensor {name} has dtype {only.dtype}, which this server cannot convert", reason="UNSUPPORTED_DTYPE")
+            planned.append(PlannedTensor(name, KIND_COPY_A if a is not None else KIND_COPY_B, only.shape, dtype))
+    if not planned:
+        raise FailedPrecondition("the models hold no tensors", reason="EMPTY_CHECKPOINT")
+    limit = settings.max_shard_bytes if settings.max_shard_bytes > 0 else DEFAULT_MAX_SHARD_BYTES
+    shards: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for tensor in planned:
+        if shards[-1] and size + tensor.nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(tensor)
+        size += tensor.nbytes
+    floating = [t.dtype for t in planned if t.dtype in FLOATING]
+    config_dtype = settings.out_dtype or (max(set(floating), key=floating.count) if floating else "F32")
+    return MergePlan(planned, shards, num_layers, config_dtype)
