@@ -180,7 +180,7 @@ def fused_observer(observer: object) -> FusedFingerprint | None:
 
     Supported: observers with a `fused_target()` method returning their
     (SketchBuilder, StatsBuilder) after flushing what they staged (as
-    `registry.FingerprintObserver` does). None as well when numba is missing or the
+    `cache/registry.FingerprintObserver` does). None as well when numba is missing or the
     sketch is not a CPU float64 (n, W) tensor.
     """
     if not available():

@@ -1,6 +1,6 @@
 """Fused CPU kernels for the SLERP merge: each reads a pair of input chunks once, in their stored dtype.
 
-The torch path of `merge_writer` converts both chunks to float32 (two passes), computes the
+The torch path of `merge/writer.py` converts both chunks to float32 (two passes), computes the
 reductions with a batched matmul, and later converts again, scales, adds and rounds to the
 output dtype (four more passes). Here:
 
