@@ -1,4 +1,4 @@
-"""Pure logic of RankCandidates and ShouldStop (kinship_service.guidance.recommend), on the paper's own numbers.
+"""Pure logic of RankCandidates and ShouldStop (kinship_service.guidance: population, rank, stop), on the paper's own numbers.
 
 No gRPC and no checkpoints: kinship values are given as numbers.
 """
@@ -10,8 +10,8 @@ import math
 import pytest
 
 from kinship_service.errors import InvalidArgument
-from kinship_service.guidance import recommend
-from kinship_service.guidance.recommend import Member, pair_key
+from kinship_service.guidance import population, rank, recommend, stop
+from kinship_service.guidance.population import Member, pair_key
 
 # Hu et al., "Exploring Model Kinship for Merging Large Language Models" (arXiv 2410.12613),
 # Table 2, "Greedy Strategy" (Mistral-7B; Avg. = average task performance; Kinship = PCC
@@ -38,7 +38,7 @@ TABLE_2_GREEDY = [
 TOP_K = 3  # three foundation models, three merges per greedy generation
 
 
-def population(through_generation: int) -> list[Member]:
+def greedy_population(through_generation: int) -> list[Member]:
     """The greedy run's population after `through_generation` generations."""
     return [
         Member(name, score, generation, parents)
@@ -52,20 +52,20 @@ def known_kinship() -> dict[tuple[str, str], float]:
     return {pair_key(*parents): kinship for _, _, _, parents, _, kinship in TABLE_2_GREEDY if kinship is not None}
 
 
-def stop_at_generation(generation: int, **options: object) -> recommend.StopDecision:
+def stop_at_generation(generation: int, **options: object) -> stop.StopDecision:
     """ShouldStop as asked before merging generation `generation`.
 
     The table's Kinship column of generation g is the kinship among the top-k that were
     merged to make generation g, i.e. the top-k of the population through generation g-1.
     So the check "at generation g" is ShouldStop on that population, with exactly those values.
     """
-    return recommend.should_stop(
-        population(generation - 1), TOP_K, recommend.lookup(known_kinship()), **options  # type: ignore[arg-type]
+    return stop.should_stop(
+        greedy_population(generation - 1), TOP_K, population.lookup(known_kinship()), **options  # type: ignore[arg-type]
     )
 
 
 def test_table_gains_match_the_paper():
-    gains = {g.name: g.gain for g in recommend.merge_gains(population(4))}
+    gains = {g.name: g.gain for g in population.merge_gains(greedy_population(4))}
     for name, _, _, parents, gain, _ in TABLE_2_GREEDY:
         if parents:
             # The paper rounds Avg. and Gain to 0.01; x.xx5 may round either way.
@@ -75,9 +75,9 @@ def test_table_gains_match_the_paper():
 def test_each_greedy_generation_merged_the_previous_top_k():
     # Sanity of the encoding: generation g's parents are exactly the pairs of the top-3 before it.
     for generation in (2, 3, 4):
-        top = recommend.select_top_k(population(generation - 1), TOP_K)
+        top = population.select_top_k(greedy_population(generation - 1), TOP_K)
         merged_now = {pair_key(*p) for _, g, _, p, _, _ in TABLE_2_GREEDY if g == generation}
-        assert merged_now <= set(recommend.top_k_pairs(top))
+        assert merged_now <= set(population.top_k_pairs(top))
 
 
 def test_generation_2_does_not_stop():
@@ -94,46 +94,46 @@ def test_stops_by_generation_4_with_kinship_saturated():
     decisions = {g: stop_at_generation(g) for g in (2, 3, 4)}
     first_stop = min(g for g, d in decisions.items() if d.stop)
     assert first_stop <= 4
-    assert recommend.KINSHIP_SATURATED in decisions[4].reasons
+    assert stop.KINSHIP_SATURATED in decisions[4].reasons
     assert decisions[4].top_k == ["model-2-1", "model-3-1", "model-3-2"]
     assert decisions[4].aggregated_kinship == pytest.approx((0.98 + 0.98 + 0.94) / 3)
     # Already before generation 3 the top-3 (model-2-1, model-1-3, open-chat) are saturated:
     # (0.95 + 0.93 + 0.93) / 3 = 0.937 >= 0.9. The greedy run indeed gained nothing after it.
-    assert decisions[3].stop and decisions[3].reasons == [recommend.KINSHIP_SATURATED]
+    assert decisions[3].stop and decisions[3].reasons == [stop.KINSHIP_SATURATED]
     assert decisions[4].matrix.value("model-2-1", "model-3-2") == 0.98
 
 
 def test_aggregations_on_the_table():
-    assert stop_at_generation(3, aggregation=recommend.MIN).aggregated_kinship == pytest.approx(0.93)
-    assert stop_at_generation(3, aggregation=recommend.MAX).aggregated_kinship == pytest.approx(0.95)
+    assert stop_at_generation(3, aggregation=stop.MIN).aggregated_kinship == pytest.approx(0.93)
+    assert stop_at_generation(3, aggregation=stop.MAX).aggregated_kinship == pytest.approx(0.95)
     # MIN at generation 2 is 0.57; MAX 0.93 fires on the one saturated pair.
-    assert not stop_at_generation(2, aggregation=recommend.MIN).stop
-    assert stop_at_generation(2, aggregation=recommend.MAX).stop
+    assert not stop_at_generation(2, aggregation=stop.MIN).stop
+    assert stop_at_generation(2, aggregation=stop.MAX).stop
 
 
 def test_topk_unchanged_and_gain_plateau_on_the_table():
-    before_4 = recommend.select_top_k(population(3), TOP_K)
-    after_4 = population(4)
+    before_4 = population.select_top_k(greedy_population(3), TOP_K)
+    after_4 = greedy_population(4)
     # Algorithm 1's loop condition: the top-3 changed in generation 4 (model-4-3 entered).
-    decision = recommend.should_stop(after_4, TOP_K, recommend.lookup(_with_gen4_kinship()), previous_top_k=before_4)
-    assert recommend.TOPK_UNCHANGED not in decision.reasons
-    same = recommend.should_stop(
-        after_4, TOP_K, recommend.lookup(_with_gen4_kinship()), previous_top_k=decision.top_k, kinship_threshold=0.999
+    decision = stop.should_stop(after_4, TOP_K, population.lookup(_with_gen4_kinship()), previous_top_k=before_4)
+    assert stop.TOPK_UNCHANGED not in decision.reasons
+    same = stop.should_stop(
+        after_4, TOP_K, population.lookup(_with_gen4_kinship()), previous_top_k=decision.top_k, kinship_threshold=0.999
     )
-    assert same.reasons == [recommend.TOPK_UNCHANGED]
+    assert same.reasons == [stop.TOPK_UNCHANGED]
     # Generation 4's three merges gained -0.14, -0.19, +0.37: below 0.5 all, not all below 0.
-    plateau = recommend.should_stop(
-        after_4, TOP_K, recommend.lookup(_with_gen4_kinship()), gain_window=3, gain_threshold=0.5, kinship_threshold=0.999
+    plateau = stop.should_stop(
+        after_4, TOP_K, population.lookup(_with_gen4_kinship()), gain_window=3, gain_threshold=0.5, kinship_threshold=0.999
     )
-    assert plateau.reasons == [recommend.GAIN_PLATEAU]
+    assert plateau.reasons == [stop.GAIN_PLATEAU]
     assert [g.name for g in plateau.recent_gains] == ["model-4-1", "model-4-2", "model-4-3"]
-    no_plateau = recommend.should_stop(
-        after_4, TOP_K, recommend.lookup(_with_gen4_kinship()), gain_window=3, kinship_threshold=0.999
+    no_plateau = stop.should_stop(
+        after_4, TOP_K, population.lookup(_with_gen4_kinship()), gain_window=3, kinship_threshold=0.999
     )
     assert not no_plateau.stop
     # A window longer than the merges so far never fires.
-    assert recommend.GAIN_PLATEAU not in recommend.should_stop(
-        population(1), TOP_K, recommend.lookup(known_kinship()), gain_window=4, gain_threshold=10.0
+    assert stop.GAIN_PLATEAU not in stop.should_stop(
+        greedy_population(1), TOP_K, population.lookup(known_kinship()), gain_window=4, gain_threshold=10.0
     ).reasons
 
 
@@ -147,7 +147,7 @@ def _with_gen4_kinship() -> dict[tuple[str, str], float]:
 
 
 def test_rank_candidates_on_the_table_after_generation_2():
-    ranking = recommend.rank_candidates(population(2), TOP_K, recommend.lookup(known_kinship()))
+    ranking = rank.rank_candidates(greedy_population(2), TOP_K, population.lookup(known_kinship()))
     assert ranking.top_k == ["model-2-1", "model-1-3", "open-chat"]
     # (model-1-3, open-chat) made model-2-1, so it is not recommended again. Of the best
     # model's partners, model-1-3 (0.93) is less kin than open-chat (0.95): no top-3 member
@@ -157,8 +157,8 @@ def test_rank_candidates_on_the_table_after_generation_2():
     assert (exploration.first, exploration.second) == ("model-2-1", "model-1-3")
     assert exploration.kinship == 0.93
     assert [(r.first, r.second, r.kind) for r in ranking.recommendations] == [
-        ("model-2-1", "open-chat", recommend.GREEDY),
-        ("model-2-1", "model-1-3", recommend.EXPLORATION),
+        ("model-2-1", "open-chat", rank.GREEDY),
+        ("model-2-1", "model-1-3", rank.EXPLORATION),
     ]
     assert ranking.recommendations[0].mean_score == pytest.approx((68.72 + 66.28) / 2)
 
@@ -191,32 +191,32 @@ def test_exploration_pick_is_the_lowest_kinship_model():
     members, kin = _kin_population()
     # Top-4: ab 12, ac 11, a 10, bc 9.5. Best ab; candidates from the latest generation (1):
     # ac (0.8) and bc (0.3) -> bc, although a (0.9) and b are top-k/elsewhere.
-    ranking = recommend.rank_candidates(members, 4, recommend.lookup(kin))
+    ranking = rank.rank_candidates(members, 4, population.lookup(kin))
     assert ranking.top_k == ["ab", "ac", "a", "bc"]
     assert ranking.exploration is not None
     assert (ranking.exploration.first, ranking.exploration.second) == ("ab", "bc")
     # Without generations every top-k candidate counts: still bc (0.3 < 0.8 < 0.9).
     plain = [Member(m.name, m.score, None, m.parents) for m in members]
-    assert recommend.rank_candidates(plain, 4, recommend.lookup(kin)).exploration.second == "bc"  # type: ignore[union-attr]
+    assert rank.rank_candidates(plain, 4, population.lookup(kin)).exploration.second == "bc"  # type: ignore[union-attr]
     # Lower kin values elsewhere change the pick accordingly.
     kin[pair_key("ab", "ac")] = 0.05
-    assert recommend.rank_candidates(members, 4, recommend.lookup(kin)).exploration.second == "ac"  # type: ignore[union-attr]
+    assert rank.rank_candidates(members, 4, population.lookup(kin)).exploration.second == "ac"  # type: ignore[union-attr]
 
 
 def test_exploration_skips_merged_pairs_and_greedy_order():
     members, kin = _kin_population()
-    ranking = recommend.rank_candidates(members, 4, recommend.lookup(kin), merged_pairs=[("ab", "bc")])
+    ranking = rank.rank_candidates(members, 4, population.lookup(kin), merged_pairs=[("ab", "bc")])
     exploration = ranking.exploration
     assert exploration is not None and exploration.second == "ac"  # next least-kin of generation 1
     assert "skipped bc" in exploration.reason
-    greedy = [(r.first, r.second) for r in ranking.recommendations if r.kind == recommend.GREEDY]
+    greedy = [(r.first, r.second) for r in ranking.recommendations if r.kind == rank.GREEDY]
     # Not recommended: (ab, bc) merged, (ab, ac) is the exploration. A parent with its child
     # (ac, a) is a new pair and stays, as in Algorithm 1 ("every pair in S").
     # Mean scores: ab+a 11, ac+a 10.5, ac+bc 10.25, a+bc 9.75.
     assert greedy == [("ab", "a"), ("ac", "a"), ("ac", "bc"), ("a", "bc")]
     # Every pair of the best with a candidate merged: no exploration.
-    done = recommend.rank_candidates(
-        members, 4, recommend.lookup(kin), merged_pairs=[("ab", "bc"), ("ab", "ac"), ("ab", "a")]
+    done = rank.rank_candidates(
+        members, 4, population.lookup(kin), merged_pairs=[("ab", "bc"), ("ab", "ac"), ("ab", "a")]
     )
     assert done.exploration is None
     assert [(r.first, r.second) for r in done.recommendations] == [("ac", "a"), ("ac", "bc"), ("a", "bc")]
@@ -227,7 +227,7 @@ def test_greedy_ties_by_kinship_then_names():
     kin = {pair_key(a, b): 0.5 for a, b in [("p", "q"), ("p", "r"), ("p", "s"), ("q", "r"), ("q", "s"), ("r", "s")]}
     kin[pair_key("p", "q")] = 0.1
     kin[pair_key("r", "s")] = 0.2
-    ranking = recommend.rank_candidates(members, 4, recommend.lookup(kin), merged_pairs=[("p", "q")])
+    ranking = rank.rank_candidates(members, 4, population.lookup(kin), merged_pairs=[("p", "q")])
     # Top-4 by score, r before s by name at 4.0. Exploration from p: q merged; r, s both 0.5 -> r (rank).
     assert ranking.top_k == ["p", "r", "s", "q"]
     assert ranking.exploration is not None and ranking.exploration.second == "r"
@@ -238,7 +238,7 @@ def test_greedy_ties_by_kinship_then_names():
     # Euclidean: lower kinship means a larger distance, so the farther pair comes first.
     dist = {k: 1.0 for k in kin}
     dist[pair_key("s", "q")] = 3.0
-    euclid = recommend.rank_candidates(members, 4, recommend.lookup(dist), metric=recommend.EUCLIDEAN, merged_pairs=[("p", "q")])
+    euclid = rank.rank_candidates(members, 4, population.lookup(dist), metric=population.EUCLIDEAN, merged_pairs=[("p", "q")])
     tied = [(r.first, r.second) for r in euclid.recommendations if r.mean_score == 3.5]
     assert tied == [("s", "q"), ("r", "q")]
 
@@ -246,29 +246,29 @@ def test_greedy_ties_by_kinship_then_names():
 def test_euclidean_saturation_is_distance_at_or_below_threshold():
     members = [Member("x", 3.0), Member("y", 2.0), Member("z", 1.0)]
     dist = {pair_key("x", "y"): 0.1, pair_key("x", "z"): 0.2, pair_key("y", "z"): 0.3}
-    stop = recommend.should_stop(members, 3, recommend.lookup(dist), metric=recommend.EUCLIDEAN, kinship_threshold=0.2)
-    assert stop.stop and stop.aggregated_kinship == pytest.approx(0.2)
+    decision = stop.should_stop(members, 3, population.lookup(dist), metric=population.EUCLIDEAN, kinship_threshold=0.2)
+    assert decision.stop and decision.aggregated_kinship == pytest.approx(0.2)
     # MIN ("every pair saturated") takes the largest distance; MAX the smallest.
-    assert not recommend.should_stop(
-        members, 3, recommend.lookup(dist), metric=recommend.EUCLIDEAN, kinship_threshold=0.2, aggregation=recommend.MIN
+    assert not stop.should_stop(
+        members, 3, population.lookup(dist), metric=population.EUCLIDEAN, kinship_threshold=0.2, aggregation=stop.MIN
     ).stop
-    assert recommend.should_stop(
-        members, 3, recommend.lookup(dist), metric=recommend.EUCLIDEAN, kinship_threshold=0.1, aggregation=recommend.MAX
+    assert stop.should_stop(
+        members, 3, population.lookup(dist), metric=population.EUCLIDEAN, kinship_threshold=0.1, aggregation=stop.MAX
     ).stop
     with pytest.raises(InvalidArgument) as info:
-        recommend.should_stop(members, 3, recommend.lookup(dist), metric=recommend.EUCLIDEAN)
+        stop.should_stop(members, 3, population.lookup(dist), metric=population.EUCLIDEAN)
     assert info.value.field == "kinship_threshold"
 
 
 def test_top_k_ties_are_broken_by_name():
     members = [Member("b", 1.0), Member("a", 1.0), Member("c", 2.0)]
-    assert recommend.select_top_k(members, 2) == ["c", "a"]
-    assert recommend.select_top_k(list(reversed(members)), 2) == ["c", "a"]
+    assert population.select_top_k(members, 2) == ["c", "a"]
+    assert population.select_top_k(list(reversed(members)), 2) == ["c", "a"]
 
 
 def test_merged_pairs_include_parents():
     members, _ = _kin_population()
-    assert recommend.merged_pair_set(members, [("bc", "ab")]) == {
+    assert population.merged_pair_set(members, [("bc", "ab")]) == {
         ("a", "b"), ("a", "c"), ("b", "c"), ("ab", "bc")
     }
 
@@ -296,7 +296,7 @@ def test_merged_pairs_include_parents():
 )
 def test_validation_names_the_field(members, top_k, field):
     with pytest.raises(InvalidArgument) as info:
-        recommend.validate_population(members, top_k)
+        population.validate_population(members, top_k)
     assert info.value.field == field
     assert info.value.message
 
@@ -304,22 +304,22 @@ def test_validation_names_the_field(members, top_k, field):
 def test_validation_of_pairs_known_values_and_options():
     names = ["a", "b", "c"]
     with pytest.raises(InvalidArgument) as info:
-        recommend.validate_pairs([("a", "b"), ("a", "zz")], names)
+        population.validate_pairs([("a", "b"), ("a", "zz")], names)
     assert info.value.field == "merged_pairs[1].second"
     with pytest.raises(InvalidArgument) as info:
-        recommend.validate_pairs([("c", "c")], names)
+        population.validate_pairs([("c", "c")], names)
     assert info.value.field == "merged_pairs[0].second"
     with pytest.raises(InvalidArgument) as info:
-        recommend.validate_known([("a", "b", 0.5), ("b", "c", math.nan)], names, recommend.PCC)
+        population.validate_known([("a", "b", 0.5), ("b", "c", math.nan)], names, population.PCC)
     assert info.value.field == "known_kinship[1].value"
     with pytest.raises(InvalidArgument) as info:
-        recommend.validate_known([("a", "b", 1.5)], names, recommend.PCC)
+        population.validate_known([("a", "b", 1.5)], names, population.PCC)
     assert info.value.field == "known_kinship[0].value"
     with pytest.raises(InvalidArgument) as info:
-        recommend.validate_known([("a", "b", 0.5), ("b", "a", 0.6)], names, recommend.PCC)
+        population.validate_known([("a", "b", 0.5), ("b", "a", 0.6)], names, population.PCC)
     assert info.value.field == "known_kinship[1].value"
     with pytest.raises(InvalidArgument) as info:
-        recommend.validate_known([("x", "b", 0.5)], names, recommend.PCC)
+        population.validate_known([("x", "b", 0.5)], names, population.PCC)
     assert info.value.field == "known_kinship[0].pair.first"
     members = [Member(n, 1.0) for n in names]
     for options, field in [
@@ -331,7 +331,7 @@ def test_validation_of_pairs_known_values_and_options():
         ({"gain_threshold": math.inf}, "gain_threshold"),
     ]:
         with pytest.raises(InvalidArgument) as info:
-            recommend.should_stop(members, 2, lambda a, b: 0.5, **options)  # type: ignore[arg-type]
+            stop.should_stop(members, 2, lambda a, b: 0.5, **options)  # type: ignore[arg-type]
         assert info.value.field == field, options
 
 
@@ -339,24 +339,31 @@ def test_known_values_every_refusal_and_the_edges():
     """validate_known takes a one-comparison fast path; every refusal must still be the precise one."""
     names = ["a", "b", "c"]
     cases = [
-        ([("a", "zz", 0.5)], recommend.PCC, "known_kinship[0].pair.second"),
-        ([("a", "a", 0.5)], recommend.PCC, "known_kinship[0].pair.second"),
-        ([("a", "b", math.inf)], recommend.COSINE, "known_kinship[0].value"),
-        ([("a", "b", -1.5)], recommend.COSINE, "known_kinship[0].value"),
-        ([("a", "b", 0.5), ("c", "a", -0.1)], recommend.EUCLIDEAN, "known_kinship[1].value"),
-        ([("a", "b", math.inf)], recommend.EUCLIDEAN, "known_kinship[0].value"),
-        ([("a", "b", math.nan)], recommend.EUCLIDEAN, "known_kinship[0].value"),
-        ([("a", "b", 2.0), ("b", "a", 3.0)], recommend.EUCLIDEAN, "known_kinship[1].value"),
+        ([("a", "zz", 0.5)], population.PCC, "known_kinship[0].pair.second"),
+        ([("a", "a", 0.5)], population.PCC, "known_kinship[0].pair.second"),
+        ([("a", "b", math.inf)], population.COSINE, "known_kinship[0].value"),
+        ([("a", "b", -1.5)], population.COSINE, "known_kinship[0].value"),
+        ([("a", "b", 0.5), ("c", "a", -0.1)], population.EUCLIDEAN, "known_kinship[1].value"),
+        ([("a", "b", math.inf)], population.EUCLIDEAN, "known_kinship[0].value"),
+        ([("a", "b", math.nan)], population.EUCLIDEAN, "known_kinship[0].value"),
+        ([("a", "b", 2.0), ("b", "a", 3.0)], population.EUCLIDEAN, "known_kinship[1].value"),
     ]
     for known, metric, field in cases:
         with pytest.raises(InvalidArgument) as info:
-            recommend.validate_known(known, names, metric)
+            population.validate_known(known, names, metric)
         assert info.value.field == field, (known, metric)
-    accepted = recommend.validate_known(
-        [("b", "a", 1.0 + 1e-9), ("a", "b", 1.0 + 1e-9), ("c", "a", -1.0 - 1e-9)], names, recommend.PCC
+    accepted = population.validate_known(
+        [("b", "a", 1.0 + 1e-9), ("a", "b", 1.0 + 1e-9), ("c", "a", -1.0 - 1e-9)], names, population.PCC
     )
     assert accepted == {("a", "b"): 1.0 + 1e-9, ("a", "c"): -1.0 - 1e-9}
-    assert recommend.validate_known([("a", "b", 0.0), ("b", "c", 1e300)], names, recommend.EUCLIDEAN) == {
+    assert population.validate_known([("a", "b", 0.0), ("b", "c", 1e300)], names, population.EUCLIDEAN) == {
         ("a", "b"): 0.0,
         ("b", "c"): 1e300,
     }
+
+
+def test_recommend_names_the_objects_of_the_defining_modules():
+    """`guidance.recommend` (what the gRPC layer imports) re-exports population, rank and stop, no copies."""
+    for name in recommend.__all__:
+        homes = [m for m in (population, rank, stop) if name in vars(m)]
+        assert homes and getattr(recommend, name) is getattr(homes[0], name), name

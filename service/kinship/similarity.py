@@ -21,26 +21,30 @@ import torch
 
 METRICS = ("pcc", "cosine", "euclidean")
 
-_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
-_EMBED = re.compile(r"embed|wte|wpe|tok_embeddings|word_embeddings")
-_HEAD = re.compile(r"lm_head|(?:^|\.)norm\.|ln_f|final_layer_norm|(?:^|\.)output\.")
+# Tensor-name patterns, the one definition for kinship's layer groups and the merge's layer order.
+LAYER_NAME = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
+"""A numbered decoder layer in a tensor name (`model.layers.3.`, `h.3.`, `blocks.3.`, `layer.3.`); group 1 is its number."""
+EMBEDDING_NAME = re.compile(r"embed|wte|wpe|tok_embeddings|word_embeddings")
+"""Token and position embeddings: group `embed` of the breakdown; before the first layer in a merge."""
+FINAL_NAME = re.compile(r"lm_head|(?:^|\.)norm\.|ln_f|final_layer_norm|(?:^|\.)output\.")
+"""The final norm and the output head (`lm_head`, `norm.`, `ln_f`, `output.`): group `head` of the breakdown."""
 
 
 def layer_group(name: str) -> str:
     """The per-layer breakdown group of a tensor name: `layers.N`, `embed`, `head` or `other`."""
-    match = _LAYER.search(name)
+    match = LAYER_NAME.search(name)
     if match:
         return f"layers.{int(match.group(1))}"
-    if _EMBED.search(name):
+    if EMBEDDING_NAME.search(name):
         return "embed"
-    if _HEAD.search(name):
+    if FINAL_NAME.search(name):
         return "head"
     return "other"
 
 
 def layer_index(name: str) -> int | None:
     """The decoder layer number in a tensor name, or None outside numbered layers."""
-    match = _LAYER.search(name)
+    match = LAYER_NAME.search(name)
     return int(match.group(1)) if match else None
 
 
@@ -116,7 +120,8 @@ class Similarities:
         pairs = self.pairs()
         if not pairs:
             return (math.nan, math.nan, math.nan)
-        return tuple(sum(p[m] for p in pairs) / len(pairs) for m in (2, 3, 4))  # type: ignore[return-value]
+        count = len(pairs)
+        return (sum(p[2] for p in pairs) / count, sum(p[3] for p in pairs) / count, sum(p[4] for p in pairs) / count)
 
     def undefined_models(self) -> list[int]:
         """Models whose task vector is constant (zero variance), making PCC undefined."""

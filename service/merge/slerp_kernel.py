@@ -1,6 +1,6 @@
 """Fused CPU kernels for the SLERP merge: each reads a pair of input chunks once, in their stored dtype.
 
-The torch path of `merge_writer` converts both chunks to float32 (two passes), computes the
+The torch path of `merge/writer.py` converts both chunks to float32 (two passes), computes the
 reductions with a batched matmul, and later converts again, scales, adds and rounds to the
 output dtype (four more passes). Here:
 
@@ -20,7 +20,7 @@ output dtype (four more passes). Here:
   aside).
 
 Both kernels release the GIL, so the merge's worker threads run them in parallel. numba is
-optional: `available()` is False without it (or when `cpu_kernel` cannot load), and the merge
+optional: `available()` is False without it (`kinship/cpu_kernel_jit.py` imports it), and the merge
 keeps its torch path. Float64 inputs (and anything else unusual) also stay on torch
 (`supports`).
 """
@@ -30,105 +30,115 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
-from kinship_service.kinship import cpu_kernel
+from kinship_service.kinship import cpu_kernel_jit
+from kinship_service.kinship.cpu_kernel_jit import BF16, FLOAT, FP16, as_numpy
 from kinship_service.merge.slerp import Coefficients, SlerpStats
 
-_FLOAT, _BF16, _FP16 = 0, 1, 2
-_KIND = {torch.float32: _FLOAT, torch.bfloat16: _BF16, torch.float16: _FP16}
+_KIND = {torch.float32: FLOAT, torch.bfloat16: BF16, torch.float16: FP16}
 _NONE = -1
 
 log = logging.getLogger(__name__)
 
-if cpu_kernel.available():
-    from llvmlite import ir as _ir
+if cpu_kernel_jit.available():
+    from llvmlite import ir  # type: ignore[import-untyped]  # llvmlite ships no type information
     from numba import types
-    from numba.extending import intrinsic
 
-    from kinship_service.kinship.cpu_kernel import _f32_from_bits, _jit
+    from kinship_service.kinship.cpu_kernel_jit import f32_from_bits, intrinsic, jit
 
-    @intrinsic
-    def _bits_from_f32(typingctx, value):  # type: ignore[no-untyped-def]
-        """The uint32 bits of a float32 (no conversion)."""
+    def _bits_from_f32_typing(typingctx: Any, value: Any) -> tuple[Any, Callable[..., Any]]:
+        """Typing and code generation of `_bits_from_f32`."""
         sig = types.uint32(types.float32)
 
-        def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-            return builder.bitcast(args[0], _ir.IntType(32))
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            return builder.bitcast(args[0], ir.IntType(32))
 
         return sig, codegen
 
-    @intrinsic
-    def _f32_from_half_bits(typingctx, bits):  # type: ignore[no-untyped-def]
-        """The IEEE half with these uint16 bits, widened to float32 (exact; F16C where present)."""
+    _bits_from_f32: Callable[[np.float32], np.uint32] = intrinsic(_bits_from_f32_typing)
+    """The uint32 bits of a float32 (no conversion)."""
+
+    def _f32_from_half_bits_typing(typingctx: Any, bits: Any) -> tuple[Any, Callable[..., Any]]:
+        """Typing and code generation of `_f32_from_half_bits`."""
         sig = types.float32(types.uint16)
 
-        def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-            return builder.fpext(builder.bitcast(args[0], _ir.HalfType()), _ir.FloatType())
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
 
         return sig, codegen
 
-    @intrinsic
-    def _half_bits_from_f32(typingctx, value):  # type: ignore[no-untyped-def]
-        """float32 -> IEEE half (round to nearest even), as its uint16 bits."""
+    _f32_from_half_bits: Callable[[np.uint16], np.float32] = intrinsic(_f32_from_half_bits_typing)
+    """The IEEE half with these uint16 bits, widened to float32 (exact; F16C where present)."""
+
+    def _half_bits_from_f32_typing(typingctx: Any, value: Any) -> tuple[Any, Callable[..., Any]]:
+        """Typing and code generation of `_half_bits_from_f32`."""
         sig = types.uint16(types.float32)
 
-        def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-            return builder.bitcast(builder.fptrunc(args[0], _ir.HalfType()), _ir.IntType(16))
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
 
         return sig, codegen
 
-    @intrinsic
-    def _fma32(typingctx, x, y, z):  # type: ignore[no-untyped-def]
-        """x * y + z with one rounding (llvm.fma.f32; vectorised to vfmadd)."""
+    _half_bits_from_f32: Callable[[np.float32], np.uint16] = intrinsic(_half_bits_from_f32_typing)
+    """float32 -> IEEE half (round to nearest even), as its uint16 bits."""
+
+    def _fma32_typing(typingctx: Any, x: Any, y: Any, z: Any) -> tuple[Any, Callable[..., Any]]:
+        """Typing and code generation of `_fma32`."""
         sig = types.float32(types.float32, types.float32, types.float32)
 
-        def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-            f32 = _ir.FloatType()
-            fn = builder.module.declare_intrinsic("llvm.fma", [f32], _ir.FunctionType(f32, [f32, f32, f32]))
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            f32 = ir.FloatType()
+            fn = builder.module.declare_intrinsic("llvm.fma", [f32], ir.FunctionType(f32, [f32, f32, f32]))
             return builder.call(fn, args)
 
         return sig, codegen
 
-    @_jit(inline="always")
-    def _load(x, kind, i):  # type: ignore[no-untyped-def]
-        """Element i of a stored row as float32 (exact): bf16/fp16 from their uint16 bits."""
-        if kind == _BF16:
-            return _f32_from_bits(np.uint32(x[i]) << np.uint32(16))
-        if kind == _FP16:
-            return _f32_from_half_bits(np.uint16(x[i]))
-        return np.float32(x[i])
+    _fma32: Callable[[np.float32, np.float32, np.float32], np.float32] = intrinsic(_fma32_typing)
+    """x * y + z with one rounding (llvm.fma.f32; vectorised to vfmadd)."""
 
-    @_jit(inline="always")
-    def _bf16_bits(r):  # type: ignore[no-untyped-def]
+    @jit(inline="always")
+    def _load(x: npt.NDArray[Any], kind: int, i: int) -> np.float32:
+        """Element i of a stored row as float32 (exact): bf16/fp16 from their uint16 bits."""
+        if kind == BF16:
+            return f32_from_bits(np.uint32(x[i]) << np.uint32(16))
+        if kind == FP16:
+            return _f32_from_half_bits(np.uint16(x[i]))
+        return np.float32(x[i])  # type: ignore[no-any-return]  # numpy's scalar stubs are untyped under Python 3.10
+
+    @jit(inline="always")
+    def _bf16_bits(r: np.float32) -> np.uint16:
         """float32 -> bfloat16 bits, round to nearest even (c10::BFloat16's round_to_nearest_even)."""
         if r != r:
-            return np.uint16(0x7FC0)
+            return np.uint16(0x7FC0)  # type: ignore[no-any-return]  # numpy's scalar stubs are untyped under Python 3.10
         u = _bits_from_f32(r)
-        return np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+        return np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))  # type: ignore[no-any-return]  # numpy's scalar stubs are untyped under Python 3.10
 
-    @_jit(inline="always")
-    def _round_to(r, kind):  # type: ignore[no-untyped-def]
+    @jit(inline="always")
+    def _round_to(r: np.float32, kind: int) -> np.float32:
         """float32 r rounded to `kind` and widened back to float32 (mergekit's intermediate cast)."""
-        if kind == _BF16:
-            return _f32_from_bits(np.uint32(_bf16_bits(r)) << np.uint32(16))
-        if kind == _FP16:
+        if kind == BF16:
+            return f32_from_bits(np.uint32(_bf16_bits(r)) << np.uint32(16))
+        if kind == FP16:
             return _f32_from_half_bits(_half_bits_from_f32(r))
         return r
 
-    @_jit(inline="always")
-    def _store(out, kind, i, r):  # type: ignore[no-untyped-def]
-        if kind == _BF16:
+    @jit(inline="always")
+    def _store(out: npt.NDArray[Any], kind: int, i: int, r: np.float32) -> None:
+        if kind == BF16:
             out[i] = _bf16_bits(r)
-        elif kind == _FP16:
+        elif kind == FP16:
             out[i] = _half_bits_from_f32(r)
         else:
             out[i] = r
 
-    @_jit(inline="always", fastmath={"reassoc", "contract"})
-    def _reduce_loop(a, b, ka, kb, n):  # type: ignore[no-untyped-def]
+    @jit(inline="always", fastmath={"reassoc", "contract"})
+    def _reduce_loop(a: npt.NDArray[Any], b: npt.NDArray[Any], ka: int, kb: int, n: int) -> tuple[float, float, float]:
         aa = 0.0
         bb = 0.0
         ab = 0.0
@@ -140,24 +150,36 @@ if cpu_kernel.available():
             ab += x * y
         return aa, bb, ab
 
-    @_jit(nogil=True, fastmath={"reassoc", "contract"})
-    def _reduce(a, b, ka, kb, result):  # type: ignore[no-untyped-def]
+    @jit(nogil=True, fastmath={"reassoc", "contract"})
+    def _reduce(a: npt.NDArray[Any], b: npt.NDArray[Any], ka: int, kb: int, result: npt.NDArray[np.float64]) -> None:
         """result[:] = (<a,a>, <b,b>, <a,b>) in float64; float64 reassociation only (no nnan/ninf)."""
         n = a.size
-        if ka == _BF16 and kb == _BF16:
-            aa, bb, ab = _reduce_loop(a, b, _BF16, _BF16, n)
-        elif ka == _FP16 and kb == _FP16:
-            aa, bb, ab = _reduce_loop(a, b, _FP16, _FP16, n)
-        elif ka == _FLOAT and kb == _FLOAT:
-            aa, bb, ab = _reduce_loop(a, b, _FLOAT, _FLOAT, n)
+        if ka == BF16 and kb == BF16:
+            aa, bb, ab = _reduce_loop(a, b, BF16, BF16, n)
+        elif ka == FP16 and kb == FP16:
+            aa, bb, ab = _reduce_loop(a, b, FP16, FP16, n)
+        elif ka == FLOAT and kb == FLOAT:
+            aa, bb, ab = _reduce_loop(a, b, FLOAT, FLOAT, n)
         else:
             aa, bb, ab = _reduce_loop(a, b, ka, kb, n)
         result[0] = aa
         result[1] = bb
         result[2] = ab
 
-    @_jit(inline="always")
-    def _interp_loop(a, b, out, ka, kb, km, ko, ca, cb, fused, n):  # type: ignore[no-untyped-def]
+    @jit(inline="always")
+    def _interp_loop(
+        a: npt.NDArray[Any],
+        b: npt.NDArray[Any],
+        out: npt.NDArray[Any],
+        ka: int,
+        kb: int,
+        km: int,
+        ko: int,
+        ca: np.float32,
+        cb: np.float32,
+        fused: bool,
+        n: int,
+    ) -> None:
         for i in range(n):
             x = _load(a, ka, i) * ca
             y = _load(b, kb, i)
@@ -168,29 +190,40 @@ if cpu_kernel.available():
             _store(out, ko, i, _round_to(r, km))
 
     # No fastmath here: every float32 operation must round exactly as torch's does.
-    @_jit(nogil=True)
-    def _interpolate(a, b, out, ka, kb, km, ko, ca, cb, fused):  # type: ignore[no-untyped-def]
+    @jit(nogil=True)
+    def _interpolate(
+        a: npt.NDArray[Any],
+        b: npt.NDArray[Any],
+        out: npt.NDArray[Any],
+        ka: int,
+        kb: int,
+        km: int,
+        ko: int,
+        ca: np.float32,
+        cb: np.float32,
+        fused: bool,
+    ) -> None:
         """out[i] = round_ko(round_km(fma(b[i], cb, fl32(a[i] * ca)))) for every i."""
         n = a.size
         if fused and km == _NONE and ka == kb and ka == ko:
-            if ka == _BF16:
-                _interp_loop(a, b, out, _BF16, _BF16, _NONE, _BF16, ca, cb, True, n)
-            elif ka == _FP16:
-                _interp_loop(a, b, out, _FP16, _FP16, _NONE, _FP16, ca, cb, True, n)
+            if ka == BF16:
+                _interp_loop(a, b, out, BF16, BF16, _NONE, BF16, ca, cb, True, n)
+            elif ka == FP16:
+                _interp_loop(a, b, out, FP16, FP16, _NONE, FP16, ca, cb, True, n)
             else:
-                _interp_loop(a, b, out, _FLOAT, _FLOAT, _NONE, _FLOAT, ca, cb, True, n)
-        elif fused and km == _NONE and ka == kb and ka == _FLOAT:
-            if ko == _BF16:
-                _interp_loop(a, b, out, _FLOAT, _FLOAT, _NONE, _BF16, ca, cb, True, n)
+                _interp_loop(a, b, out, FLOAT, FLOAT, _NONE, FLOAT, ca, cb, True, n)
+        elif fused and km == _NONE and ka == kb and ka == FLOAT:
+            if ko == BF16:
+                _interp_loop(a, b, out, FLOAT, FLOAT, _NONE, BF16, ca, cb, True, n)
             else:
-                _interp_loop(a, b, out, _FLOAT, _FLOAT, _NONE, ko, ca, cb, True, n)
+                _interp_loop(a, b, out, FLOAT, FLOAT, _NONE, ko, ca, cb, True, n)
         else:
             _interp_loop(a, b, out, ka, kb, km, ko, ca, cb, fused, n)
 
 
 def available() -> bool:
     """Whether the kernels can run here (numba importable); else the merge uses its torch path."""
-    return cpu_kernel.available()
+    return cpu_kernel_jit.available()
 
 
 _checked: dict[tuple[torch.dtype, ...], bool] = {}
@@ -219,15 +252,6 @@ def supports(dtype_a: torch.dtype, dtype_b: torch.dtype, out_dtype: torch.dtype,
     return ok
 
 
-def _as_numpy(row: torch.Tensor) -> np.ndarray:
-    """A zero-copy numpy view of a contiguous 1-D CPU tensor; bf16 and fp16 as their uint16 bits."""
-    if not row.is_contiguous() or row.dim() != 1:
-        raise ValueError("the kernels take flat contiguous chunks")
-    if row.dtype in (torch.bfloat16, torch.float16):
-        return row.detach().view(torch.int16).numpy().view(np.uint16)
-    return row.detach().numpy()
-
-
 _probe_lock = threading.Lock()
 _fuses: bool | None = None
 
@@ -253,7 +277,7 @@ def reduce_pair(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
         raise ValueError(f"chunks differ in length: {a.numel()} vs {b.numel()}")
     result = np.zeros(3, dtype=np.float64)
     if a.numel():
-        _reduce(_as_numpy(a), _as_numpy(b), _KIND[a.dtype], _KIND[b.dtype], result)
+        _reduce(as_numpy(a), as_numpy(b), _KIND[a.dtype], _KIND[b.dtype], result)
     return float(result[0]), float(result[1]), float(result[2])
 
 
@@ -277,9 +301,9 @@ def interpolate(a: torch.Tensor, b: torch.Tensor, coefficients: Coefficients, ou
         return
     middle = _KIND[intermediate] if intermediate not in (torch.float32, out.dtype) else _NONE
     _interpolate(
-        _as_numpy(a),
-        _as_numpy(b),
-        _as_numpy(out),
+        as_numpy(a),
+        as_numpy(b),
+        as_numpy(out),
         _KIND[a.dtype],
         _KIND[b.dtype],
         middle,

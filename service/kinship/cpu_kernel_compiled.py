@@ -1,0 +1,317 @@
+"""The numba-compiled loops of the exact pass: tiles of stored rows in, float64 moments and sketches out.
+
+`cpu_kernel.py` drives them (work items, threads, the reduction of their partials); this
+module is only the compiled arithmetic, imported when `cpu_kernel_jit.available()`. A work
+item is `SUPER_BLOCK` elements of a chunk (`moments_kernel`) or one span of sketch buckets
+(`sketch_kernel`); either walks its elements in L1-sized tiles: `_load_tile` widens the base
+and model elements of a tile to float64 (bf16/fp16 from their bits, so nothing is rounded)
+and subtracts the base, then `_tile_stats` adds every per-model sum, Gram entry and direct
+squared distance `sum((d_i - d_j)^2)` of the tile to the work item's partials, reading each
+tile row once per group of four models (`_self4`, `_cross4x2`: register-blocked, vectorised).
+
+Annotations here document what the driver passes; numba types the arguments at each call.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from numba.np.numpy_support import carray
+
+from kinship_service.kinship.cpu_kernel_jit import BF16, FASTMATH, FP16, f32_from_bits, f64_from_half_bits, jit, pointer
+
+SUPER_BLOCK = 1 << 16
+"""Elements per parallel work item. Fixed (not derived from the thread count) so the
+summation order, hence every bit of the result, is the same on any machine."""
+
+
+@jit(fastmath=FASTMATH)
+def _widen(src: npt.NDArray[Any], kind: int, base: npt.NDArray[np.float64], k: int, out: npt.NDArray[np.float64]) -> None:
+    """out[:k] = float64(src[:k]) - base[:k], the widening exact for every stored dtype."""
+    if kind == BF16:
+        # bf16 is the upper half of a float32: shift its bits up, reinterpret, widen.
+        for t in range(k):
+            out[t] = np.float64(f32_from_bits(np.uint32(src[t]) << np.uint32(16))) - base[t]
+    elif kind == FP16:
+        for t in range(k):
+            out[t] = f64_from_half_bits(np.uint16(src[t])) - base[t]
+    else:
+        for t in range(k):
+            out[t] = np.float64(src[t]) - base[t]
+
+@jit(fastmath=FASTMATH)
+def _self4(tile: npt.NDArray[np.float64], r0: int, r1: int, r2: int, r3: int, k: int) -> tuple[float, ...]:
+    """One read of four delta rows: their 4 sums, 10 Gram entries and 6 squared distances."""
+    a, b, c, d = tile[r0], tile[r1], tile[r2], tile[r3]
+    sa = sb = sc = sd = 0.0
+    gaa = gab = gac = gad = gbb = gbc = gbd = gcc = gcd = gdd = 0.0
+    qab = qac = qad = qbc = qbd = qcd = 0.0
+    for t in range(k):
+        x, y, z, w = a[t], b[t], c[t], d[t]
+        sa += x
+        sb += y
+        sc += z
+        sd += w
+        gaa += x * x
+        gab += x * y
+        gac += x * z
+        gad += x * w
+        gbb += y * y
+        gbc += y * z
+        gbd += y * w
+        gcc += z * z
+        gcd += z * w
+        gdd += w * w
+        e = x - y
+        qab += e * e
+        e = x - z
+        qac += e * e
+        e = x - w
+        qad += e * e
+        e = y - z
+        qbc += e * e
+        e = y - w
+        qbd += e * e
+        e = z - w
+        qcd += e * e
+    return (sa, sb, sc, sd, gaa, gab, gac, gad, gbb, gbc, gbd, gcc, gcd, gdd, qab, qac, qad, qbc, qbd, qcd)
+
+@jit(fastmath=FASTMATH)
+def _self3(tile: npt.NDArray[np.float64], r0: int, r1: int, r2: int, k: int) -> tuple[float, ...]:
+    """_self4 for three rows: 3 sums, 6 Gram entries, 3 squared distances."""
+    a, b, c = tile[r0], tile[r1], tile[r2]
+    sa = sb = sc = 0.0
+    gaa = gab = gac = gbb = gbc = gcc = 0.0
+    qab = qac = qbc = 0.0
+    for t in range(k):
+        x, y, z = a[t], b[t], c[t]
+        sa += x
+        sb += y
+        sc += z
+        gaa += x * x
+        gab += x * y
+        gac += x * z
+        gbb += y * y
+        gbc += y * z
+        gcc += z * z
+        e = x - y
+        qab += e * e
+        e = x - z
+        qac += e * e
+        e = y - z
+        qbc += e * e
+    return (sa, sb, sc, gaa, gab, gac, gbb, gbc, gcc, qab, qac, qbc)
+
+@jit(fastmath=FASTMATH)
+def _self2(tile: npt.NDArray[np.float64], r0: int, r1: int, k: int) -> tuple[float, ...]:
+    """_self4 for two rows: 2 sums, 3 Gram entries, 1 squared distance."""
+    a, b = tile[r0], tile[r1]
+    sa = sb = gaa = gab = gbb = qab = 0.0
+    for t in range(k):
+        x, y = a[t], b[t]
+        sa += x
+        sb += y
+        gaa += x * x
+        gab += x * y
+        gbb += y * y
+        e = x - y
+        qab += e * e
+    return (sa, sb, gaa, gab, gbb, qab)
+
+@jit(fastmath=FASTMATH)
+def _self1(tile: npt.NDArray[np.float64], r0: int, k: int) -> tuple[float, ...]:
+    """_self4 for one row: its sum and squared norm."""
+    a = tile[r0]
+    sa = gaa = 0.0
+    for t in range(k):
+        x = a[t]
+        sa += x
+        gaa += x * x
+    return (sa, gaa)
+
+@jit()
+def _add_self(acc: npt.NDArray[np.float64], n: int, m: int, size: int, stats: tuple[float, ...], gram: npt.NDArray[np.int64], sq: npt.NDArray[np.int64]) -> None:
+    """Add a _selfK result for models m..m+size-1 into acc; gram/sq[i, j] locate entries in stats."""
+    for i in range(size):
+        acc[m + i] += stats[i]
+        for j in range(i, size):
+            acc[n + (m + i) * n + m + j] += stats[gram[i, j]]
+            if j > i:
+                acc[n + n * n + (m + i) * n + m + j] += stats[sq[i, j]]
+
+@jit(fastmath=FASTMATH)
+def _cross4x2(tile: npt.NDArray[np.float64], r0: int, r1: int, r2: int, r3: int, c0: int, c1: int, k: int) -> tuple[float, ...]:
+    """One read of rows r0..r3 and c0, c1: their 8 cross Gram entries and 8 squared distances."""
+    a, b, c, d = tile[r0], tile[r1], tile[r2], tile[r3]
+    u, v = tile[c0], tile[c1]
+    gau = gbu = gcu = gdu = gav = gbv = gcv = gdv = 0.0
+    qau = qbu = qcu = qdu = qav = qbv = qcv = qdv = 0.0
+    for t in range(k):
+        x, y, z, w, p, q = a[t], b[t], c[t], d[t], u[t], v[t]
+        gau += x * p
+        gbu += y * p
+        gcu += z * p
+        gdu += w * p
+        gav += x * q
+        gbv += y * q
+        gcv += z * q
+        gdv += w * q
+        e = x - p
+        qau += e * e
+        e = y - p
+        qbu += e * e
+        e = z - p
+        qcu += e * e
+        e = w - p
+        qdu += e * e
+        e = x - q
+        qav += e * e
+        e = y - q
+        qbv += e * e
+        e = z - q
+        qcv += e * e
+        e = w - q
+        qdv += e * e
+    return (gau, gbu, gcu, gdu, gav, gbv, gcv, gdv, qau, qbu, qcu, qdu, qav, qbv, qcv, qdv)
+
+# Where a _selfK result holds the Gram entry / squared distance of its rows i <= j.
+_GRAM4 = np.array([[4, 5, 6, 7], [0, 8, 9, 10], [0, 0, 11, 12], [0, 0, 0, 13]], dtype=np.int64)
+_SQ4 = np.array([[0, 14, 15, 16], [0, 0, 17, 18], [0, 0, 0, 19], [0, 0, 0, 0]], dtype=np.int64)
+_GRAM3 = np.array([[3, 4, 5], [0, 6, 7], [0, 0, 8]], dtype=np.int64)
+_SQ3 = np.array([[0, 9, 10], [0, 0, 11], [0, 0, 0]], dtype=np.int64)
+_GRAM2 = np.array([[2, 3], [0, 4]], dtype=np.int64)
+_SQ2 = np.array([[0, 5], [0, 0]], dtype=np.int64)
+_GRAM1 = np.array([[1]], dtype=np.int64)
+_SQ1 = np.array([[0]], dtype=np.int64)
+
+@jit(fastmath=FASTMATH)
+def _signed(signs: npt.NDArray[np.int8], lo: int, sign: float, k: int, out: npt.NDArray[np.float64]) -> None:
+    """out[:k] = sign * S[lo:lo+k] as float64 (+-1.0), shared by the n rows of a tile."""
+    s = signs[lo : lo + k]
+    for u in range(k):
+        out[u] = sign * np.float64(s[u])
+
+@jit(fastmath=FASTMATH)
+def _sketch_add(out: npt.NDArray[np.float64], factor: npt.NDArray[np.float64], delta: npt.NDArray[np.float64], k: int) -> None:
+    """out[:k] += factor[:k] * delta[:k] (exact products: +-delta)."""
+    for u in range(k):
+        out[u] += factor[u] * delta[u]
+
+@jit(fastmath=FASTMATH)
+def _tile_stats(tile: npt.NDArray[np.float64], n: int, k: int, acc: npt.NDArray[np.float64]) -> None:
+    """Add the sums, Gram entries and squared distances of tile rows 1..n (k elements) to acc."""
+    zero = n + 1
+    for g in range((n + 3) // 4):
+        m = 4 * g  # models m..m+3 are tile rows m+1..m+4; only the last group may be smaller
+        size = min(4, n - m)
+        if size == 4:
+            _add_self(acc, n, m, 4, _self4(tile, m + 1, m + 2, m + 3, m + 4, k), _GRAM4, _SQ4)
+        elif size == 3:
+            _add_self(acc, n, m, 3, _self3(tile, m + 1, m + 2, m + 3, k), _GRAM3, _SQ3)
+        elif size == 2:
+            _add_self(acc, n, m, 2, _self2(tile, m + 1, m + 2, k), _GRAM2, _SQ2)
+        else:
+            _add_self(acc, n, m, 1, _self1(tile, m + 1, k), _GRAM1, _SQ1)
+        for h in range(m + 4, n, 2):  # later models, two at a time
+            other = h + 2 if h + 1 < n else zero  # an odd last model pairs with zeros
+            cross = _cross4x2(tile, m + 1, m + 2, m + 3, m + 4, h + 1, other, k)
+            for i in range(4):  # group g is full, since later models exist
+                for j in range(2):
+                    if h + j < n:
+                        acc[n + (m + i) * n + h + j] += cross[4 * j + i]
+                        acc[n + n * n + (m + i) * n + h + j] += cross[8 + 4 * j + i]
+
+@jit(fastmath=FASTMATH)
+def _load_tile(addresses: npt.NDArray[np.int64], like: npt.NDArray[Any], kind: int, start: int, k: int, tile: npt.NDArray[np.float64]) -> None:
+    """Tile row 0 = the base's elements start..start+k-1 (float64), rows 1..n = the deltas."""
+    n = addresses.size - 1
+    itemsize = like.itemsize
+    base = tile[0]
+    source = carray(pointer(addresses[0] + start * itemsize, like), (k,))
+    _widen(source, kind, tile[n + 1], k, base)
+    for i in range(n):
+        source = carray(pointer(addresses[i + 1] + start * itemsize, like), (k,))
+        _widen(source, kind, base, k, tile[i + 1])
+
+@jit(nogil=True, fastmath=FASTMATH)
+def moments_kernel(
+    addresses: npt.NDArray[np.int64],
+    like: npt.NDArray[Any],
+    kind: int,
+    length: int,
+    tile_elements: int,
+    partials: npt.NDArray[np.float64],
+    first: int,
+    last: int,
+) -> None:
+    """Fused statistics of work items first..last-1 of one chunk (runs without the GIL).
+
+    addresses[i] is where row i's elements start (rows[0] the base, then n models;
+    each `length` elements of like.dtype). partials[b] receives work item b's
+    [sums (n) | gram (n*n, upper triangle) | sq_dist (n*n, strict upper triangle)].
+    """
+    n = addresses.size - 1
+    for block in range(first, last):
+        # Tile rows: 0 the base values, 1..n the deltas, n + 1 zeros (padding of groups).
+        tile = np.zeros((n + 2, tile_elements), dtype=np.float64)
+        acc = partials[block]
+        acc[:] = 0.0
+        stop = min(length, (block + 1) * SUPER_BLOCK)
+        for start in range(block * SUPER_BLOCK, stop, tile_elements):
+            k = min(tile_elements, stop - start)
+            _load_tile(addresses, like, kind, start, k, tile)
+            _tile_stats(tile, n, k, acc)
+
+@jit(nogil=True, fastmath=FASTMATH)
+def sketch_kernel(
+    addresses: npt.NDArray[np.int64],
+    like: npt.NDArray[Any],
+    kind: int,
+    tile_elements: int,
+    partials: npt.NDArray[np.float64],
+    first: int,
+    last: int,
+    item_span: npt.NDArray[np.int64],
+    item_first: npt.NDArray[np.int64],
+    seg_start: npt.NDArray[np.int64],
+    seg_length: npt.NDArray[np.int64],
+    seg_lo: npt.NDArray[np.int64],
+    seg_sign: npt.NDArray[np.float64],
+    seg_bucket: npt.NDArray[np.int64],
+    sketch: npt.NDArray[np.float64],
+    signs: npt.NDArray[np.int8],
+    span: int,
+) -> None:
+    """The statistics AND the sketch of work items first..last-1 of one chunk (without the GIL).
+
+    Work item w owns sketch buckets [item_span[w] * span, +span): its segments
+    item_first[w]..item_first[w+1]-1 are the runs of the chunk's elements (from every
+    sketch block) hashed there: seg_length[s] elements from chunk index seg_start[s],
+    at sign-table index seg_lo[s], block sign seg_sign[s], bucket seg_bucket[s] of the
+    span. Their sketch is summed in a small local buffer and added to `sketch` once,
+    so work items never add to the same bucket (no races) and each bucket is
+    read-modified-written once per chunk, not once per sketch block.
+    """
+    n = addresses.size - 1
+    for w in range(first, last):
+        tile = np.zeros((n + 2, tile_elements), dtype=np.float64)
+        factor = np.empty(tile_elements, dtype=np.float64)
+        local = np.zeros((n, span), dtype=np.float64)
+        acc = partials[w]
+        acc[:] = 0.0
+        for s in range(item_first[w], item_first[w + 1]):
+            for offset in range(0, seg_length[s], tile_elements):
+                k = min(tile_elements, seg_length[s] - offset)
+                _load_tile(addresses, like, kind, seg_start[s] + offset, k, tile)
+                _tile_stats(tile, n, k, acc)
+                bucket = seg_bucket[s] + offset
+                _signed(signs, seg_lo[s] + offset, seg_sign[s], k, factor)
+                for i in range(n):
+                    _sketch_add(local[i, bucket : bucket + k], factor, tile[i + 1], k)
+        b0 = item_span[w] * span
+        for i in range(n):
+            target, source = sketch[i, b0 : b0 + span], local[i]
+            for u in range(span):
+                target[u] += source[u]

@@ -1,0 +1,143 @@
+"""numba for the fused CPU kernels: where its cache lives, whether it imports, and the bit-level primitives.
+
+Shared by the exact pass's kernels (`cpu_kernel_compiled.py`) and the SLERP merge's
+(`merge/slerp_kernel.py`). Importing this module points numba's on-disk cache at a writable
+place first (`_ensure_cache_dir`), then imports numba; numba is optional, so `available()`
+says whether it did, and the callers keep their torch paths when it did not.
+
+When numba is present this module also defines `jit` (njit with the on-disk cache, or in
+memory where no cache location is writable), `intrinsic` (numba's, typed for callers) and
+the three LLVM intrinsics numba lacks: `f32_from_bits`, `f64_from_half_bits`, `pointer`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+# How a kernel reads a stored row (its `kind` argument): floats as they are, bf16 and fp16
+# from their uint16 bits.
+FLOAT, BF16, FP16 = 0, 1, 2
+
+
+def _ensure_cache_dir() -> None:
+    """Point numba's on-disk cache at a writable place when the default would not be.
+
+    numba caches next to this source file, else in a per-user cache dir; in a read-only
+    container neither may be writable. `NUMBA_CACHE_DIR`, when set and writable, wins;
+    when set but read-only (the image's pre-filled cache under a read-only root
+    filesystem: numba only uses a cache it can write), it is copied to a writable place.
+    """
+    configured = os.environ.get("NUMBA_CACHE_DIR")
+    fallback = os.path.join(tempfile.gettempdir(), "kinship-numba-cache")
+    if configured:
+        if os.access(configured, os.W_OK) or not os.path.isdir(configured):
+            return
+        try:
+            shutil.copytree(configured, fallback, dirs_exist_ok=True)
+            os.environ["NUMBA_CACHE_DIR"] = fallback
+        except OSError:
+            pass  # jit then compiles without an on-disk cache
+        return
+    if os.access(os.path.dirname(os.path.abspath(__file__)), os.W_OK):
+        return
+    try:
+        os.makedirs(fallback, exist_ok=True)
+        os.environ["NUMBA_CACHE_DIR"] = fallback
+    except OSError:
+        pass  # jit then compiles without an on-disk cache
+
+
+_ensure_cache_dir()
+try:
+    from numba import njit
+except ImportError as exc:  # optional dependency: the torch paths stay
+    IMPORT_ERROR: str | None = f"numba is not importable ({exc})"
+else:
+    IMPORT_ERROR = None
+
+
+def available() -> bool:
+    """Whether the fused kernels can run here (numba importable); else the callers use torch."""
+    return IMPORT_ERROR is None
+
+
+def as_numpy(row: torch.Tensor) -> npt.NDArray[Any]:
+    """A zero-copy numpy view of a flat contiguous CPU tensor, for a kernel; bf16 and fp16 as their uint16 bits."""
+    if not row.is_contiguous() or row.dim() != 1:
+        raise ValueError("the kernels take flat contiguous chunks")
+    if row.dtype in (torch.bfloat16, torch.float16):
+        return row.detach().view(torch.int16).numpy().view(np.uint16)
+    return row.detach().numpy()
+
+
+if IMPORT_ERROR is None:
+    from llvmlite import ir  # type: ignore[import-untyped]  # llvmlite ships no type information
+    from numba import types
+    from numba.extending import intrinsic as _numba_intrinsic
+
+    FASTMATH = {"reassoc", "contract"}
+    """Reorder and fuse float64 additions only (vectorised reductions, FMA): no nnan/ninf, so NaN
+    and inf still propagate. Reassociation changes rounding far below 1e-12."""
+
+    def jit(**options: Any) -> Callable[[Callable[..., Any]], Any]:
+        """numba's `njit(**options)` with its on-disk cache; in memory when no cache location is writable.
+
+        The compiled function is typed `Any`: numba types its arguments at each call, not from
+        annotations.
+        """
+
+        def wrap(fn: Callable[..., Any]) -> Any:
+            try:
+                return njit(cache=True, **options)(fn)
+            except RuntimeError:  # no writable cache location: compile in memory at warm-up
+                return njit(cache=False, **options)(fn)
+
+        return wrap
+
+    def intrinsic(fn: Callable[..., tuple[Any, Callable[..., Any]]]) -> Any:
+        """numba's `@intrinsic`: compiled code calls the result without the typing context argument."""
+        return _numba_intrinsic(fn)
+
+    def _f32_from_bits_typing(typingctx: Any, bits: Any) -> tuple[Any, Callable[..., Any]]:
+        """Typing and code generation of `f32_from_bits`."""
+        sig = types.float32(types.uint32)
+
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            return builder.bitcast(args[0], ir.FloatType())
+
+        return sig, codegen
+
+    f32_from_bits: Callable[[np.uint32], np.float32] = intrinsic(_f32_from_bits_typing)
+    """Reinterpret a uint32 as the float32 with those bits (no conversion)."""
+
+    def _f64_from_half_bits_typing(typingctx: Any, bits: Any) -> tuple[Any, Callable[..., Any]]:
+        """Typing and code generation of `f64_from_half_bits`."""
+        sig = types.float64(types.uint16)
+
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.DoubleType())
+
+        return sig, codegen
+
+    f64_from_half_bits: Callable[[np.uint16], np.float64] = intrinsic(_f64_from_half_bits_typing)
+    """The IEEE half with these uint16 bits, widened to float64 (exact; F16C where present)."""
+
+    def _pointer_typing(typingctx: Any, address: Any, like: Any) -> tuple[Any, Callable[..., Any]]:
+        """Typing and code generation of `pointer`."""
+        sig = types.CPointer(like.dtype)(address, like)  # type: ignore[no-untyped-call]  # numba leaves CPointer's __init__ unannotated
+
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
+
+        return sig, codegen
+
+    pointer: Callable[[Any, npt.NDArray[Any]], Any] = intrinsic(_pointer_typing)
+    """The integer `address` as a pointer to elements of `like`'s dtype."""
