@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from kinship_service.checkpoints.sources import SINGLE_FILE, Checkpoint
 from kinship_service.checkpoints.streaming import DTYPES, FLOATING, ITEMSIZE, TensorInfo
 from kinship_service.errors import FailedPrecondition, InvalidArgument
-from kinship_service.kinship.similarity import _EMBED as PRE_LAYER
+from kinship_service.kinship.similarity import EMBEDDING_NAME
 from kinship_service.kinship.similarity import layer_index
 from kinship_service.merge.methods import get_method
 from kinship_service.merge.slerp import InterpolationSpec
@@ -105,7 +105,7 @@ def _order_key(name: str) -> tuple[int, int, str]:
     index = layer_index(name)
     if index is not None:
         return (1, index, name)
-    return (0, 0, name) if PRE_LAYER.search(name) else (2, 0, name)
+    return (0, 0, name) if EMBEDDING_NAME.search(name) else (2, 0, name)
 
 
 def read_config(checkpoint: Checkpoint) -> dict[str, object] | None:

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from kinship_service.errors import InvalidArgument
-from kinship_service.kinship.similarity import _EMBED as PRE_LAYER
+from kinship_service.kinship.similarity import EMBEDDING_NAME
 from kinship_service.kinship.similarity import layer_index
 
 DOT_THRESHOLD = 0.9995
@@ -134,7 +134,7 @@ def layer_fraction(name: str, num_layers: int) -> float:
     """
     index = layer_index(name)
     if index is None:
-        return 0.0 if PRE_LAYER.search(name) else 1.0
+        return 0.0 if EMBEDDING_NAME.search(name) else 1.0
     if num_layers <= 1:
         return 1.0
     return min(1.0, index / (num_layers - 1))
