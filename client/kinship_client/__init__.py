@@ -1,18 +1,39 @@
-"""Client for the model-kinship gRPC service (needs only grpcio and protobuf)."""
+"""Client for the model-kinship gRPC service (needs only grpcio and protobuf).
 
+The `Literal` aliases (`Mode`, `Metric`, `Dtype`, ...) name the closed sets of strings the
+client takes and returns; a value outside them raises `ValueError` listing the allowed ones.
+Every reason a server error can carry is in docs/errors.md.
+"""
+
+from .choices import (
+    Aggregation,
+    Dtype,
+    JobState,
+    KinshipShapeMismatch,
+    MergeShapeMismatch,
+    Metric,
+    Mode,
+    ModeUsed,
+    RecommendationKind,
+    SkipReason,
+    StopReason,
+)
 from .client import (
+    CheckpointLike,
     KinshipClient,
     KinshipResult,
     KinshipRpcError,
     LayerResult,
     Pair,
+    Registration,
     Values,
     checkpoint_label,
     checkpoint_ref,
 )
-from .merge import MergeError, MergeJobInfo, MergeOperation
+from .merge import MergeError, MergeJobInfo, MergeOperation, TLike
 from .population import (
     KinshipMatrix,
+    KnownKinshipLike,
     Member,
     MemberGain,
     Population,
@@ -29,10 +50,13 @@ __all__ = [
     "KinshipRpcError",
     "LayerResult",
     "Pair",
+    "Registration",
     "Values",
     "checkpoint_label",
     "checkpoint_ref",
+    "CheckpointLike",
     "KinshipMatrix",
+    "KnownKinshipLike",
     "Member",
     "MemberGain",
     "Population",
@@ -44,4 +68,16 @@ __all__ = [
     "MergeError",
     "MergeJobInfo",
     "MergeOperation",
+    "TLike",
+    "Aggregation",
+    "Dtype",
+    "JobState",
+    "KinshipShapeMismatch",
+    "MergeShapeMismatch",
+    "Metric",
+    "Mode",
+    "ModeUsed",
+    "RecommendationKind",
+    "SkipReason",
+    "StopReason",
 ]

@@ -7,7 +7,8 @@
 
 Connection options come before the subcommand; `KINSHIP_TARGET`, `KINSHIP_TOKEN`
 and `KINSHIP_TLS_CA` set their defaults. Exit status: 0 on success, 1 when the
-server answers with an error (printed with its gRPC code), 2 for usage errors.
+server answers with an error (printed with its gRPC code and reason), 2 for usage
+errors (a bad argument, a value that is not valid UTF-8, an unreadable file).
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .choices import AGGREGATIONS, KINSHIP_SHAPE_MISMATCHES, METRICS, MODES
 from .client import KinshipClient, KinshipResult, KinshipRpcError
-from .merge_cli import add_merge_commands
+from .merge_cli import NotUtf8, add_merge_commands, wire_text
 from .population import (
     KinshipMatrix,
     MemberGain,
@@ -71,6 +73,7 @@ def format_kinship_table(result: KinshipResult, names: Sequence[str] | None = No
 
 
 def kinship_to_json(result: KinshipResult) -> dict[str, Any]:
+    """A KinshipResult as the JSON document `kinship kinship --json` prints."""
     return {
         "models": result.models,
         "pairs": [
@@ -108,6 +111,7 @@ def _nan_to_none(data: Any) -> Any:
 
 
 def cmd_kinship(client: KinshipClient, args: argparse.Namespace) -> int:
+    """`kinship kinship`: print the kinship of the models as a table or JSON; returns the exit status."""
     result = client.kinship(
         args.base,
         args.models,
@@ -124,6 +128,7 @@ def cmd_kinship(client: KinshipClient, args: argparse.Namespace) -> int:
 
 
 def cmd_register(client: KinshipClient, args: argparse.Namespace) -> int:
+    """`kinship register`: register a checkpoint against a base and print the registration."""
     reg = client.register_checkpoint(args.checkpoint, args.base, timeout=args.timeout)
     if args.json:
         data = {k: v for k, v in vars(reg).items() if k != "raw"}
@@ -204,6 +209,7 @@ def _gain_json(gain: MemberGain) -> dict[str, Any]:
 
 
 def rank_to_json(result: RankResult) -> dict[str, Any]:
+    """A RankResult as the JSON document `kinship rank --json` prints."""
     return {
         "recommendations": [
             {k: getattr(r, k) for k in ("first", "second", "kind", "kinship", "mean_score", "reason")}
@@ -217,6 +223,7 @@ def rank_to_json(result: RankResult) -> dict[str, Any]:
 
 
 def stop_to_json(result: StopResult) -> dict[str, Any]:
+    """A StopResult as the JSON document `kinship should-stop --json` prints."""
     return {
         "stop": result.stop,
         "reasons": result.reasons,
@@ -240,6 +247,7 @@ def _load_population(args: argparse.Namespace) -> tuple[Population, int]:
 
 
 def cmd_rank(client: KinshipClient, args: argparse.Namespace) -> int:
+    """`kinship rank`: print which pairs of the population to merge next; 2 when the file is bad."""
     try:
         population, top_k = _load_population(args)
     except PopulationFileError as exc:
@@ -263,6 +271,7 @@ def cmd_rank(client: KinshipClient, args: argparse.Namespace) -> int:
 
 
 def cmd_should_stop(client: KinshipClient, args: argparse.Namespace) -> int:
+    """`kinship should-stop`: print the decision; 3 for stop with --exit-code, 2 when the file is bad."""
     try:
         population, top_k = _load_population(args)
     except PopulationFileError as exc:
@@ -290,11 +299,18 @@ def cmd_should_stop(client: KinshipClient, args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `kinship` argument parser, with every subcommand.
+
+    Values sent to the server (paths, names, ids, the token) go through `wire_text`, which
+    raises `NotUtf8` for text that is not valid UTF-8; `main` reports it as a usage error.
+    """
     parser = argparse.ArgumentParser(
         prog="kinship", description="Client of the model-kinship gRPC service.", allow_abbrev=False  # `merge --t` is not `--target`
     )
-    parser.add_argument("--target", default=os.environ.get("KINSHIP_TARGET", "localhost:50051"), help="server host:port")
-    parser.add_argument("--token", default=os.environ.get("KINSHIP_TOKEN"), help="bearer token (or KINSHIP_TOKEN)")
+    parser.add_argument(
+        "--target", type=wire_text("--target"), default=os.environ.get("KINSHIP_TARGET", "localhost:50051"), help="server host:port"
+    )
+    parser.add_argument("--token", type=wire_text("--token"), default=os.environ.get("KINSHIP_TOKEN"), help="bearer token (or KINSHIP_TOKEN)")
     parser.add_argument("--tls-ca", default=os.environ.get("KINSHIP_TLS_CA"), help="CA bundle (PEM): use TLS")
     parser.add_argument("--tls-cert", default=os.environ.get("KINSHIP_TLS_CERT"), help="client certificate (PEM), mutual TLS")
     parser.add_argument("--tls-key", default=os.environ.get("KINSHIP_TLS_KEY"), help="client private key (PEM), mutual TLS")
@@ -302,17 +318,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("kinship", help="kinship between models' task vectors against a base")
-    p.add_argument("--base", required=True, help="base checkpoint: server path or hf://owner/name[@rev]")
-    p.add_argument("models", nargs="+", help="two or more checkpoints")
-    p.add_argument("--mode", choices=["auto", "exact", "fingerprint"], default="auto")
+    p.add_argument("--base", type=wire_text("--base"), required=True, help="base checkpoint: server path or hf://owner/name[@rev]")
+    p.add_argument("models", type=wire_text("models"), nargs="+", help="two or more checkpoints")
+    p.add_argument("--mode", choices=MODES, default="auto")
     p.add_argument("--per-layer", action="store_true", help="add a per-layer-group breakdown")
-    p.add_argument("--shape-mismatch", choices=["skip", "leading_slice"], default="skip")
+    p.add_argument("--shape-mismatch", choices=KINSHIP_SHAPE_MISMATCHES, default="skip")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_kinship)
 
     p = sub.add_parser("register", help="cache a checkpoint's fingerprint and delta against a base ahead of time")
-    p.add_argument("--base", required=True, help="base checkpoint: server path or hf://owner/name[@rev]")
-    p.add_argument("checkpoint", help="the checkpoint to register")
+    p.add_argument("--base", type=wire_text("--base"), required=True, help="base checkpoint: server path or hf://owner/name[@rev]")
+    p.add_argument("checkpoint", type=wire_text("checkpoint"), help="the checkpoint to register")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=cmd_register)
 
@@ -323,14 +339,14 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text + "; the population file format is in docs/population.md")
         p.add_argument("population", help="population file (.json, or .yaml/.yml with PyYAML installed)")
         p.add_argument("--top-k", type=int, default=None, help="top-k size (default: the file's top_k)")
-        p.add_argument("--base", default=None, help="base checkpoint (default: the file's base)")
-        p.add_argument("--metric", choices=["pcc", "cosine", "euclidean"], default="pcc")
-        p.add_argument("--mode", choices=["auto", "exact", "fingerprint"], default="auto")
+        p.add_argument("--base", type=wire_text("--base"), default=None, help="base checkpoint (default: the file's base)")
+        p.add_argument("--metric", choices=METRICS, default="pcc")
+        p.add_argument("--mode", choices=MODES, default="auto")
         p.add_argument("--json", action="store_true", help="print JSON instead of text")
         p.set_defaults(func=func)
         if name == "should-stop":
             p.add_argument("--threshold", type=float, default=None, help="kinship threshold (default 0.9; required for euclidean)")
-            p.add_argument("--aggregation", choices=["mean", "min", "max"], default="mean")
+            p.add_argument("--aggregation", choices=AGGREGATIONS, default="mean")
             p.add_argument("--gain-window", type=int, default=0, help="GAIN_PLATEAU over the last N merges (0: off)")
             p.add_argument("--gain-threshold", type=float, default=None, help="GAIN_PLATEAU fires below this gain (default 0)")
             p.add_argument("--exit-code", action="store_true", help="exit with status 3 when the answer is stop")
@@ -343,8 +359,17 @@ def _read(path: str | None) -> bytes | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the `kinship` command line (`argv` defaults to sys.argv[1:]); returns the exit status.
+
+    Usage errors return 2 with one line on stderr (argparse's own errors also print the usage);
+    server errors return 1 with the gRPC code, the reason (docs/errors.md) and the field.
+    """
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except NotUtf8 as exc:
+        print(f"kinship: {exc}", file=sys.stderr)
+        return 2
     func: Callable[[KinshipClient, argparse.Namespace], int] = args.func
     try:
         client = KinshipClient(
@@ -362,8 +387,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return func(client, args)
         except KinshipRpcError as exc:
             field = f" (field {exc.field})" if exc.field else ""
-            print(f"kinship: {exc.code.name}: {exc.message}{field}", file=sys.stderr)
+            reason = f" {exc.reason}" if exc.reason else ""  # looked up in docs/errors.md
+            print(f"kinship: {exc.code.name}{reason}: {exc.message}{field}", file=sys.stderr)
             return 1
+        except ValueError as exc:  # a bad argument the client refused before calling (its message names it)
+            print(f"kinship: {exc}", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

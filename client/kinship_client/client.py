@@ -14,37 +14,60 @@ request field at fault.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from types import TracebackType
+from typing import TypeVar
 
 import grpc
 
-from .merge import MergeJobInfo, MergeOperation, TLike, dtype_value, interpolation_factor, iter_watch, state_value
-from .population import AGGREGATIONS, METRICS, KnownKinshipLike, Member, RankResult, StopResult, known_kinship_triples
+from .choices import (
+    METRICS,
+    MODE_USED_NAMES,
+    SKIP_REASON_NAMES,
+    Aggregation,
+    Dtype,
+    JobState,
+    KinshipShapeMismatch,
+    MergeShapeMismatch,
+    Metric,
+    Mode,
+    ModeUsed,
+    SkipReason,
+    aggregation_value,
+    choice,
+    dtype_value,
+    job_state_value,
+    kinship_shape_mismatch_value,
+    merge_shape_mismatch_value,
+    metric_value,
+    mode_value,
+    received,
+)
+from .merge import MergeJobInfo, MergeOperation, TLike, interpolation_factor, iter_watch
+from .population import KnownKinshipLike, Member, RankResult, StopResult, known_kinship_triples
 from .v1 import common_pb2, kinship_pb2, merge_pb2, recommend_pb2, service_pb2_grpc
 
-CheckpointLike = str | common_pb2.CheckpointRef
+CheckpointLike = str | os.PathLike[str] | common_pb2.CheckpointRef
+"""A checkpoint: a path on the server, `hf://owner/name[@revision]`, or a CheckpointRef."""
 
 DEFAULT_TIMEOUT = 600.0
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 2**20
 
-_MODES = {
-    "auto": common_pb2.KINSHIP_MODE_AUTO,
-    "exact": common_pb2.KINSHIP_MODE_EXACT,
-    "fingerprint": common_pb2.KINSHIP_MODE_FINGERPRINT,
-}
-_POLICIES = {
-    "skip": common_pb2.SHAPE_MISMATCH_POLICY_SKIP,
-    "leading_slice": common_pb2.SHAPE_MISMATCH_POLICY_LEADING_SLICE,
-    "error": common_pb2.SHAPE_MISMATCH_POLICY_ERROR,
-}
+_Response = TypeVar("_Response")
 
 
 class KinshipRpcError(Exception):
-    """An RPC failed. `code` is the grpc.StatusCode; `reason` and `field` come from the server's details."""
+    """An RPC failed. `code` is the grpc.StatusCode; `reason` and `field` come from the server's details.
 
-    def __init__(self, code: grpc.StatusCode, message: str, reason: str = "", field: str = "", retry_after: float | None = None):
+    `reason` is one of the UPPER_SNAKE reasons in docs/errors.md (empty when the server sent
+    none); `retry_after` is the server's suggested delay in seconds, when it gave one.
+    """
+
+    def __init__(
+        self, code: grpc.StatusCode, message: str, reason: str = "", field: str = "", retry_after: float | None = None
+    ) -> None:
         super().__init__(f"{code.name}: {message}")
         self.code = code
         self.message = message
@@ -54,6 +77,7 @@ class KinshipRpcError(Exception):
 
     @classmethod
     def from_rpc_error(cls, error: grpc.RpcError) -> KinshipRpcError:
+        """The KinshipRpcError of a failed call, with the reason, field and retry delay of its rich status."""
         code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
         message = error.details() if hasattr(error, "details") else str(error)
         reason, field_name, retry_after = _rich_details(error)
@@ -67,11 +91,12 @@ def _rich_details(error: grpc.RpcError) -> tuple[str, str, float | None]:
     the client still works and these are empty.
     """
     try:
-        from google.rpc import error_details_pb2, status_pb2
+        # googleapis-common-protos ships no type information (and no stubs are installed).
+        from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped]
     except ImportError:
         return "", "", None
     trailers = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
-    raw = next((value for key, value in (trailers or ()) if key == "grpc-status-details-bin"), None)
+    raw = next((item.value for item in (trailers or ()) if item.key == "grpc-status-details-bin"), None)
     if raw is None:
         return "", "", None
     status = status_pb2.Status.FromString(raw)
@@ -94,11 +119,22 @@ def _rich_details(error: grpc.RpcError) -> tuple[str, str, float | None]:
     return reason, field_name, retry_after
 
 
-def checkpoint_ref(value: CheckpointLike) -> common_pb2.CheckpointRef:
-    """`/path`, `hf://owner/name[@revision]` or a CheckpointRef -> CheckpointRef."""
+def checkpoint_ref(value: CheckpointLike, argument: str = "checkpoint") -> common_pb2.CheckpointRef:
+    """`/path`, `hf://owner/name[@revision]` or a CheckpointRef -> CheckpointRef.
+
+    Raises:
+        ValueError: the path is not valid UTF-8 (for example a file name with undecodable
+            bytes, which Python holds as surrogates); the message names `argument`.
+    """
     if isinstance(value, common_pb2.CheckpointRef):
         return value
-    text = str(value)
+    text = os.fspath(value)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(
+            f"{argument} {text!r} is not valid UTF-8; the service takes UTF-8 paths: rename the file or give a UTF-8 path"
+        ) from None
     if text.startswith("hf://"):
         repo, _, revision = text[len("hf://") :].partition("@")
         return common_pb2.CheckpointRef(hub=common_pb2.HubCheckpoint(repo_id=repo, revision=revision))
@@ -122,6 +158,7 @@ class Values:
 
     @classmethod
     def from_proto(cls, message: common_pb2.KinshipValues) -> Values:
+        """The Values of a KinshipValues proto."""
         return cls(message.pcc, message.cosine, message.euclidean)
 
 
@@ -152,10 +189,11 @@ class KinshipResult:
     models: list[str]
     pairs: list[Pair]
     mean: Values
-    mode: str
+    mode: ModeUsed
     tensors_compared: int
     elements_compared: int
-    skipped: list[tuple[str, str, str]]
+    skipped: list[tuple[str, SkipReason, str]]
+    """(tensor name, why it was left out, detail) for every tensor not compared."""
     sliced: list[str]
     layers: list[LayerResult]
     bytes_read: int
@@ -163,8 +201,13 @@ class KinshipResult:
     seconds: float
     raw: kinship_pb2.KinshipResponse = field(repr=False)
 
-    def matrix(self, metric: str = "pcc") -> list[list[float]]:
-        """The n x n matrix of one metric (`pcc`, `cosine` or `euclidean`)."""
+    def matrix(self, metric: Metric = "pcc") -> list[list[float]]:
+        """The n x n matrix of one metric (`pcc`, `cosine` or `euclidean`).
+
+        Raises:
+            ValueError: `metric` is not one of these (the message lists them).
+        """
+        metric = choice("metric", metric, METRICS)
         n = len(self.models)
         diagonal = 0.0 if metric == "euclidean" else 1.0
         out = [[diagonal if i == j else float("nan") for j in range(n)] for i in range(n)]
@@ -231,18 +274,25 @@ class KinshipClient:
         else:
             self._channel = grpc.insecure_channel(target, options=options)
         self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
-        self.stub = service_pb2_grpc.KinshipServiceStub(self._channel)
+        # grpcio-tools generates no type information for *_pb2_grpc.py.
+        self.stub = service_pb2_grpc.KinshipServiceStub(self._channel)  # type: ignore[no-untyped-call]
 
     def __enter__(self) -> KinshipClient:
+        """The client itself; the channel is closed when the block ends."""
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        """Close the channel."""
         self.close()
 
     def close(self) -> None:
+        """Close the channel (calls in flight are cancelled)."""
         self._channel.close()
 
-    def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
+    def _call(self, method: Callable[..., _Response], request: object, timeout: float | None) -> _Response:
+        """Call a unary method with the client's deadline and metadata; gRPC errors become KinshipRpcError."""
         try:
             return method(request, timeout=self.timeout if timeout is None else timeout, metadata=self._metadata)
         except grpc.RpcError as error:
@@ -262,33 +312,32 @@ class KinshipClient:
         model_b: CheckpointLike | None,
         t: TLike | None,
         output_path: str,
-        dtype: str | None,
+        dtype: Dtype | None,
         request_id: str | None,
         overwrite: bool,
         max_shard_bytes: int,
-        shape_mismatch: str,
+        shape_mismatch: MergeShapeMismatch,
         mergekit_yaml: str | None,
         base: CheckpointLike | None = None,
     ) -> merge_pb2.StartMergeRequest:
-        if shape_mismatch not in ("error", "leading_slice"):
-            raise ValueError("shape_mismatch is 'error' or 'leading_slice'")
+        """The StartMergeRequest of start_merge's arguments (raises ValueError for a bad one)."""
         request = merge_pb2.StartMergeRequest(
             request_id=request_id or "",
             output_path=output_path,
             dtype=dtype_value(dtype),
             max_shard_bytes=max_shard_bytes,
-            shape_mismatch_policy=_POLICIES[shape_mismatch],
+            shape_mismatch_policy=merge_shape_mismatch_value(shape_mismatch),
             overwrite=overwrite,
         )
         if base is not None:
-            request.base.CopyFrom(checkpoint_ref(base))
+            request.base.CopyFrom(checkpoint_ref(base, "base"))
         if mergekit_yaml:
             request.mergekit_yaml = mergekit_yaml
         else:
             if model_a is None or model_b is None:
                 raise ValueError("give model_a and model_b, or mergekit_yaml")
-            request.model_a.CopyFrom(checkpoint_ref(model_a))
-            request.model_b.CopyFrom(checkpoint_ref(model_b))
+            request.model_a.CopyFrom(checkpoint_ref(model_a, "model_a"))
+            request.model_b.CopyFrom(checkpoint_ref(model_b, "model_b"))
             request.t.CopyFrom(interpolation_factor(0.5 if t is None else t))
         return request
 
@@ -299,11 +348,11 @@ class KinshipClient:
         *,
         t: TLike = 0.5,
         output_path: str,
-        dtype: str | None = None,
+        dtype: Dtype | None = None,
         request_id: str | None = None,
         overwrite: bool = False,
         max_shard_bytes: int = 0,
-        shape_mismatch: str = "error",
+        shape_mismatch: MergeShapeMismatch = "error",
         mergekit_yaml: str | None = None,
         base: CheckpointLike | None = None,
         timeout: float | None = None,
@@ -315,6 +364,11 @@ class KinshipClient:
         `request_id` makes the call idempotent. `mergekit_yaml` (the text of a mergekit slerp
         config) replaces model_a, model_b and t. `base`: cache the merged model's fingerprint
         against this base before the job succeeds, so kinship questions about it are instant.
+
+        Raises:
+            ValueError: a bad `dtype`, `shape_mismatch` or `t`, a path that is not UTF-8, or
+                neither both models nor `mergekit_yaml` (the message lists what is allowed).
+            KinshipRpcError: the server refused the merge (see docs/errors.md for its reasons).
         """
         request = self._merge_request(
             model_a, model_b, t, output_path, dtype, request_id, overwrite, max_shard_bytes, shape_mismatch, mergekit_yaml, base
@@ -329,16 +383,20 @@ class KinshipClient:
         *,
         t: TLike = 0.5,
         output_path: str,
-        dtype: str | None = None,
+        dtype: Dtype | None = None,
         request_id: str | None = None,
         overwrite: bool = False,
         max_shard_bytes: int = 0,
-        shape_mismatch: str = "error",
+        shape_mismatch: MergeShapeMismatch = "error",
         mergekit_yaml: str | None = None,
         base: CheckpointLike | None = None,
         timeout: float | None = None,
     ) -> MergeOperation:
-        """Like start_merge, returning a MergeOperation: `op.wait()` follows the job to its end."""
+        """Like start_merge, returning a MergeOperation: `op.wait()` follows the job to its end.
+
+        Raises:
+            ValueError, KinshipRpcError: as start_merge.
+        """
         info = self.start_merge(
             model_a,
             model_b,
@@ -356,25 +414,44 @@ class KinshipClient:
         return MergeOperation(self, info)
 
     def get_merge_job(self, job_id: str, *, timeout: float | None = None) -> MergeJobInfo:
-        """The job's current state and progress."""
-        response = self._call(self.stub.GetMergeJob, merge_pb2.GetMergeJobRequest(job_id=job_id), timeout)
+        """The job's current state and progress.
+
+        Raises:
+            KinshipRpcError: NOT_FOUND `JOB_NOT_FOUND` for an unknown job, or another server error.
+        """
+        response: merge_pb2.GetMergeJobResponse = self._call(self.stub.GetMergeJob, merge_pb2.GetMergeJobRequest(job_id=job_id), timeout)
         return MergeJobInfo.from_proto(response.job)
 
     def list_merge_jobs(
-        self, page_size: int = 0, page_token: str = "", state: str | None = None, *, timeout: float | None = None
+        self, page_size: int = 0, page_token: str = "", state: JobState | None = None, *, timeout: float | None = None
     ) -> tuple[list[MergeJobInfo], str]:
-        """One page of jobs, newest first, and the token of the next page ('' on the last)."""
-        request = merge_pb2.ListMergeJobsRequest(page_size=page_size, page_token=page_token, state=state_value(state))
-        response = self._call(self.stub.ListMergeJobs, request, timeout)
+        """One page of jobs, newest first, and the token of the next page ('' on the last).
+
+        `state` keeps only jobs in that state (None: every state).
+
+        Raises:
+            ValueError: `state` is not a job state (the message lists them).
+            KinshipRpcError: the server answered with an error (a bad page token, for example).
+        """
+        request = merge_pb2.ListMergeJobsRequest(page_size=page_size, page_token=page_token, state=job_state_value(state))
+        response: merge_pb2.ListMergeJobsResponse = self._call(self.stub.ListMergeJobs, request, timeout)
         return [MergeJobInfo.from_proto(j) for j in response.jobs], response.next_page_token
 
     def cancel_merge_job(self, job_id: str, *, timeout: float | None = None) -> MergeJobInfo:
-        """Cancel a job; returns it cancelled, or in its final state when it had already ended."""
-        response = self._call(self.stub.CancelMergeJob, merge_pb2.CancelMergeJobRequest(job_id=job_id), timeout)
+        """Cancel a job; returns it cancelled, or in its final state when it had already ended.
+
+        Raises:
+            KinshipRpcError: NOT_FOUND `JOB_NOT_FOUND`, FAILED_PRECONDITION `JOB_NOT_OWNED`, or another server error.
+        """
+        response: merge_pb2.CancelMergeJobResponse = self._call(self.stub.CancelMergeJob, merge_pb2.CancelMergeJobRequest(job_id=job_id), timeout)
         return MergeJobInfo.from_proto(response.job)
 
     def watch_merge_job(self, job_id: str, *, timeout: float | None = None) -> Iterator[MergeJobInfo]:
-        """Updates of a job as they happen; the iterator ends after its final state."""
+        """Updates of a job as they happen; the iterator ends after its final state.
+
+        Raises:
+            KinshipRpcError: the job is unknown, the stream broke, or its deadline passed.
+        """
         try:
             stream = self.stub.WatchMergeJob(
                 merge_pb2.WatchMergeJobRequest(job_id=job_id),
@@ -390,21 +467,26 @@ class KinshipClient:
         base: CheckpointLike,
         models: Sequence[CheckpointLike],
         *,
-        mode: str = "auto",
+        mode: Mode = "auto",
         per_layer: bool = False,
-        shape_mismatch: str = "skip",
+        shape_mismatch: KinshipShapeMismatch = "skip",
         timeout: float | None = None,
     ) -> KinshipResult:
         """Kinship between the task vectors of `models` (at least two) against `base`.
 
         `mode` is `auto`, `exact` or `fingerprint`; `shape_mismatch` is `skip` or
         `leading_slice`; `per_layer` adds a per-layer-group breakdown.
+
+        Raises:
+            ValueError: a bad `mode` or `shape_mismatch` (the message lists the allowed values),
+                or a path that is not valid UTF-8.
+            KinshipRpcError: the server answered with an error (see docs/errors.md).
         """
         request = kinship_pb2.KinshipRequest(
-            base=checkpoint_ref(base),
-            models=[checkpoint_ref(m) for m in models],
-            mode=_MODES[mode],
-            shape_mismatch_policy=_POLICIES[shape_mismatch],
+            base=checkpoint_ref(base, "base"),
+            models=[checkpoint_ref(m, f"models[{i}]") for i, m in enumerate(models)],
+            mode=mode_value(mode),
+            shape_mismatch_policy=kinship_shape_mismatch_value(shape_mismatch),
             per_layer=per_layer,
         )
         response: kinship_pb2.KinshipResponse = self._call(self.stub.Kinship, request, timeout)
@@ -412,10 +494,10 @@ class KinshipClient:
             models=[checkpoint_label(m) for m in request.models],
             pairs=_pairs(response.pairs),
             mean=Values.from_proto(response.mean),
-            mode=common_pb2.KinshipMode.Name(response.mode_used).removeprefix("KINSHIP_MODE_").lower(),
+            mode=received(MODE_USED_NAMES, response.mode_used, "kinship mode"),
             tensors_compared=response.tensors_compared,
             elements_compared=response.elements_compared,
-            skipped=[(s.name, kinship_pb2.SkipReason.Name(s.reason).removeprefix("SKIP_REASON_").lower(), s.detail) for s in response.skipped],
+            skipped=[(s.name, received(SKIP_REASON_NAMES, s.reason, "skip reason"), s.detail) for s in response.skipped],
             sliced=list(response.sliced_tensors),
             layers=[
                 LayerResult(l.group, l.tensors, l.elements, _pairs(l.pairs), Values.from_proto(l.mean)) for l in response.layers
@@ -430,11 +512,12 @@ class KinshipClient:
     def _population(
         self, members: Sequence[Member], known_kinship: KnownKinshipLike
     ) -> tuple[list[recommend_pb2.PopulationMember], list[recommend_pb2.KnownKinship]]:
+        """The members and known kinship as protos (raises ValueError for a checkpoint path that is not UTF-8)."""
         protos = []
-        for m in members:
+        for i, m in enumerate(members):
             message = recommend_pb2.PopulationMember(name=m.name, parents=list(m.parents))
             if m.checkpoint is not None:
-                message.checkpoint.CopyFrom(checkpoint_ref(m.checkpoint))
+                message.checkpoint.CopyFrom(checkpoint_ref(m.checkpoint, f"members[{i}].checkpoint"))
             if m.score is not None:
                 message.score = m.score
             if m.generation is not None:
@@ -453,8 +536,8 @@ class KinshipClient:
         top_k: int,
         base: CheckpointLike | None = None,
         merged_pairs: Sequence[tuple[str, str]] = (),
-        metric: str = "pcc",
-        mode: str = "auto",
+        metric: Metric = "pcc",
+        mode: Mode = "auto",
         known_kinship: KnownKinshipLike = (),
         timeout: float | None = None,
     ) -> RankResult:
@@ -462,19 +545,26 @@ class KinshipClient:
 
         `base` is needed unless every kinship value among the top-k is in `known_kinship`
         (`{(a, b): value}` or `[(a, b, value)]`). `metric`: pcc, cosine or euclidean.
+
+        Raises:
+            ValueError: a bad `metric` or `mode` (the message lists the allowed values), or a
+                checkpoint path that is not valid UTF-8.
+            KinshipRpcError: the server answered with an error (population rules, missing
+                fingerprints, ...: see docs/errors.md).
         """
         protos, known = self._population(members, known_kinship)
         request = recommend_pb2.RankCandidatesRequest(
             members=protos,
             merged_pairs=[recommend_pb2.MemberPair(first=a, second=b) for a, b in merged_pairs],
             top_k=top_k,
-            metric=METRICS[metric],
-            mode=_MODES[mode],
+            metric=metric_value(metric),
+            mode=mode_value(mode),
             known_kinship=known,
         )
         if base is not None:
-            request.base.CopyFrom(checkpoint_ref(base))
-        return RankResult.from_proto(self._call(self.stub.RankCandidates, request, timeout))
+            request.base.CopyFrom(checkpoint_ref(base, "base"))
+        response: recommend_pb2.RankCandidatesResponse = self._call(self.stub.RankCandidates, request, timeout)
+        return RankResult.from_proto(response)
 
     def should_stop(
         self,
@@ -484,11 +574,11 @@ class KinshipClient:
         base: CheckpointLike | None = None,
         previous_top_k: Sequence[str] = (),
         kinship_threshold: float | None = None,
-        aggregation: str = "mean",
-        metric: str = "pcc",
+        aggregation: Aggregation = "mean",
+        metric: Metric = "pcc",
         gain_window: int = 0,
         gain_threshold: float | None = None,
-        mode: str = "auto",
+        mode: Mode = "auto",
         known_kinship: KnownKinshipLike = (),
         timeout: float | None = None,
     ) -> StopResult:
@@ -498,32 +588,44 @@ class KinshipClient:
         `kinship_threshold` (0.9 by default; required for euclidean, where it is a distance
         ceiling). TOPK_UNCHANGED: the top-k equals `previous_top_k` (when given).
         GAIN_PLATEAU: the last `gain_window` merged members all gained < `gain_threshold` (0).
+
+        Raises:
+            ValueError: a bad `aggregation`, `metric` or `mode` (the message lists the allowed
+                values), or a checkpoint path that is not valid UTF-8.
+            KinshipRpcError: the server answered with an error (see docs/errors.md).
         """
         protos, known = self._population(members, known_kinship)
         request = recommend_pb2.ShouldStopRequest(
             members=protos,
             top_k=top_k,
             previous_top_k=list(previous_top_k),
-            aggregation=AGGREGATIONS[aggregation],
-            metric=METRICS[metric],
+            aggregation=aggregation_value(aggregation),
+            metric=metric_value(metric),
             gain_window=gain_window,
-            mode=_MODES[mode],
+            mode=mode_value(mode),
             known_kinship=known,
         )
         if base is not None:
-            request.base.CopyFrom(checkpoint_ref(base))
+            request.base.CopyFrom(checkpoint_ref(base, "base"))
         if kinship_threshold is not None:
             request.kinship_threshold = kinship_threshold
         if gain_threshold is not None:
             request.gain_threshold = gain_threshold
-        return StopResult.from_proto(self._call(self.stub.ShouldStop, request, timeout))
+        response: recommend_pb2.ShouldStopResponse = self._call(self.stub.ShouldStop, request, timeout)
+        return StopResult.from_proto(response)
 
     def register_checkpoint(self, checkpoint: CheckpointLike, base: CheckpointLike, *, timeout: float | None = None) -> Registration:
         """Compute and cache `checkpoint`'s fingerprint and lossless delta against `base` ahead of time.
 
         Later FINGERPRINT / AUTO kinship queries about it answer without reading weights.
+
+        Raises:
+            ValueError: a path that is not valid UTF-8.
+            KinshipRpcError: the server answered with an error (see docs/errors.md).
         """
-        request = kinship_pb2.RegisterCheckpointRequest(checkpoint=checkpoint_ref(checkpoint), base=checkpoint_ref(base))
+        request = kinship_pb2.RegisterCheckpointRequest(
+            checkpoint=checkpoint_ref(checkpoint, "checkpoint"), base=checkpoint_ref(base, "base")
+        )
         response: kinship_pb2.RegisterCheckpointResponse = self._call(self.stub.RegisterCheckpoint, request, timeout)
         return Registration(
             identity=response.identity,

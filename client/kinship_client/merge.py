@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from .choices import FINAL_JOB_STATES, JOB_STATE_NAMES, JobState, received
 from .v1 import merge_pb2
 
 if TYPE_CHECKING:
@@ -27,40 +28,7 @@ if TYPE_CHECKING:
 
 TLike = float | int | Sequence[float] | Sequence[Mapping[str, Any]] | merge_pb2.InterpolationFactor
 
-STATES = ("queued", "running", "succeeded", "failed", "cancelled")
-FINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
-DTYPES = {
-    None: merge_pb2.DTYPE_UNSPECIFIED,
-    "float32": merge_pb2.DTYPE_FLOAT32,
-    "fp32": merge_pb2.DTYPE_FLOAT32,
-    "float16": merge_pb2.DTYPE_FLOAT16,
-    "fp16": merge_pb2.DTYPE_FLOAT16,
-    "bfloat16": merge_pb2.DTYPE_BFLOAT16,
-    "bf16": merge_pb2.DTYPE_BFLOAT16,
-}
-
-
-def _state_name(value: int) -> str:
-    return merge_pb2.MergeJobState.Name(value).removeprefix("MERGE_JOB_STATE_").lower()
-
-
-def state_value(name: str | None) -> int:
-    """`"running"` -> MERGE_JOB_STATE_RUNNING; None -> unspecified (all)."""
-    if name is None:
-        return merge_pb2.MERGE_JOB_STATE_UNSPECIFIED
-    if name.lower() not in STATES:
-        raise ValueError(f"unknown job state {name!r}; use one of {', '.join(STATES)}")
-    return merge_pb2.MergeJobState.Value("MERGE_JOB_STATE_" + name.upper())
-
-
-def dtype_value(name: str | None) -> int:
-    key = name.lower().removeprefix("torch.") if name else None
-    if key not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; use bfloat16, float16 or float32")
-    return DTYPES[key]
-
-
-def _factor_value(value: Any) -> merge_pb2.FactorValue:
+def _factor_value(value: object) -> merge_pb2.FactorValue:
     if isinstance(value, bool):
         raise ValueError(f"t must be a number or a list of numbers, got {value!r}")
     if isinstance(value, (int, float)):
@@ -72,13 +40,25 @@ def _factor_value(value: Any) -> merge_pb2.FactorValue:
     raise ValueError(f"t must be a number or a non-empty list of numbers, got {value!r}")
 
 
+def _filtered_entries(t: object) -> list[Mapping[str, Any]] | None:
+    """`t` as a list of {"filter", "value"} entries, or None when it is not one."""
+    if isinstance(t, Sequence) and not isinstance(t, (str, bytes)) and t and all(isinstance(e, Mapping) for e in t):
+        return [e for e in t if isinstance(e, Mapping)]
+    return None
+
+
 def interpolation_factor(t: TLike) -> merge_pb2.InterpolationFactor:
-    """A float, a list of anchors, or a list of {"filter", "value"} entries -> InterpolationFactor."""
+    """A float, a list of anchors, or a list of {"filter", "value"} entries -> InterpolationFactor.
+
+    Raises:
+        ValueError: `t` is none of these forms, or an entry has keys other than `filter` and `value`.
+    """
     if isinstance(t, merge_pb2.InterpolationFactor):
         return t
-    if isinstance(t, Sequence) and not isinstance(t, (str, bytes)) and t and all(isinstance(e, Mapping) for e in t):
+    entries = _filtered_entries(t)
+    if entries is not None:
         factor = merge_pb2.InterpolationFactor()
-        for entry in t:
+        for entry in entries:
             unknown = set(entry) - {"filter", "value"}
             if unknown or "value" not in entry:
                 raise ValueError(f"a t entry takes `value` and optionally `filter`, got {dict(entry)!r}")
@@ -104,8 +84,7 @@ class MergeJobInfo:
     """A merge job's state and progress. `raw` is the MergeJob proto."""
 
     job_id: str
-    state: str
-    """One of queued, running, succeeded, failed, cancelled."""
+    state: JobState
     output_path: str
     tensors_done: int
     tensors_total: int
@@ -118,6 +97,7 @@ class MergeJobInfo:
 
     @classmethod
     def from_proto(cls, job: merge_pb2.MergeJob) -> MergeJobInfo:
+        """The MergeJobInfo of a MergeJob proto (raises ValueError for a state this client does not know)."""
         error = None
         if job.HasField("error") and job.error.code:
             code = next((c.name for c in grpc.StatusCode if c.value[0] == job.error.code), str(job.error.code))
@@ -125,7 +105,7 @@ class MergeJobInfo:
         p = job.progress
         return cls(
             job_id=job.job_id,
-            state=_state_name(job.state),
+            state=received(JOB_STATE_NAMES, job.state, "merge job state"),
             output_path=job.output_path,
             tensors_done=p.tensors_done,
             tensors_total=p.tensors_total,
@@ -140,7 +120,7 @@ class MergeJobInfo:
     @property
     def done(self) -> bool:
         """Whether the job reached a final state."""
-        return self.state in FINAL_STATES
+        return self.state in FINAL_JOB_STATES
 
     @property
     def fraction(self) -> float:
@@ -197,11 +177,13 @@ class MergeOperation:
 
 
 def iter_watch(responses: Iterator[merge_pb2.WatchMergeJobResponse]) -> Iterator[MergeJobInfo]:
+    """The MergeJobInfo of each WatchMergeJob response."""
     for response in responses:
         yield MergeJobInfo.from_proto(response.job)
 
 
 def format_bytes(n: float) -> str:
+    """`n` bytes in binary units for display (`512 B`, `1.5 GiB`)."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -210,6 +192,7 @@ def format_bytes(n: float) -> str:
 
 
 def format_eta(seconds: float) -> str:
+    """An ETA as `MM:SS` or `H:MM:SS`; `--:--` when unknown (0 or not finite)."""
     if not seconds or not math.isfinite(seconds):
         return "--:--"
     seconds = int(seconds)

@@ -18,22 +18,60 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
+from .choices import JOB_STATES, MERGE_SHAPE_MISMATCHES
 from .client import KinshipClient
-from .merge import STATES, MergeJobInfo, TLike, format_bytes, format_eta
+from .merge import MergeJobInfo, TLike, format_bytes, format_eta
+
+
+class NotUtf8(Exception):
+    """A command-line value bound for the server is not valid UTF-8 (undecodable bytes in argv).
+
+    Deliberately not a ValueError: argparse turns those into its own error and would not name
+    the bytes; `main` prints this one line and exits 2.
+    """
+
+    def __init__(self, argument: str, value: str) -> None:
+        raw = value.encode("utf-8", "surrogateescape")
+        super().__init__(
+            f"argument {argument}: {raw!r} is not valid UTF-8; the server takes UTF-8 paths and names: "
+            "rename the file or give a UTF-8 path"
+        )
+        self.argument = argument
+
+
+def wire_text(argument: str) -> Callable[[str], str]:
+    """An argparse `type` for a value sent to the server: the text itself, or NotUtf8 naming `argument`."""
+
+    def convert(value: str) -> str:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise NotUtf8(argument, value) from None
+        return value
+
+    return convert
 
 
 def parse_t(text: str) -> TLike:
-    """`--t` text -> the client's t forms (float, anchors, or filtered entries)."""
+    """`--t` text -> the client's t forms (float, anchors, or filtered entries).
+
+    Raises:
+        ValueError: the text is none of the forms (not a number, or not valid JSON).
+    """
     text = text.strip()
     if text.startswith(("[", "{")):
-        value = json.loads(text)
-        return [value] if isinstance(value, dict) else value
+        value: object = json.loads(text)
+        if isinstance(value, dict):
+            return [value]
+        if isinstance(value, list):
+            return value
+        raise ValueError(f"{text!r} is not a JSON list or object")
 
-    def values(part: str) -> Any:
+    def values(part: str) -> float | list[float]:
         numbers = [float(v) for v in part.split(",") if v.strip()]
         if not numbers:
             raise ValueError(f"no value in {part!r}")
@@ -42,7 +80,7 @@ def parse_t(text: str) -> TLike:
     entries = [e for e in text.split(";") if e.strip()]
     if len(entries) == 1 and "=" not in entries[0]:
         return values(entries[0])
-    out = []
+    out: list[Mapping[str, Any]] = []
     for entry in entries:
         name, sep, rest = entry.partition("=")
         out.append({"filter": name.strip(), "value": values(rest)} if sep else {"value": values(name)})
@@ -56,6 +94,7 @@ def _job_json(info: MergeJobInfo) -> dict[str, Any]:
 
 
 def format_job(info: MergeJobInfo) -> str:
+    """One job as a line of text (and its error on a second line)."""
     line = (
         f"{info.job_id}  {info.state:<9}  {info.fraction * 100:5.1f}%  tensors {info.tensors_done}/{info.tensors_total}  "
         f"{format_bytes(info.bytes_done)}/{format_bytes(info.bytes_total)}  {info.output_path}"
@@ -68,7 +107,8 @@ def format_job(info: MergeJobInfo) -> str:
 class ProgressBar:
     """A one-line progress bar on stderr (a line per update when stderr is not a terminal)."""
 
-    def __init__(self, stream: Any = None, width: int = 30) -> None:
+    def __init__(self, stream: TextIO | None = None, width: int = 30) -> None:
+        """Draw on `stream` (default stderr), `width` characters wide."""
         self.stream = stream or sys.stderr
         self.width = width
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
@@ -76,6 +116,7 @@ class ProgressBar:
         self._last_time = 0.0
 
     def __call__(self, info: MergeJobInfo) -> None:
+        """Show one update."""
         filled = int(self.width * info.fraction)
         bar = "#" * filled + "-" * (self.width - filled)
         text = (
@@ -118,7 +159,12 @@ def _follow(client: KinshipClient, job_id: str, args: argparse.Namespace, op_wai
 
 
 def cmd_merge(client: KinshipClient, args: argparse.Namespace) -> int:
-    yaml_text = Path(args.mergekit_config).read_text() if args.mergekit_config else None
+    """`kinship merge`: start a merge job and follow it (or print its id with --no-wait); returns the exit status."""
+    try:
+        yaml_text = Path(args.mergekit_config).read_text(encoding="utf-8") if args.mergekit_config else None
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"kinship merge: cannot read --mergekit-config {args.mergekit_config}: {exc}", file=sys.stderr)
+        return 2
     if yaml_text is None and len(args.models) != 2:
         print("kinship merge: give two models A B (or --mergekit-config FILE)", file=sys.stderr)
         return 2
@@ -155,6 +201,7 @@ def cmd_merge(client: KinshipClient, args: argparse.Namespace) -> int:
 
 
 def cmd_jobs(client: KinshipClient, args: argparse.Namespace) -> int:
+    """`kinship jobs list|get|cancel|watch`; returns the exit status (1 for a failed or cancelled job)."""
     if args.jobs_command == "list":
         token, jobs = args.page_token, []
         while True:
@@ -179,17 +226,17 @@ def cmd_jobs(client: KinshipClient, args: argparse.Namespace) -> int:
     return _follow(client, args.job_id, args)
 
 
-def add_merge_commands(sub: Any) -> None:
+def add_merge_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register `merge` and `jobs` on the CLI's subparsers."""
     p = sub.add_parser("merge", help="SLERP-merge model A (t=0) with model B (t=1) as a server job")
-    p.add_argument("models", nargs="*", metavar="MODEL", help="A and B: server paths or hf://owner/name[@rev]")
+    p.add_argument("models", type=wire_text("MODEL"), nargs="*", metavar="MODEL", help="A and B: server paths or hf://owner/name[@rev]")
     p.add_argument("--t", default="0.5", help="interpolation factor: 0.5 | 0,0.5,1 | 'self_attn=0,1;0.5' | JSON")
-    p.add_argument("--out", required=True, help="output directory, relative to the server's output root")
+    p.add_argument("--out", type=wire_text("--out"), required=True, help="output directory, relative to the server's output root")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None, help="output dtype (default: A's)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--max-shard-bytes", type=int, default=0, help="bytes per output shard (default 5 GB)")
-    p.add_argument("--shape-mismatch", choices=["error", "leading_slice"], default="error")
-    p.add_argument("--request-id", default=None, help="idempotency key")
+    p.add_argument("--shape-mismatch", choices=MERGE_SHAPE_MISMATCHES, default="error")
+    p.add_argument("--request-id", type=wire_text("--request-id"), default=None, help="idempotency key")
     p.add_argument("--mergekit-config", default=None, metavar="FILE", help="a mergekit slerp YAML instead of A, B and --t")
     p.add_argument("--no-wait", action="store_true", help="print the job id and return")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -199,14 +246,14 @@ def add_merge_commands(sub: Any) -> None:
     jobs = sub.add_parser("jobs", help="list, inspect, cancel or watch merge jobs")
     jobs_sub = jobs.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
     lp = jobs_sub.add_parser("list", help="jobs, newest first")
-    lp.add_argument("--state", choices=list(STATES), default=None)
+    lp.add_argument("--state", choices=list(JOB_STATES), default=None)
     lp.add_argument("--page-size", type=int, default=0)
-    lp.add_argument("--page-token", default="")
+    lp.add_argument("--page-token", type=wire_text("--page-token"), default="")
     lp.add_argument("--all", action="store_true", help="follow every page")
     lp.add_argument("--json", action="store_true")
     for name, text in (("get", "one job"), ("cancel", "cancel a job"), ("watch", "follow a job with a progress bar")):
         jp = jobs_sub.add_parser(name, help=text)
-        jp.add_argument("job_id")
+        jp.add_argument("job_id", type=wire_text("job_id"))
         jp.add_argument("--json", action="store_true")
         jp.add_argument("--quiet", action="store_true")
     jobs.set_defaults(func=cmd_jobs)

@@ -18,15 +18,23 @@ Only grpcio and protobuf are needed (PyYAML is optional).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .v1 import common_pb2, recommend_pb2
-
-METRICS = {"pcc": common_pb2.METRIC_PCC, "cosine": common_pb2.METRIC_COSINE, "euclidean": common_pb2.METRIC_EUCLIDEAN}
-AGGREGATIONS = {"mean": recommend_pb2.AGGREGATION_MEAN, "min": recommend_pb2.AGGREGATION_MIN, "max": recommend_pb2.AGGREGATION_MAX}
+from .choices import (
+    METRIC_NAMES,
+    MODE_USED_NAMES,
+    RECOMMENDATION_KIND_NAMES,
+    STOP_REASON_NAMES,
+    Metric,
+    ModeUsed,
+    RecommendationKind,
+    StopReason,
+    received,
+)
+from .v1 import recommend_pb2
 
 KnownKinshipLike = Mapping[tuple[str, str], float] | Iterable[tuple[str, str, float]]
 """Kinship values already known: `{(a, b): value}` or `[(a, b, value), ...]`."""
@@ -71,20 +79,21 @@ class KinshipMatrix:
 
     names: list[str]
     values: list[list[float]]
-    metric: str
+    metric: Metric
 
     def value(self, a: str, b: str) -> float:
-        """The kinship of members `a` and `b`."""
+        """The kinship of members `a` and `b` (raises ValueError when either is not in `names`)."""
         return self.values[self.names.index(a)][self.names.index(b)]
 
     @classmethod
     def from_proto(cls, message: recommend_pb2.KinshipMatrix) -> KinshipMatrix:
+        """The KinshipMatrix of a proto (row-major values)."""
         n = len(message.names)
         flat = list(message.values)
         return cls(
             names=list(message.names),
             values=[flat[i * n : (i + 1) * n] for i in range(n)],
-            metric=_enum_name(common_pb2.Metric, message.metric, "METRIC_"),
+            metric=received(METRIC_NAMES, message.metric, "metric"),
         )
 
 
@@ -98,6 +107,7 @@ class MemberGain:
 
     @classmethod
     def from_proto(cls, message: recommend_pb2.MemberGain) -> MemberGain:
+        """The MemberGain of a proto."""
         return cls(message.name, message.gain, message.generation if message.HasField("generation") else None)
 
 
@@ -107,17 +117,18 @@ class Recommendation:
 
     first: str
     second: str
-    kind: str
+    kind: RecommendationKind
     kinship: float
     mean_score: float
     reason: str
 
     @classmethod
     def from_proto(cls, message: recommend_pb2.Recommendation) -> Recommendation:
+        """The Recommendation of a proto."""
         return cls(
             message.pair.first,
             message.pair.second,
-            _enum_name(recommend_pb2.RecommendationKind, message.kind, "RECOMMENDATION_KIND_"),
+            received(RECOMMENDATION_KIND_NAMES, message.kind, "recommendation kind"),
             message.kinship,
             message.mean_score,
             message.reason,
@@ -132,7 +143,7 @@ class RankResult:
     top_k: list[str]
     matrix: KinshipMatrix
     gains: list[MemberGain]
-    mode: str
+    mode: ModeUsed
     raw: recommend_pb2.RankCandidatesResponse = field(repr=False)
 
     @property
@@ -147,12 +158,13 @@ class RankResult:
 
     @classmethod
     def from_proto(cls, message: recommend_pb2.RankCandidatesResponse) -> RankResult:
+        """The RankResult of a RankCandidatesResponse."""
         return cls(
             recommendations=[Recommendation.from_proto(r) for r in message.recommendations],
             top_k=list(message.top_k),
             matrix=KinshipMatrix.from_proto(message.matrix),
             gains=[MemberGain.from_proto(g) for g in message.gains],
-            mode=_enum_name(common_pb2.KinshipMode, message.mode_used, "KINSHIP_MODE_"),
+            mode=received(MODE_USED_NAMES, message.mode_used, "kinship mode"),
             raw=message,
         )
 
@@ -162,34 +174,31 @@ class StopResult:
     """The answer of ShouldStop. `reasons` are `kinship_saturated`, `topk_unchanged`, `gain_plateau`."""
 
     stop: bool
-    reasons: list[str]
+    reasons: list[StopReason]
     top_k: list[str]
     aggregated_kinship: float
     kinship_threshold: float
     matrix: KinshipMatrix
     recent_gains: list[MemberGain]
     summary: str
-    mode: str
+    mode: ModeUsed
     raw: recommend_pb2.ShouldStopResponse = field(repr=False)
 
     @classmethod
     def from_proto(cls, message: recommend_pb2.ShouldStopResponse) -> StopResult:
+        """The StopResult of a ShouldStopResponse."""
         return cls(
             stop=message.stop,
-            reasons=[_enum_name(recommend_pb2.StopReason, r, "STOP_REASON_") for r in message.reasons],
+            reasons=[received(STOP_REASON_NAMES, r, "stop reason") for r in message.reasons],
             top_k=list(message.top_k),
             aggregated_kinship=message.aggregated_kinship,
             kinship_threshold=message.kinship_threshold,
             matrix=KinshipMatrix.from_proto(message.matrix),
             recent_gains=[MemberGain.from_proto(g) for g in message.recent_gains],
             summary=message.summary,
-            mode=_enum_name(common_pb2.KinshipMode, message.mode_used, "KINSHIP_MODE_"),
+            mode=received(MODE_USED_NAMES, message.mode_used, "kinship mode"),
             raw=message,
         )
-
-
-def _enum_name(enum: Any, value: int, prefix: str) -> str:
-    return str(enum.Name(value)).removeprefix(prefix).lower()
 
 
 def known_kinship_triples(known: KnownKinshipLike) -> list[tuple[str, str, float]]:
@@ -203,7 +212,12 @@ def known_kinship_triples(known: KnownKinshipLike) -> list[tuple[str, str, float
 
 
 def load_population(path: str | Path) -> Population:
-    """Read a population file: `.json`, or `.yaml`/`.yml` (needs PyYAML); other names are tried as JSON, then YAML."""
+    """Read a population file: `.json`, or `.yaml`/`.yml` (needs PyYAML); other names are tried as JSON, then YAML.
+
+    Raises:
+        PopulationFileError: the file cannot be read, is not valid JSON/YAML, or does not have the
+            documented shape (the message names the file and the entry at fault).
+    """
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -247,6 +261,9 @@ def parse_population(data: Any, source: str = "population") -> Population:
 
     Only types are checked here; the server checks the meaning (unique names, finite
     scores, known parents, ...) and names the field at fault.
+
+    Raises:
+        PopulationFileError: `data` does not have the documented shape (the message names the entry).
     """
     if not isinstance(data, Mapping):
         raise PopulationFileError(f"{source}: the top level must be a mapping with a 'members' list")
@@ -360,7 +377,3 @@ def population_to_json(population: Population) -> dict[str, Any]:
         doc["previous_top_k"] = list(population.previous_top_k)
     return doc
 
-
-def members_from(items: Sequence[Member | Mapping[str, Any]]) -> list[Member]:
-    """Members given as Member objects or as mappings in the file format."""
-    return [m if isinstance(m, Member) else _member(m, f"members[{i}]") for i, m in enumerate(items)]
