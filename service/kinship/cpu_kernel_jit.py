@@ -79,7 +79,7 @@ def as_numpy(row: torch.Tensor) -> npt.NDArray[Any]:
 
 
 if IMPORT_ERROR is None:
-    from llvmlite import ir  # type: ignore[import-untyped]  # llvmlite ships no type information
+    from llvmlite import ir
     from numba import types
     from numba.extending import intrinsic as _numba_intrinsic
 

@@ -47,7 +47,7 @@ _NONE = -1
 log = logging.getLogger(__name__)
 
 if cpu_kernel_jit.available():
-    from llvmlite import ir  # type: ignore[import-untyped]  # llvmlite ships no type information
+    from llvmlite import ir
     from numba import types
 
     from kinship_service.kinship.cpu_kernel_jit import f32_from_bits, intrinsic, jit
