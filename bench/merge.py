@@ -123,10 +123,10 @@ def merge(directory: Path, threads: int = 1) -> None:
 
     from kinship_service.checkpoints.sources import LocalPath, resolve
     from kinship_service.config import Settings
-    from kinship_service.merge.slerp import FactorEntry, InterpolationSpec
     from kinship_service.merge.model_card import ModelCard
     from kinship_service.merge.plan import MergeSettings
     from kinship_service.merge.runner import MergeRunner
+    from kinship_service.merge.slerp import FactorEntry, InterpolationSpec
 
     baseline = _rss_kib("VmRSS")
     cpu_before = _cpu()

@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 from kinship_service.checkpoints.sources import SINGLE_FILE, Checkpoint
 from kinship_service.checkpoints.streaming import DTYPES, FLOATING, ITEMSIZE, TensorInfo
 from kinship_service.errors import FailedPrecondition, InvalidArgument
-from kinship_service.kinship.similarity import EMBEDDING_NAME
-from kinship_service.kinship.similarity import layer_index
+from kinship_service.kinship.similarity import EMBEDDING_NAME, layer_index
 from kinship_service.merge.methods import get_method
 from kinship_service.merge.slerp import InterpolationSpec
 

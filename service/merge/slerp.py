@@ -33,8 +33,7 @@ from typing import Any
 import torch
 
 from kinship_service.errors import InvalidArgument
-from kinship_service.kinship.similarity import EMBEDDING_NAME
-from kinship_service.kinship.similarity import layer_index
+from kinship_service.kinship.similarity import EMBEDDING_NAME, layer_index
 
 DOT_THRESHOLD = 0.9995
 """|cos| above which the two tensors count as colinear and are interpolated linearly (mergekit)."""
