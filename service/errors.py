@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2  # type: ignore[import-untyped]  # googleapis-common-protos ships no stubs
 from grpc_status import rpc_status
 
 ERROR_DOMAIN = "kinship.v1.KinshipService"
@@ -78,22 +78,9 @@ class DeadlineExceeded(KinshipError):
     default_reason = "DEADLINE_EXCEEDED"
 
 
-class NeedsHeavyWork(Exception):
-    """Answering needs heavy work (a pass over weights or stored deltas) where the caller asked for light work only.
-
-    Not an RPC error: the front process (front.py) catches it and forwards the call to its
-    heavy-work process.
-    """
-
-
 class Unavailable(KinshipError):
     code = grpc.StatusCode.UNAVAILABLE
     default_reason = "UNAVAILABLE"
-
-
-class DataLoss(KinshipError):
-    code = grpc.StatusCode.DATA_LOSS
-    default_reason = "DATA_LOSS"
 
 
 class Internal(KinshipError):

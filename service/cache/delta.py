@@ -122,7 +122,7 @@ def to_parts(chunk: EncodedChunk) -> list[memoryview]:
     parts = [memoryview(_LEN.pack(len(head)) + head)]
     for tensor in (chunk.delta, chunk.patch_index, chunk.patch_bits):
         if tensor.numel():
-            parts.append(memoryview(tensor.contiguous().view(torch.uint8).numpy()))
+            parts.append(tensor.contiguous().view(torch.uint8).numpy().data)
     return parts
 
 

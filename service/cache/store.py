@@ -38,7 +38,7 @@ _HEADER = struct.Struct("<4sQ32s")
 HEADER_BYTES = _HEADER.size
 
 
-class _BytesOnlyDisk(diskcache.Disk):
+class _BytesOnlyDisk(diskcache.Disk):  # type: ignore[misc]  # diskcache ships no type information
     """A diskcache Disk that never unpickles: a pickled value reads as missing."""
 
     def fetch(self, mode: int, filename: str | None, value: object, read: bool) -> object:

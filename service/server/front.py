@@ -5,8 +5,9 @@
 - this **front**, which owns the public port, TLS, tokens, health, reflection and /metrics. It
   answers light calls itself, inline on one asyncio event loop: FINGERPRINT Kinship,
   RankCandidates / ShouldStop whose kinship values are all given or come from fingerprints, and
-  EXACT / AUTO requests the cache answers without a pass (pair results; fingerprints for AUTO)
-  (the same `KinshipServicer` code as the monolithic server, built `light_only`);
+  EXACT / AUTO requests the cache answers without a pass (pair results; fingerprints for AUTO).
+  The cache-only answerers (light.py) validate as the servicer does and answer a response, or
+  None where heavy work is needed: then the call is forwarded;
 - the **heavy-work process** (`kinship-server --backend SOCKET`, the monolithic server of
   server.py on a Unix socket in a private directory), which runs everything else: exact passes,
   registrations, merge jobs and merge-job queries, with admission control (admission.py), in
@@ -45,10 +46,9 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
-from google.protobuf import message_factory
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
@@ -56,18 +56,17 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kinship_client.v1 import common_pb2, kinship_pb2, service_pb2
 from kinship_service import __version__
+from kinship_service.cache.registry import KinshipCache
 from kinship_service.config import Settings
-from kinship_service.errors import NeedsHeavyWork
+from kinship_service.kinship.exact import resolve_device
 from kinship_service.server import auth, metrics
+from kinship_service.server.light import LightAnswers, LightMethod
 from kinship_service.server.main import REFLECTED_SERVICES, SERVICE_NAME, grpc_options, log_serving
-from kinship_service.server.servicer import KinshipServicer
+from kinship_service.server.servicer import rpc_status
 
 log = logging.getLogger("kinship.front")
 
 SERVICE = service_pb2.DESCRIPTOR.services_by_name["KinshipService"]
-LIGHT_CAPABLE = ("Kinship", "RankCandidates", "ShouldStop")
-"""Methods the front answers itself when the request needs no heavy work; everything else is forwarded."""
-
 LOOKUP_THREADS = 4
 """Threads for light calls that may read the cache (EXACT/AUTO answered from stored pair results)."""
 BACKEND_START_SECONDS = 120.0
@@ -220,39 +219,7 @@ def _drain(stream: Any) -> None:
         log.info("heavy-work process stdout: %s", line.decode(errors="replace").rstrip())
 
 
-# -- running light calls inline -----------------------------------------------------------------
-class _Aborted(Exception):
-    """The servicer aborted the call (its rpc_method wrapper called abort_with_status)."""
-
-
-class InlineContext:
-    """The synchronous ServicerContext surface KinshipServicer uses, over an aio context.
-
-    Light calls run to completion without yielding to the event loop, so cancellation during
-    them cannot be observed anyway; the deadline is checked as usual.
-    """
-
-    def __init__(self, context: grpc.aio.ServicerContext) -> None:
-        self._context = context
-        self.status: grpc.Status | None = None
-
-    def abort_with_status(self, status: grpc.Status) -> None:
-        self.status = status
-        raise _Aborted()
-
-    def code(self) -> grpc.StatusCode | None:
-        return self.status.code if self.status is not None else None
-
-    def time_remaining(self) -> float | None:
-        return self._context.time_remaining()
-
-    def is_active(self) -> bool:
-        return not self._context.done()
-
-    def add_callback(self, callback: Callable[[], None]) -> bool:
-        return True
-
-
+# -- light calls -----------------------------------------------------------------------------------
 def _memory_only(request: Any) -> bool:
     """Whether a light-capable request is answered from memory alone (inline on the event loop).
 
@@ -272,12 +239,13 @@ class Front:
     def __init__(self, settings: Settings, heavy: HeavyProcess) -> None:
         self.settings = settings
         self.heavy = heavy
-        self.servicer = KinshipServicer(settings, light_only=True)
+        self.device = resolve_device(settings.device)
+        self.answers = LightAnswers(settings, KinshipCache(settings, self.device))
         self.channel: grpc.aio.Channel | None = None
         self.lookups = ThreadPoolExecutor(max_workers=LOOKUP_THREADS, thread_name_prefix="front-lookup")
 
     def handler(self) -> grpc.GenericRpcHandler:
-        handlers: dict[str, grpc.RpcMethodHandler] = {}
+        handlers: dict[str, grpc.RpcMethodHandler[bytes, bytes]] = {}
         for method in SERVICE.methods:
             if method.server_streaming:
                 handlers[method.name] = grpc.unary_stream_rpc_method_handler(self._streaming(method.name))
@@ -298,48 +266,52 @@ class Front:
             )
         return self.channel
 
-    def _unary(self, method: Any) -> Callable[[bytes, grpc.aio.ServicerContext], Any]:
+    def _unary(self, method: Any) -> Callable[[bytes, grpc.aio.ServicerContext[bytes, bytes]], Any]:
         name = method.name
         path = f"/{SERVICE_NAME}/{name}"
-        request_class = message_factory.GetMessageClass(method.input_type) if name in LIGHT_CAPABLE else None
-        light = getattr(self.servicer, name) if name in LIGHT_CAPABLE else None
+        light = self.answers.methods().get(name)
 
-        async def handle(raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
-            if light is not None and request_class is not None:
-                try:
-                    request = request_class.FromString(raw)
-                except Exception:  # noqa: BLE001 - malformed bytes from a client
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the {name} request could not be parsed")
-                inline = InlineContext(context)
-                try:
-                    if _memory_only(request):
-                        return light(request, inline).SerializeToString()
-                    # May read the cache (pair results, delta manifests: SQLite, whose locks the heavy-work
-                    # process also takes): on a thread, so the event loop never waits on a disk or a lock.
-                    response = await asyncio.get_running_loop().run_in_executor(self.lookups, light, request, inline)
-                    return response.SerializeToString()
-                except NeedsHeavyWork:
-                    pass  # forwarded below
-                except _Aborted:
-                    assert inline.status is not None
-                    await context.abort_with_status(inline.status)
+        async def handle(raw: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+            if light is not None:
+                response = await self._answer_light(name, light, raw, context)
+                if response is not None:
+                    return response
             return await self._forward_unary(path, raw, context)
 
         return handle
 
-    async def _forward_unary(self, path: str, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        call = self._open_channel().unary_unary(path)
+    async def _answer_light(
+        self, name: str, light: LightMethod, raw: bytes, context: grpc.aio.ServicerContext[bytes, bytes]
+    ) -> bytes | None:
+        """The serialised answer from the cache alone, or None (forward it); bad input ends the call with its status."""
+        try:
+            request = light.request_class.FromString(raw)
+        except Exception:  # malformed bytes from a client
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the {name} request could not be parsed")
+        try:
+            if _memory_only(request):
+                response = light.answer(request)
+            else:
+                # May read the cache (pair results, delta manifests: SQLite, whose locks the heavy-work
+                # process also takes): on a thread, so the event loop never waits on a disk or a lock.
+                response = await asyncio.get_running_loop().run_in_executor(self.lookups, light.answer, request)
+        except Exception as exc:  # the same status the heavy path gives (KinshipError), else INTERNAL
+            await context.abort_with_status(rpc_status(name, exc))
+        return response.SerializeToString() if response is not None else None
+
+    async def _forward_unary(self, path: str, raw: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = self._open_channel().unary_unary(path)
         try:
             return await call(raw, timeout=context.time_remaining())
         except grpc.aio.AioRpcError as error:
             await self._abort_like(error, context)
-            raise  # not reached: abort raises
 
-    def _streaming(self, name: str) -> Callable[[bytes, grpc.aio.ServicerContext], AsyncIterator[bytes]]:
+    def _streaming(self, name: str) -> Callable[[bytes, grpc.aio.ServicerContext[bytes, bytes]], AsyncIterator[bytes]]:
         path = f"/{SERVICE_NAME}/{name}"
 
-        async def handle(raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-            call = self._open_channel().unary_stream(path)(raw, timeout=context.time_remaining())
+        async def handle(raw: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> AsyncIterator[bytes]:
+            method: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = self._open_channel().unary_stream(path)
+            call = method(raw, timeout=context.time_remaining())
             try:
                 async for message in call:
                     yield message
@@ -348,7 +320,7 @@ class Front:
 
         return handle
 
-    async def _abort_like(self, error: grpc.aio.AioRpcError, context: grpc.aio.ServicerContext) -> None:
+    async def _abort_like(self, error: grpc.aio.AioRpcError, context: grpc.aio.ServicerContext[bytes, bytes]) -> NoReturn:
         """End the front's call with the heavy process's status, or a clear UNAVAILABLE when it is down."""
         if error.code() == grpc.StatusCode.UNAVAILABLE and not self.heavy.ready:
             await context.abort(
@@ -470,14 +442,14 @@ async def start_front(settings: Settings, heavy: HeavyProcess) -> RunningFront:
             settings.metrics_port, settings.host, registry=CombinedRegistry(metrics.REGISTRY, heavy)
         )
     await server.start()
-    metrics.BUILD_INFO.labels(__version__, str(front.servicer.device)).set(1)
+    metrics.BUILD_INFO.labels(__version__, str(front.device)).set(1)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log_serving(
         settings,
         address,
         port,
-        front.servicer.device,
+        front.device,
         tls=credentials is not None,
         auth=tokens is not None,
         heavy_process_pid=heavy.process.pid if heavy.process else None,
@@ -502,7 +474,7 @@ async def _serve(settings: Settings, stop: asyncio.Event, received: list[int]) -
         log.error("cannot start: %s", exc)
         heavy.stop(0)
         return 1
-    # Everything built so far (torch, protobuf descriptors, the servicer) lives as long as the process:
+    # Everything built so far (torch, protobuf descriptors, the cache) lives as long as the process:
     # keep it out of the cyclic collector, whose full passes over it stalled light calls for tens of ms.
     gc.collect()
     gc.freeze()

@@ -1,19 +1,25 @@
-"""Proto translation for RankCandidates and ShouldStop: requests to `recommend` inputs, results to responses.
+"""Proto translation for RankCandidates and ShouldStop: requests to validated queries, results to responses.
 
-No logic and no I/O: `api.py` orchestrates (validate, gather kinship, decide) and calls
-these to convert at the edges.
+No I/O: the servicer (heavy path) and the front's cache-only answers (`light.py`) both
+turn a request into a `RankQuery` / `StopQuery` (validated by `recommend`, in one
+order, so both layouts give the same statuses), gather the kinship its
+`PopulationQuery` asks for, and answer with the query's `response`.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from kinship_client.v1 import common_pb2, recommend_pb2
 from kinship_service.checkpoints.sources import CheckpointSpec
 from kinship_service.errors import InvalidArgument
 from kinship_service.guidance import recommend
-from kinship_service.guidance.recommend import KinshipMatrix, Member, MemberGain, Ranking, StopDecision
-from kinship_service.kinship.population import AUTO, EXACT, FINGERPRINT, NONE, MemberCheckpoint
+from kinship_service.guidance.recommend import KinshipMatrix, Member, MemberGain, Pair, Ranking, StopDecision
+from kinship_service.kinship.modes import AUTO, EXACT, FINGERPRINT, NONE, KinshipMode, ModeUsed
+from kinship_service.kinship.population import MemberCheckpoint
+from kinship_service.server.refs import spec_from_ref
 
 _METRICS: dict[int, str] = {
     common_pb2.METRIC_UNSPECIFIED: recommend.PCC,
@@ -22,13 +28,13 @@ _METRICS: dict[int, str] = {
     common_pb2.METRIC_EUCLIDEAN: recommend.EUCLIDEAN,
 }
 _METRIC_ENUMS = {recommend.PCC: common_pb2.METRIC_PCC, recommend.COSINE: common_pb2.METRIC_COSINE, recommend.EUCLIDEAN: common_pb2.METRIC_EUCLIDEAN}
-_MODES: dict[int, str] = {
+_MODES: dict[int, KinshipMode] = {
     common_pb2.KINSHIP_MODE_UNSPECIFIED: AUTO,
     common_pb2.KINSHIP_MODE_AUTO: AUTO,
     common_pb2.KINSHIP_MODE_EXACT: EXACT,
     common_pb2.KINSHIP_MODE_FINGERPRINT: FINGERPRINT,
 }
-_MODE_ENUMS = {
+_MODE_ENUMS: dict[ModeUsed, common_pb2.KinshipMode] = {
     EXACT: common_pb2.KINSHIP_MODE_EXACT,
     FINGERPRINT: common_pb2.KINSHIP_MODE_FINGERPRINT,
     NONE: common_pb2.KINSHIP_MODE_UNSPECIFIED,
@@ -54,7 +60,7 @@ def metric_of(value: int) -> str:
     return _METRICS[value]
 
 
-def mode_of(value: int) -> str:
+def mode_of(value: int) -> KinshipMode:
     """The request's KinshipMode as `auto`, `exact` or `fingerprint` (unspecified: auto)."""
     if value not in _MODES:
         raise InvalidArgument(f"unknown kinship mode {value}; use EXACT, FINGERPRINT or AUTO", field="mode")
@@ -70,11 +76,12 @@ def aggregation_of(value: int) -> str:
 
 def _checkpoint_description(ref: common_pb2.CheckpointRef) -> str | None:
     which = ref.WhichOneof("source")
+    description: str | None = None
     if which == "path":
-        return recommend.checkpoint_description("path", ref.path)
-    if which == "hub":
-        return recommend.checkpoint_description("hub", f"{ref.hub.repo_id}@{ref.hub.revision or 'main'}")
-    return None
+        description = recommend.checkpoint_description("path", ref.path)
+    elif which == "hub":
+        description = recommend.checkpoint_description("hub", f"{ref.hub.repo_id}@{ref.hub.revision or 'main'}")
+    return description
 
 
 def members_of(messages: Sequence[recommend_pb2.PopulationMember]) -> list[Member]:
@@ -138,7 +145,7 @@ def _gain_proto(gain: MemberGain) -> recommend_pb2.MemberGain:
     return message
 
 
-def rank_response(ranking: Ranking, mode_used: str) -> recommend_pb2.RankCandidatesResponse:
+def rank_response(ranking: Ranking, mode_used: ModeUsed) -> recommend_pb2.RankCandidatesResponse:
     """The RankCandidatesResponse of a ranking."""
     return recommend_pb2.RankCandidatesResponse(
         recommendations=[
@@ -158,7 +165,7 @@ def rank_response(ranking: Ranking, mode_used: str) -> recommend_pb2.RankCandida
     )
 
 
-def stop_response(decision: StopDecision, mode_used: str) -> recommend_pb2.ShouldStopResponse:
+def stop_response(decision: StopDecision, mode_used: ModeUsed) -> recommend_pb2.ShouldStopResponse:
     """The ShouldStopResponse of a decision."""
     return recommend_pb2.ShouldStopResponse(
         stop=decision.stop,
@@ -172,3 +179,122 @@ def stop_response(decision: StopDecision, mode_used: str) -> recommend_pb2.Shoul
         mode_used=_MODE_ENUMS[mode_used],
     )
 
+
+
+# -- validated requests -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PopulationQuery:
+    """The kinship a validated RankCandidates / ShouldStop request needs: every pair of its top-k members."""
+
+    base: CheckpointSpec | None
+    members: tuple[MemberCheckpoint, ...]
+    """The top-k members, in top-k order."""
+    metric: str
+    mode: KinshipMode
+    known: dict[Pair, float]
+
+    @property
+    def all_known(self) -> bool:
+        """Whether the caller gave every needed value (nothing to compute)."""
+        return all(recommend.pair_key(a.name, b.name) in self.known for a, b in itertools.combinations(self.members, 2))
+
+    def key(self) -> tuple[object, ...]:
+        """Equal for identical computations (admission coalesces them)."""
+        return ("population", self.base, self.members, self.metric, self.mode, tuple(sorted(self.known.items())))
+
+
+def _population_query(request: recommend_pb2.RankCandidatesRequest | recommend_pb2.ShouldStopRequest, top: Sequence[str], metric: str, known: dict[Pair, float]) -> PopulationQuery:
+    base = spec_from_ref(request.base, "base") if request.HasField("base") else None
+    members = member_checkpoints(request.members, top, spec_from_ref)
+    return PopulationQuery(base, tuple(members), metric, mode_of(request.mode), known)
+
+
+@dataclass(frozen=True)
+class RankQuery:
+    """A validated RankCandidatesRequest."""
+
+    kinship: PopulationQuery
+    members: list[Member]
+    top_k: int
+    merged: set[Pair]
+
+    def response(self, values: dict[Pair, float], mode_used: ModeUsed) -> recommend_pb2.RankCandidatesResponse:
+        """The response, given the kinship of every top-k pair."""
+        ranking = recommend.rank_candidates(
+            self.members, self.top_k, recommend.lookup(values), metric=self.kinship.metric, merged_pairs=self.merged
+        )
+        return rank_response(ranking, mode_used)
+
+
+def rank_query(request: recommend_pb2.RankCandidatesRequest) -> RankQuery:
+    """Validate a RankCandidatesRequest (InvalidArgument naming the field at fault)."""
+    metric = metric_of(request.metric)
+    mode_of(request.mode)
+    members = members_of(request.members)
+    names = [m.name for m in recommend.validate_population(members, request.top_k).values()]
+    merged = recommend.validate_pairs(pairs_of(request.merged_pairs), names, field="merged_pairs")
+    known = recommend.validate_known(known_of(request.known_kinship), names, metric)
+    top = recommend.select_top_k(members, request.top_k)
+    return RankQuery(_population_query(request, top, metric, known), members, request.top_k, merged)
+
+
+@dataclass(frozen=True)
+class StopQuery:
+    """A validated ShouldStopRequest."""
+
+    kinship: PopulationQuery
+    members: list[Member]
+    top_k: int
+    previous_top_k: list[str]
+    kinship_threshold: float | None
+    aggregation: str
+    gain_window: int
+    gain_threshold: float | None
+
+    def response(self, values: dict[Pair, float], mode_used: ModeUsed) -> recommend_pb2.ShouldStopResponse:
+        """The response, given the kinship of every top-k pair."""
+        decision = recommend.should_stop(
+            self.members,
+            self.top_k,
+            recommend.lookup(values),
+            metric=self.kinship.metric,
+            previous_top_k=self.previous_top_k,
+            kinship_threshold=self.kinship_threshold,
+            aggregation=self.aggregation,
+            gain_window=self.gain_window,
+            gain_threshold=self.gain_threshold,
+        )
+        return stop_response(decision, mode_used)
+
+
+def stop_query(request: recommend_pb2.ShouldStopRequest) -> StopQuery:
+    """Validate a ShouldStopRequest, options included (cheap errors before any weights are read)."""
+    metric = metric_of(request.metric)
+    mode_of(request.mode)
+    aggregation = aggregation_of(request.aggregation)
+    members = members_of(request.members)
+    names = [m.name for m in recommend.validate_population(members, request.top_k).values()]
+    known = recommend.validate_known(known_of(request.known_kinship), names, metric)
+    previous = list(request.previous_top_k)
+    threshold = request.kinship_threshold if request.HasField("kinship_threshold") else None
+    gain_threshold = request.gain_threshold if request.HasField("gain_threshold") else None
+    recommend.validate_stop_options(
+        members,
+        metric=metric,
+        previous_top_k=previous,
+        kinship_threshold=threshold,
+        aggregation=aggregation,
+        gain_window=request.gain_window,
+        gain_threshold=gain_threshold,
+    )
+    top = recommend.select_top_k(members, request.top_k)
+    return StopQuery(
+        _population_query(request, top, metric, known),
+        members,
+        request.top_k,
+        previous,
+        threshold,
+        aggregation,
+        request.gain_window,
+        gain_threshold,
+    )

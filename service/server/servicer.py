@@ -9,35 +9,28 @@ server log.
 from __future__ import annotations
 
 import functools
-import itertools
 import logging
 import threading
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 
-from kinship_client.v1 import common_pb2, kinship_pb2, merge_pb2, recommend_pb2, service_pb2_grpc
-from kinship_service.cache.registry import AUTO, EXACT, FINGERPRINT, KinshipCache
-from kinship_service.checkpoints.sources import CheckpointSpec, LocalPath, resolve
+from kinship_client.v1 import kinship_pb2, merge_pb2, recommend_pb2, service_pb2_grpc
+from kinship_service.cache.registration import Registration
+from kinship_service.cache.registry import KinshipCache, KinshipOutcome
+from kinship_service.checkpoints.sources import CheckpointSpec, resolve
 from kinship_service.config import Settings
-from kinship_service.errors import (
-    Cancelled,
-    DeadlineExceeded,
-    Internal,
-    InvalidArgument,
-    KinshipError,
-    NeedsHeavyWork,
-    to_rpc_status,
-)
-from kinship_service.guidance import recommend
+from kinship_service.errors import Cancelled, DeadlineExceeded, Internal, InvalidArgument, KinshipError, to_rpc_status
+from kinship_service.guidance.recommend import Pair
 from kinship_service.jobs.manager import MergeJobManager
-from kinship_service.kinship.exact import SKIP_MISSING, SKIP_NOT_FLOATING, SKIP_SHAPE, ExactKinship, resolve_device
+from kinship_service.kinship.exact import resolve_device
+from kinship_service.kinship.modes import FINGERPRINT, ModeUsed
 from kinship_service.kinship.population import pairwise_kinship
-from kinship_service.kinship.similarity import Similarities
-from kinship_service.server import merge_rpc, metrics, recommend_rpc
+from kinship_service.server import kinship_rpc, merge_rpc, metrics, recommend_rpc
 from kinship_service.server.admission import Admission
+from kinship_service.server.recommend_rpc import PopulationQuery
 from kinship_service.server.refs import spec_from_ref
 
 log = logging.getLogger("kinship.api")
@@ -45,22 +38,20 @@ log = logging.getLogger("kinship.api")
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
 
-_SKIP_REASONS = {
-    SKIP_MISSING: kinship_pb2.SKIP_REASON_MISSING,
-    SKIP_SHAPE: kinship_pb2.SKIP_REASON_SHAPE_MISMATCH,
-    SKIP_NOT_FLOATING: kinship_pb2.SKIP_REASON_NOT_FLOATING,
-}
 
-
-def _abort(context: grpc.ServicerContext, method: str, exc: BaseException) -> None:
+def rpc_status(method: str, exc: BaseException) -> grpc.Status:
+    """The status a failed RPC answers: the rich status of a KinshipError, else INTERNAL (details only in the log)."""
     if isinstance(exc, KinshipError):
         log.info("rpc failed", extra={"rpc": method, "code": exc.code.name, "reason": exc.reason, "detail": exc.message})
-        context.abort_with_status(to_rpc_status(exc))
+        return to_rpc_status(exc)
     incident = uuid.uuid4().hex[:12]
-    log.exception("internal error", extra={"rpc": method, "incident": incident})
-    context.abort_with_status(
-        to_rpc_status(Internal(f"internal error (incident {incident}); the server log has the details", reason="INTERNAL"))
-    )
+    log.error("internal error", extra={"rpc": method, "incident": incident}, exc_info=exc)
+    return to_rpc_status(Internal(f"internal error (incident {incident}); the server log has the details", reason="INTERNAL"))
+
+
+def _already_aborted(context: grpc.ServicerContext, exc: BaseException) -> bool:
+    """Whether `exc` is grpc's own exception of a call the body aborted already (let grpc finish it)."""
+    return context.code() is not None and not isinstance(exc, KinshipError)  # type: ignore[attr-defined]  # grpc-stubs lack ServicerContext.code()
 
 
 def rpc_method(func: F) -> F:
@@ -70,14 +61,12 @@ def rpc_method(func: F) -> F:
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
         try:
             return func(self, request, context)
-        except NeedsHeavyWork:
-            raise
-        except Exception as exc:  # noqa: BLE001 - every failure must become a status
-            if context.code() is not None and not isinstance(exc, KinshipError):
-                raise  # already aborted (abort raises); let grpc finish it
-            _abort(context, func.__name__, exc)
+        except Exception as exc:  # every failure must become a status
+            if _already_aborted(context, exc):
+                raise
+            context.abort_with_status(rpc_status(func.__name__, exc))
 
-    return wrapper  # type: ignore[return-value]
+    return cast(F, wrapper)
 
 
 def rpc_stream_method(func: F) -> F:
@@ -87,12 +76,12 @@ def rpc_stream_method(func: F) -> F:
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         try:
             yield from func(self, request, context)
-        except Exception as exc:  # noqa: BLE001
-            if context.code() is not None and not isinstance(exc, KinshipError):
+        except Exception as exc:
+            if _already_aborted(context, exc):
                 raise
-            _abort(context, func.__name__, exc)
+            context.abort_with_status(rpc_status(func.__name__, exc))
 
-    return wrapper  # type: ignore[return-value]
+    return cast(F, wrapper)
 
 
 def cancellation_check(context: grpc.ServicerContext) -> Callable[[], None]:
@@ -110,32 +99,13 @@ def cancellation_check(context: grpc.ServicerContext) -> Callable[[], None]:
     return check
 
 
-def values_proto(pcc: float, cosine: float, euclidean: float) -> common_pb2.KinshipValues:
-    return common_pb2.KinshipValues(pcc=pcc, cosine=cosine, euclidean=euclidean)
-
-
-def _pairs_proto(sims: Similarities) -> list[kinship_pb2.PairKinship]:
-    return [
-        kinship_pb2.PairKinship(first=i, second=j, values=values_proto(p, c, e)) for i, j, p, c, e in sims.pairs()
-    ]
-
-
 class KinshipServicer(service_pb2_grpc.KinshipServiceServicer):
-    """kinship.v1.KinshipService."""
+    """kinship.v1.KinshipService: every RPC, heavy work admitted and coalesced (admission.py)."""
 
-    jobs: MergeJobManager
-
-    def __init__(self, settings: Settings, *, light_only: bool = False) -> None:
-        """`light_only`: the front process's servicer (front.py): no merge jobs, no heavy executor;
-        where a call needs heavy work it raises NeedsHeavyWork and the front forwards the call."""
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.device = resolve_device(settings.device)
-        # Fingerprints, deltas and pair results (issue 3); other RPCs may call
-        # self.kinship_cache.fingerprint_matrix(base, checkpoints, metric).
-        self.kinship_cache = KinshipCache(settings, self.device)
-        self.admission: Admission | None = None
-        if light_only:  # (no `jobs` attribute: the front forwards every merge-job RPC)
-            return
+        self.kinship_cache = KinshipCache(settings, self.device)  # fingerprints, deltas and pair results
         self.jobs = MergeJobManager(settings)
         self.jobs.start()
         # Heavy work (exact passes, registrations) runs on a bounded executor with coalescing
@@ -143,17 +113,11 @@ class KinshipServicer(service_pb2_grpc.KinshipServiceServicer):
         self.admission = Admission(settings.heavy_workers, settings.heavy_queue, max_waiters=settings.max_workers // 2)
         self.jobs.output_registrar = self._register_merge_output
 
-    def _run_heavy(self, key: Any, work: Callable[..., T], context: grpc.ServicerContext, kind: str) -> T:
-        """Run `work(check)` on the heavy executor (admitted, coalesced).
-
-        A light-only servicer (the front) runs `work(check, light_only=True)` instead, inline: the
-        work answers from the cache alone or raises NeedsHeavyWork, and front.py forwards the call.
-        """
-        if self.admission is None:
-            return work(cancellation_check(context), light_only=True)
+    def _run_heavy(self, key: Any, work: Callable[[Callable[[], None]], T], context: grpc.ServicerContext, kind: str) -> T:
+        """Run `work(check)` on the heavy executor (admitted, coalesced)."""
         return self.admission.run(key, work, cancellation_check(context), kind=kind)
 
-    def _register_merge_output(self, output: LocalPath, base: CheckpointSpec) -> None:
+    def _register_merge_output(self, output: CheckpointSpec, base: CheckpointSpec) -> None:
         """Cache a finished merge's fingerprint and delta (StartMergeRequest.base)."""
         # The output lies under KINSHIP_OUTPUT_ROOT, which need not be an allowed read root.
         self.kinship_cache.register(resolve(output, [self.settings.output_root], "output_path"), base)
@@ -161,114 +125,56 @@ class KinshipServicer(service_pb2_grpc.KinshipServiceServicer):
     # -- Kinship -----------------------------------------------------------------------
     @rpc_method
     def Kinship(self, request: kinship_pb2.KinshipRequest, context: grpc.ServicerContext) -> kinship_pb2.KinshipResponse:
-        if not request.HasField("base"):
-            raise InvalidArgument("base is required: the checkpoint the models were fine-tuned from", field="base")
-        if len(request.models) < 2:
-            raise InvalidArgument(
-                f"kinship needs at least two models, got {len(request.models)}", field="models"
-            )
-        mode = _MODES.get(request.mode)
-        if mode is None:
-            raise InvalidArgument(f"unknown kinship mode {request.mode}; use EXACT, FINGERPRINT or AUTO", field="mode")
-        # Resolved (and confined to the allowed roots) by the cache layer, which can also answer
-        # for Hub checkpoints pinned to a commit that have left the Hub cache.
-        base = spec_from_ref(request.base, "base")
-        models = [spec_from_ref(m, f"models[{i}]") for i, m in enumerate(request.models)]
-        policy = request.shape_mismatch_policy
-        if policy == common_pb2.SHAPE_MISMATCH_POLICY_ERROR:
-            raise InvalidArgument("kinship takes SKIP or LEADING_SLICE, not ERROR", field="shape_mismatch_policy")
+        query = kinship_rpc.kinship_query(request)
 
-        def compute(check: Callable[[], None], light_only: bool = False) -> Any:
-            outcome = self.kinship_cache.kinship(
-                base,
-                models,
-                mode=mode,
-                leading_slice=policy == common_pb2.SHAPE_MISMATCH_POLICY_LEADING_SLICE,
-                per_layer=request.per_layer,
+        def compute(check: Callable[[], None]) -> KinshipOutcome:
+            return self.kinship_cache.kinship(
+                query.base,
+                query.models,
+                mode=query.mode,
+                leading_slice=query.leading_slice,
+                per_layer=query.per_layer,
                 check_cancelled=check,
-                light_only=light_only,
             )
-            if outcome.source == "pass":  # weights were read (recorded once, however many callers share it)
-                _record_exact(outcome.result)
-            return outcome
 
-        if mode == FINGERPRINT:  # light: cached fingerprints only, never a pass
+        if query.mode == FINGERPRINT:  # light: cached fingerprints only, never a pass
             outcome = compute(cancellation_check(context))
         else:  # EXACT and AUTO may read weights or stored deltas: heavy, admitted and coalesced
             key = ("Kinship", request.SerializeToString(deterministic=True))
             outcome = self._run_heavy(key, compute, context, "kinship")
-        response = kinship_response(outcome.result, per_layer=request.per_layer)
-        response.mode_used = common_pb2.KINSHIP_MODE_FINGERPRINT if outcome.mode_used == FINGERPRINT else common_pb2.KINSHIP_MODE_EXACT
-        for summary, identity in zip(response.models, outcome.identities, strict=False):
-            summary.identity = identity
-        return response
+        return kinship_rpc.kinship_response(outcome, per_layer=query.per_layer)
 
     # -- RankCandidates and ShouldStop (logic in recommend.py, protos in recommend_rpc.py) --
-    def _top_k_kinship(
-        self, request: Any, top: list[str], metric: str, known: dict[recommend.Pair, float], context: grpc.ServicerContext
-    ) -> tuple[dict[recommend.Pair, float], str]:
-        """Kinship of every top-k pair: `known_kinship` first, the rest from one pass over the needed members."""
-        base = spec_from_ref(request.base, "base") if request.HasField("base") else None
-        members = recommend_rpc.member_checkpoints(request.members, top, spec_from_ref)
-        mode = recommend_rpc.mode_of(request.mode)
+    def _top_k_kinship(self, query: PopulationQuery, context: grpc.ServicerContext) -> tuple[dict[Pair, float], ModeUsed]:
+        """Kinship of every top-k pair: `known_kinship` first, the rest from one computation over the needed members."""
 
-        def compute(check: Callable[[], None], light_only: bool = False) -> tuple[dict[recommend.Pair, float], str]:
+        def compute(check: Callable[[], None]) -> tuple[dict[Pair, float], ModeUsed]:
             return pairwise_kinship(
-                self.settings,
-                self.device,
-                base,
-                members,
-                metric,
-                mode,
-                known,
+                self.settings.allowed_roots,
+                query.base,
+                query.members,
+                query.metric,
+                query.mode,
+                query.known,
+                self.kinship_cache.compute,
                 check,
-                on_exact=_record_exact,
-                compute=functools.partial(self.kinship_cache.compute, light_only=light_only),
             )
 
-        if mode == FINGERPRINT or all(recommend.pair_key(a, b) in known for a, b in itertools.combinations(top, 2)):
+        if query.mode == FINGERPRINT or query.all_known:
             return compute(cancellation_check(context))  # light: every value given, or fingerprints only
-        key = ("population", base, tuple(members), metric, mode, tuple(sorted(known.items())))
-        return self._run_heavy(key, compute, context, "population")
+        return self._run_heavy(query.key(), compute, context, "population")
 
     @rpc_method
     def RankCandidates(
         self, request: recommend_pb2.RankCandidatesRequest, context: grpc.ServicerContext
     ) -> recommend_pb2.RankCandidatesResponse:
-        metric = recommend_rpc.metric_of(request.metric)
-        recommend_rpc.mode_of(request.mode)
-        members = recommend_rpc.members_of(request.members)
-        names = [m.name for m in recommend.validate_population(members, request.top_k).values()]
-        merged = recommend.validate_pairs(recommend_rpc.pairs_of(request.merged_pairs), names, field="merged_pairs")
-        known = recommend.validate_known(recommend_rpc.known_of(request.known_kinship), names, metric)
-        top = recommend.select_top_k(members, request.top_k)
-        values, mode_used = self._top_k_kinship(request, top, metric, known, context)
-        ranking = recommend.rank_candidates(
-            members, request.top_k, recommend.lookup(values), metric=metric, merged_pairs=merged
-        )
-        return recommend_rpc.rank_response(ranking, mode_used)
+        query = recommend_rpc.rank_query(request)
+        return query.response(*self._top_k_kinship(query.kinship, context))
 
     @rpc_method
     def ShouldStop(self, request: recommend_pb2.ShouldStopRequest, context: grpc.ServicerContext) -> recommend_pb2.ShouldStopResponse:
-        metric = recommend_rpc.metric_of(request.metric)
-        recommend_rpc.mode_of(request.mode)
-        aggregation = recommend_rpc.aggregation_of(request.aggregation)
-        members = recommend_rpc.members_of(request.members)
-        names = [m.name for m in recommend.validate_population(members, request.top_k).values()]
-        known = recommend.validate_known(recommend_rpc.known_of(request.known_kinship), names, metric)
-        options: dict[str, Any] = dict(
-            metric=metric,
-            previous_top_k=list(request.previous_top_k),
-            kinship_threshold=request.kinship_threshold if request.HasField("kinship_threshold") else None,
-            aggregation=aggregation,
-            gain_window=request.gain_window,
-            gain_threshold=request.gain_threshold if request.HasField("gain_threshold") else None,
-        )
-        recommend.validate_stop_options(members, **options)  # cheap errors before any weights are read
-        top = recommend.select_top_k(members, request.top_k)
-        values, mode_used = self._top_k_kinship(request, top, metric, known, context)
-        decision = recommend.should_stop(members, request.top_k, recommend.lookup(values), **options)
-        return recommend_rpc.stop_response(decision, mode_used)
+        query = recommend_rpc.stop_query(request)
+        return query.response(*self._top_k_kinship(query.kinship, context))
 
     @rpc_method
     def RegisterCheckpoint(
@@ -281,9 +187,7 @@ class KinshipServicer(service_pb2_grpc.KinshipServiceServicer):
         checkpoint = spec_from_ref(request.checkpoint, "checkpoint")
         base = spec_from_ref(request.base, "base")
 
-        def register(check: Callable[[], None], light_only: bool = False) -> Any:
-            if light_only:  # a registration always reads the weights
-                raise NeedsHeavyWork("register")
+        def register(check: Callable[[], None]) -> Registration:
             reg = self.kinship_cache.register(checkpoint, base, check_cancelled=check)
             metrics.BYTES_READ.inc(reg.bytes_read)  # once, however many callers share the registration
             return reg
@@ -328,56 +232,3 @@ class KinshipServicer(service_pb2_grpc.KinshipServiceServicer):
     def WatchMergeJob(self, request: merge_pb2.WatchMergeJobRequest, context: grpc.ServicerContext) -> Iterator[merge_pb2.WatchMergeJobResponse]:
         for record in self.jobs.watch(request.job_id, context.is_active):
             yield merge_pb2.WatchMergeJobResponse(job=merge_rpc.job_proto(record))
-
-
-_MODES = {
-    common_pb2.KINSHIP_MODE_UNSPECIFIED: AUTO,
-    common_pb2.KINSHIP_MODE_AUTO: AUTO,
-    common_pb2.KINSHIP_MODE_EXACT: EXACT,
-    common_pb2.KINSHIP_MODE_FINGERPRINT: FINGERPRINT,
-}
-
-
-def _record_exact(result: ExactKinship) -> None:
-    metrics.BYTES_READ.inc(result.bytes_read)
-    metrics.TENSORS_COMPARED.inc(len(result.plan.tensors))
-    metrics.ELEMENTS_COMPARED.inc(result.overall.count)
-    metrics.EXACT_SECONDS.labels(result.device).observe(result.seconds)
-    if result.seconds > 0:
-        metrics.EXACT_BYTES_PER_SECOND.set(result.bytes_read / result.seconds)
-
-
-def kinship_response(result: ExactKinship, *, per_layer: bool) -> kinship_pb2.KinshipResponse:
-    """The KinshipResponse of an exact pass."""
-    sims = result.overall
-    response = kinship_pb2.KinshipResponse(
-        pairs=_pairs_proto(sims),
-        mean=values_proto(*sims.mean()),
-        mode_used=common_pb2.KINSHIP_MODE_EXACT,
-        tensors_compared=len(result.plan.tensors),
-        elements_compared=sims.count,
-        sliced_tensors=[t.name for t in result.plan.tensors if t.sliced],
-        skipped=[
-            kinship_pb2.SkippedTensor(name=s.name, reason=_SKIP_REASONS[s.reason], detail=s.detail) for s in result.plan.skipped
-        ],
-        models=[
-            kinship_pb2.ModelSummary(index=i, delta_norm=sims.norms[i], delta_mean=sims.means[i])
-            for i in range(len(sims.norms))
-        ],
-        bytes_read=result.bytes_read,
-        device=result.device,
-        seconds=result.seconds,
-    )
-    if per_layer:
-        for group, group_sims in result.by_group.items():
-            response.layers.append(
-                kinship_pb2.LayerKinship(
-                    group=group,
-                    tensors=result.tensors_by_group[group],
-                    elements=group_sims.count,
-                    pairs=_pairs_proto(group_sims),
-                    mean=values_proto(*group_sims.mean()),
-                )
-            )
-    return response
-
