@@ -10,7 +10,7 @@ import math
 import pytest
 
 from kinship_service.errors import InvalidArgument
-from kinship_service.guidance import population, rank, recommend, stop
+from kinship_service.guidance import population, rank, stop
 from kinship_service.guidance.population import Member, pair_key
 
 # Hu et al., "Exploring Model Kinship for Merging Large Language Models" (arXiv 2410.12613),
@@ -360,10 +360,3 @@ def test_known_values_every_refusal_and_the_edges():
         ("a", "b"): 0.0,
         ("b", "c"): 1e300,
     }
-
-
-def test_recommend_names_the_objects_of_the_defining_modules():
-    """`guidance.recommend` (what the gRPC layer imports) re-exports population, rank and stop, no copies."""
-    for name in recommend.__all__:
-        homes = [m for m in (population, rank, stop) if name in vars(m)]
-        assert homes and getattr(recommend, name) is getattr(homes[0], name), name

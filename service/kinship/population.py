@@ -20,7 +20,7 @@ from typing import Protocol
 
 from kinship_service.checkpoints.sources import Checkpoint, CheckpointSpec, resolve
 from kinship_service.errors import InvalidArgument
-from kinship_service.guidance.recommend import EUCLIDEAN, PCC, Pair, pair_key
+from kinship_service.guidance.population import EUCLIDEAN, PCC, Pair, pair_key
 from kinship_service.kinship.exact import ExactKinship
 from kinship_service.kinship.modes import NONE, KinshipMode, ModeUsed
 

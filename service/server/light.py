@@ -22,7 +22,7 @@ from google.protobuf.message import Message
 from kinship_client.v1 import kinship_pb2, recommend_pb2
 from kinship_service.cache.registry import KinshipCache
 from kinship_service.config import Settings
-from kinship_service.guidance.recommend import Pair
+from kinship_service.guidance.population import Pair
 from kinship_service.kinship.modes import ModeUsed
 from kinship_service.kinship.population import cached_pairwise_kinship
 from kinship_service.server import kinship_rpc, recommend_rpc

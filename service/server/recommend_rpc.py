@@ -15,19 +15,21 @@ from dataclasses import dataclass
 from kinship_client.v1 import common_pb2, recommend_pb2
 from kinship_service.checkpoints.sources import CheckpointSpec
 from kinship_service.errors import InvalidArgument
-from kinship_service.guidance import recommend
-from kinship_service.guidance.recommend import KinshipMatrix, Member, MemberGain, Pair, Ranking, StopDecision
+from kinship_service.guidance import population, rank, stop
+from kinship_service.guidance.population import KinshipMatrix, Member, MemberGain, Pair
+from kinship_service.guidance.rank import Ranking
+from kinship_service.guidance.stop import StopDecision
 from kinship_service.kinship.modes import AUTO, EXACT, FINGERPRINT, NONE, KinshipMode, ModeUsed
 from kinship_service.kinship.population import MemberCheckpoint
 from kinship_service.server.refs import spec_from_ref
 
 _METRICS: dict[int, str] = {
-    common_pb2.METRIC_UNSPECIFIED: recommend.PCC,
-    common_pb2.METRIC_PCC: recommend.PCC,
-    common_pb2.METRIC_COSINE: recommend.COSINE,
-    common_pb2.METRIC_EUCLIDEAN: recommend.EUCLIDEAN,
+    common_pb2.METRIC_UNSPECIFIED: population.PCC,
+    common_pb2.METRIC_PCC: population.PCC,
+    common_pb2.METRIC_COSINE: population.COSINE,
+    common_pb2.METRIC_EUCLIDEAN: population.EUCLIDEAN,
 }
-_METRIC_ENUMS = {recommend.PCC: common_pb2.METRIC_PCC, recommend.COSINE: common_pb2.METRIC_COSINE, recommend.EUCLIDEAN: common_pb2.METRIC_EUCLIDEAN}
+_METRIC_ENUMS = {population.PCC: common_pb2.METRIC_PCC, population.COSINE: common_pb2.METRIC_COSINE, population.EUCLIDEAN: common_pb2.METRIC_EUCLIDEAN}
 _MODES: dict[int, KinshipMode] = {
     common_pb2.KINSHIP_MODE_UNSPECIFIED: AUTO,
     common_pb2.KINSHIP_MODE_AUTO: AUTO,
@@ -40,16 +42,16 @@ _MODE_ENUMS: dict[ModeUsed, common_pb2.KinshipMode] = {
     NONE: common_pb2.KINSHIP_MODE_UNSPECIFIED,
 }
 _AGGREGATIONS: dict[int, str] = {
-    recommend_pb2.AGGREGATION_UNSPECIFIED: recommend.MEAN,
-    recommend_pb2.AGGREGATION_MEAN: recommend.MEAN,
-    recommend_pb2.AGGREGATION_MIN: recommend.MIN,
-    recommend_pb2.AGGREGATION_MAX: recommend.MAX,
+    recommend_pb2.AGGREGATION_UNSPECIFIED: stop.MEAN,
+    recommend_pb2.AGGREGATION_MEAN: stop.MEAN,
+    recommend_pb2.AGGREGATION_MIN: stop.MIN,
+    recommend_pb2.AGGREGATION_MAX: stop.MAX,
 }
-_KINDS = {recommend.GREEDY: recommend_pb2.RECOMMENDATION_KIND_GREEDY, recommend.EXPLORATION: recommend_pb2.RECOMMENDATION_KIND_EXPLORATION}
+_KINDS = {rank.GREEDY: recommend_pb2.RECOMMENDATION_KIND_GREEDY, rank.EXPLORATION: recommend_pb2.RECOMMENDATION_KIND_EXPLORATION}
 _REASONS = {
-    recommend.KINSHIP_SATURATED: recommend_pb2.STOP_REASON_KINSHIP_SATURATED,
-    recommend.TOPK_UNCHANGED: recommend_pb2.STOP_REASON_TOPK_UNCHANGED,
-    recommend.GAIN_PLATEAU: recommend_pb2.STOP_REASON_GAIN_PLATEAU,
+    stop.KINSHIP_SATURATED: recommend_pb2.STOP_REASON_KINSHIP_SATURATED,
+    stop.TOPK_UNCHANGED: recommend_pb2.STOP_REASON_TOPK_UNCHANGED,
+    stop.GAIN_PLATEAU: recommend_pb2.STOP_REASON_GAIN_PLATEAU,
 }
 
 
@@ -78,14 +80,14 @@ def _checkpoint_description(ref: common_pb2.CheckpointRef) -> str | None:
     which = ref.WhichOneof("source")
     description: str | None = None
     if which == "path":
-        description = recommend.checkpoint_description("path", ref.path)
+        description = population.checkpoint_description("path", ref.path)
     elif which == "hub":
-        description = recommend.checkpoint_description("hub", f"{ref.hub.repo_id}@{ref.hub.revision or 'main'}")
+        description = population.checkpoint_description("hub", f"{ref.hub.repo_id}@{ref.hub.revision or 'main'}")
     return description
 
 
 def members_of(messages: Sequence[recommend_pb2.PopulationMember]) -> list[Member]:
-    """PopulationMember protos as `recommend.Member`s (unset optional fields become None)."""
+    """PopulationMember protos as `population.Member`s (unset optional fields become None)."""
     out = []
     for m in messages:
         has = m.HasField
@@ -196,7 +198,7 @@ class PopulationQuery:
     @property
     def all_known(self) -> bool:
         """Whether the caller gave every needed value (nothing to compute)."""
-        return all(recommend.pair_key(a.name, b.name) in self.known for a, b in itertools.combinations(self.members, 2))
+        return all(population.pair_key(a.name, b.name) in self.known for a, b in itertools.combinations(self.members, 2))
 
     def key(self) -> tuple[object, ...]:
         """Equal for identical computations (admission coalesces them)."""
@@ -220,8 +222,8 @@ class RankQuery:
 
     def response(self, values: dict[Pair, float], mode_used: ModeUsed) -> recommend_pb2.RankCandidatesResponse:
         """The response, given the kinship of every top-k pair."""
-        ranking = recommend.rank_candidates(
-            self.members, self.top_k, recommend.lookup(values), metric=self.kinship.metric, merged_pairs=self.merged
+        ranking = rank.rank_candidates(
+            self.members, self.top_k, population.lookup(values), metric=self.kinship.metric, merged_pairs=self.merged
         )
         return rank_response(ranking, mode_used)
 
@@ -231,10 +233,10 @@ def rank_query(request: recommend_pb2.RankCandidatesRequest) -> RankQuery:
     metric = metric_of(request.metric)
     mode_of(request.mode)
     members = members_of(request.members)
-    names = [m.name for m in recommend.validate_population(members, request.top_k).values()]
-    merged = recommend.validate_pairs(pairs_of(request.merged_pairs), names, field="merged_pairs")
-    known = recommend.validate_known(known_of(request.known_kinship), names, metric)
-    top = recommend.select_top_k(members, request.top_k)
+    names = [m.name for m in population.validate_population(members, request.top_k).values()]
+    merged = population.validate_pairs(pairs_of(request.merged_pairs), names, field="merged_pairs")
+    known = population.validate_known(known_of(request.known_kinship), names, metric)
+    top = population.select_top_k(members, request.top_k)
     return RankQuery(_population_query(request, top, metric, known), members, request.top_k, merged)
 
 
@@ -253,10 +255,10 @@ class StopQuery:
 
     def response(self, values: dict[Pair, float], mode_used: ModeUsed) -> recommend_pb2.ShouldStopResponse:
         """The response, given the kinship of every top-k pair."""
-        decision = recommend.should_stop(
+        decision = stop.should_stop(
             self.members,
             self.top_k,
-            recommend.lookup(values),
+            population.lookup(values),
             metric=self.kinship.metric,
             previous_top_k=self.previous_top_k,
             kinship_threshold=self.kinship_threshold,
@@ -273,12 +275,12 @@ def stop_query(request: recommend_pb2.ShouldStopRequest) -> StopQuery:
     mode_of(request.mode)
     aggregation = aggregation_of(request.aggregation)
     members = members_of(request.members)
-    names = [m.name for m in recommend.validate_population(members, request.top_k).values()]
-    known = recommend.validate_known(known_of(request.known_kinship), names, metric)
+    names = [m.name for m in population.validate_population(members, request.top_k).values()]
+    known = population.validate_known(known_of(request.known_kinship), names, metric)
     previous = list(request.previous_top_k)
     threshold = request.kinship_threshold if request.HasField("kinship_threshold") else None
     gain_threshold = request.gain_threshold if request.HasField("gain_threshold") else None
-    recommend.validate_stop_options(
+    stop.validate_stop_options(
         members,
         metric=metric,
         previous_top_k=previous,
@@ -287,7 +289,7 @@ def stop_query(request: recommend_pb2.ShouldStopRequest) -> StopQuery:
         gain_window=request.gain_window,
         gain_threshold=gain_threshold,
     )
-    top = recommend.select_top_k(members, request.top_k)
+    top = population.select_top_k(members, request.top_k)
     return StopQuery(
         _population_query(request, top, metric, known),
         members,
