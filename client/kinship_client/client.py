@@ -92,7 +92,7 @@ def _rich_details(error: grpc.RpcError) -> tuple[str, str, float | None]:
     """
     try:
         # googleapis-common-protos ships no type information (and no stubs are installed).
-        from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped]
+        from google.rpc import error_details_pb2, status_pb2
     except ImportError:
         return "", "", None
     trailers = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
