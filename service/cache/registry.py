@@ -754,6 +754,8 @@ class KinshipCache:
                 observers=[observer] if observer is not None else [],
                 stats=ReadStats(),
                 use_cpu_kernel=self.settings.cpu_kernel,
+                headers=[base_ident.headers, *(ident.headers for ident in idents)],
+                plan=plan,
             )
         except KinshipError:
             self._raise_if_changed([base_ckpt, *model_ckpts], [base_ident, *idents])  # the real cause
@@ -996,7 +998,7 @@ class KinshipCache:
         stats: ReadStats,
         check_cancelled: Callable[[], None],
     ) -> tuple[Fingerprint, _Manifest | None]:
-        readers = [CheckpointReader(base_ckpt, stats), CheckpointReader(ckpt, stats)]
+        readers = [CheckpointReader(base_ckpt, stats, base_ident.headers), CheckpointReader(ckpt, stats, ident.headers)]
         sketch = SketchBuilder(1, device=self.device)
         group_stats = StatsBuilder(1)
         store_delta = self._delta_storable(plan)

@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 
 from kinship_service import __version__
+from kinship_service.checkpoints.safetensors_header import read_header
 from kinship_service.checkpoints.sources import INDEX_FILE, SINGLE_FILE, Checkpoint
 from kinship_service.checkpoints.streaming import DTYPES, FLOATING, ITEMSIZE, CheckpointReader, TensorInfo
 from kinship_service.errors import AlreadyExists, FailedPrecondition, Internal, InvalidArgument, PermissionDenied
@@ -255,23 +256,13 @@ def write_bytes_file(path: Path, data: bytes) -> None:
 
 
 class _FileOffsets:
-    """Data offsets of every tensor of a safetensors file, from its header (parsed once)."""
+    """Data offsets of every tensor of a safetensors file, from its validated header (`safetensors_header`)."""
 
     def __init__(self, path: Path, label: str) -> None:
         self.path = path
-        with open(path, "rb") as handle:
-            head = handle.read(8)
-            if len(head) != 8:
-                raise FailedPrecondition(f"{path.name} of {label} is truncated", reason="CORRUPT_SAFETENSORS")
-            (length,) = struct.unpack("<Q", head)
-            if length > 100 * 2**20:
-                raise FailedPrecondition(f"{path.name} of {label} declares a {length}-byte header", reason="CORRUPT_SAFETENSORS")
-            try:
-                header = json.loads(handle.read(length))
-            except ValueError as exc:
-                raise FailedPrecondition(f"{path.name} of {label}: unreadable header ({exc})", reason="CORRUPT_SAFETENSORS") from None
-        self.data_start = 8 + length
-        self.offsets = {k: tuple(v["data_offsets"]) for k, v in header.items() if k != "__metadata__"}
+        header = read_header(path, label)
+        self.data_start = header.data_start
+        self.offsets = header.offsets
 
 
 # --------------------------------------------------------------------------------------------
