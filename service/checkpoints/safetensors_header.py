@@ -125,7 +125,7 @@ class HeaderError(ValueError):
 def corrupt_error(path: Path, label: str, detail: str) -> FailedPrecondition:
     """The CORRUPT_SAFETENSORS error for `path` of checkpoint `label`, saying what is wrong and what to do."""
     return FailedPrecondition(
-        f"{path.name} of {label} is not a valid safetensors file ({detail}); re-download it, or re-save it "
+        f"{path.name} of {label} is not a readable safetensors file ({detail}); re-download it, or re-save it "
         "with safetensors.torch.save_file",
         reason="CORRUPT_SAFETENSORS",
     )
