@@ -106,7 +106,7 @@ def register_pass(
     Raises FailedPrecondition (CHECKPOINT_CHANGED) when a file changed during the pass
     (nothing usable is stored then).
     """
-    readers = [CheckpointReader(base_ckpt, stats), CheckpointReader(ckpt, stats)]
+    readers = [CheckpointReader(base_ckpt, stats, base_ident.headers), CheckpointReader(ckpt, stats, ident.headers)]
     sketch = SketchBuilder(1, device=device)
     group_stats = StatsBuilder(1)
     store_delta = stores.deltas.storable(plan)

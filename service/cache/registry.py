@@ -310,6 +310,8 @@ class KinshipCache:
                 observers=[observer] if observer is not None else [],
                 stats=ReadStats(),
                 use_cpu_kernel=self.settings.cpu_kernel,
+                headers=[base_ident.headers, *(ident.headers for ident in idents)],
+                plan=plan,
             )
         except KinshipError:
             self.resolver.raise_if_changed([base_ckpt, *model_ckpts], [base_ident, *idents])  # the real cause

@@ -19,81 +19,30 @@ again.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import struct
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from kinship_service.checkpoints.safetensors_header import FileState, TensorInfo, file_state, read_checkpoint_headers
 from kinship_service.checkpoints.sources import Checkpoint
-from kinship_service.checkpoints.streaming import TensorInfo
 from kinship_service.errors import FailedPrecondition
 
 IDENTITY_VERSION = 1
-MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
-
-
-@dataclass(frozen=True)
-class FileState:
-    """What `stat` says about one weight file."""
-
-    path: str
-    size: int
-    inode: int
-    mtime_ns: int
-    ctime_ns: int
 
 
 @dataclass(frozen=True)
 class CheckpointIdentity:
-    """A checkpoint's content identity and its parsed safetensors headers."""
+    """A checkpoint's content identity and its validated safetensors headers."""
 
     identity: str
     """`hub-<hex>` or `local-<hex>` (128-bit digest)."""
     size_bytes: int
     headers: dict[str, TensorInfo]
-    """Every tensor's header entry, by name (as CheckpointReader.tensors() gives)."""
+    """Every tensor's header entry, by name (as `read_checkpoint_headers` gives): what plans and readers use."""
     states: tuple[FileState, ...]
-
-
-def file_state(path: Path, st: os.stat_result | None = None) -> FileState:
-    """The FileState of `path`: from `st` when the caller has just stat-ed it, else a fresh `os.stat`."""
-    if st is None:
-        st = os.stat(path)
-    return FileState(str(path), st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
-
-
-def read_header(path: Path, label: str) -> tuple[bytes, dict[str, TensorInfo]]:
-    """The raw safetensors header (8-byte length + JSON) of `path`, and its tensor entries."""
-    try:
-        with open(path, "rb") as handle:
-            prefix = handle.read(8)
-            if len(prefix) != 8:
-                raise ValueError("file shorter than 8 bytes")
-            (length,) = struct.unpack("<Q", prefix)
-            if length > MAX_HEADER_BYTES:
-                raise ValueError(f"header length {length} exceeds {MAX_HEADER_BYTES}")
-            body = handle.read(length)
-            if len(body) != length:
-                raise ValueError("truncated header")
-        doc = json.loads(body)
-        if not isinstance(doc, dict):
-            raise ValueError("header is not a JSON object")
-        infos: dict[str, TensorInfo] = {}
-        for name, entry in doc.items():
-            if name == "__metadata__":
-                continue
-            infos[name] = TensorInfo(name, str(entry["dtype"]), tuple(int(d) for d in entry["shape"]), path)
-        return prefix + body, infos
-    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
-        raise FailedPrecondition(
-            f"{path.name} of {label} is not a readable safetensors file ({exc}); re-save it with "
-            "safetensors.torch.save_file or re-download it",
-            reason="CORRUPT_SAFETENSORS",
-        ) from None
 
 
 def _hub_blob(path: Path) -> str | None:
@@ -146,44 +95,26 @@ class IdentityResolver:
 
     def _compute(self, checkpoint: Checkpoint, states: tuple[FileState, ...]) -> CheckpointIdentity:
         digest = hashlib.sha256(f"kinship-identity-v{IDENTITY_VERSION}\n".encode())
-        headers: dict[str, TensorInfo] = {}
         blobs = [_hub_blob(f) for f in checkpoint.files] if checkpoint.revision else []
         hub = bool(blobs) and all(b is not None for b in blobs)
         if hub:
             digest.update(f"hub\n{checkpoint.revision}\n".encode())
         else:
             digest.update(b"local\n")
-        for index, (file, state) in enumerate(zip(checkpoint.files, states, strict=False)):
-            raw, infos = read_header(file, checkpoint.label)
-            for name, info in infos.items():
-                if name in headers:
-                    raise FailedPrecondition(
-                        f"tensor {name} of {checkpoint.label} appears in both {headers[name].file.name} and {file.name}",
-                        reason="DUPLICATE_TENSOR",
-                    )
-                headers[name] = info
+        read = read_checkpoint_headers(checkpoint, states)
+        for index, (file, state, header) in enumerate(zip(checkpoint.files, states, read.files, strict=True)):
             if hub:
                 rel = os.path.relpath(file, checkpoint.directory) if file.is_relative_to(checkpoint.directory) else file.name
                 line = f"{rel}\n{blobs[index]}\n{state.size}\n"
             else:
                 line = f"{state.path}\n{state.size}\n{state.inode}\n{state.mtime_ns}\n{state.ctime_ns}\n"
             digest.update(line.encode())
-            digest.update(hashlib.sha256(raw).digest())
-        for name, file in checkpoint.weight_map.items():
-            if name not in headers or headers[name].file != file:
-                raise FailedPrecondition(
-                    f"the index of {checkpoint.label} places tensor {name} in {file.name}, but that shard does not hold it",
-                    reason="BAD_INDEX",
-                )
+            digest.update(header.digest)
         prefix = "hub" if hub else "local"
         return CheckpointIdentity(
             identity=f"{prefix}-{digest.hexdigest()[:32]}",
             size_bytes=sum(s.size for s in states),
-            headers=headers,
+            headers=read.tensors,
             states=states,
         )
 
-
-def identities(resolver: IdentityResolver, checkpoints: Sequence[Checkpoint]) -> list[CheckpointIdentity]:
-    """Identities of several checkpoints."""
-    return [resolver.identify(c) for c in checkpoints]

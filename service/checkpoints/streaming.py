@@ -12,56 +12,21 @@ from __future__ import annotations
 import math
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
+from kinship_service.checkpoints.dtypes import DTYPES, FLOATING, ITEMSIZE
+from kinship_service.checkpoints.safetensors_header import TensorInfo, corrupt_error, read_checkpoint_headers
 from kinship_service.checkpoints.sources import Checkpoint
 from kinship_service.errors import FailedPrecondition
 
-# safetensors dtype names -> torch dtypes (those torch can hold).
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-FLOATING = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
-ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """A tensor's header entry."""
-
-    name: str
-    dtype: str
-    """safetensors dtype name, e.g. `BF16`."""
-    shape: tuple[int, ...]
-    file: Path
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * ITEMSIZE.get(self.dtype, 1)
-
-    @property
-    def is_floating(self) -> bool:
-        return self.dtype in FLOATING
+__all__ = ["DTYPES", "FLOATING", "ITEMSIZE", "CheckpointReader", "ReadStats", "TensorInfo"]
+# DTYPES, FLOATING, ITEMSIZE (checkpoints/dtypes.py) and TensorInfo (checkpoints/safetensors_header.py)
+# are re-exported for modules not yet importing them from their homes.
 
 
 @dataclass
@@ -84,55 +49,25 @@ class ReadStats:
             return sum(self.bytes_by_file.values())
 
 
-def _open_error(file: Path, label: str, exc: Exception) -> FailedPrecondition:
-    return FailedPrecondition(
-        f"{file.name} of {label} is not a readable safetensors file ({exc}); re-save it with "
-        "safetensors.torch.save_file or re-download it",
-        reason="CORRUPT_SAFETENSORS",
-    )
-
-
 class CheckpointReader:
-    """Reads one checkpoint's headers and streams its tensors."""
+    """Streams one checkpoint's tensors, laid out as `safetensors_header` read and validated them."""
 
-    def __init__(self, checkpoint: Checkpoint, stats: ReadStats | None = None) -> None:
+    def __init__(self, checkpoint: Checkpoint, stats: ReadStats | None = None, tensors: dict[str, TensorInfo] | None = None) -> None:
+        """`tensors`: the checkpoint's validated header entries when the caller has them (e.g.
+        `CheckpointIdentity.headers`), so the plan and the reads share one reading of the headers."""
         self.checkpoint = checkpoint
         self.stats = stats if stats is not None else ReadStats()
-        self._infos: dict[str, TensorInfo] | None = None
+        self._infos = tensors
 
     def tensors(self) -> dict[str, TensorInfo]:
-        """Every tensor's header entry, by name (reads only the headers)."""
+        """Every tensor's header entry, by name (validated headers, read once per file state)."""
         if self._infos is None:
-            self._infos = self._read_headers()
+            self._infos = read_checkpoint_headers(self.checkpoint).tensors
         return self._infos
-
-    def _read_headers(self) -> dict[str, TensorInfo]:
-        infos: dict[str, TensorInfo] = {}
-        label = self.checkpoint.label
-        for file in self.checkpoint.files:
-            try:
-                with safe_open(str(file), framework="pt") as handle:
-                    for name in handle.keys():
-                        piece = handle.get_slice(name)
-                        if name in infos:
-                            raise FailedPrecondition(
-                                f"tensor {name} of {label} appears in both {infos[name].file.name} and {file.name}",
-                                reason="DUPLICATE_TENSOR",
-                            )
-                        infos[name] = TensorInfo(name, piece.get_dtype(), tuple(piece.get_shape()), file)
-            except (SafetensorError, OSError, ValueError) as exc:
-                raise _open_error(file, label, exc) from None
-        for name, file in self.checkpoint.weight_map.items():
-            if name not in infos or infos[name].file != file:
-                raise FailedPrecondition(
-                    f"the index of {label} places tensor {name} in {file.name}, but that shard does not hold it",
-                    reason="BAD_INDEX",
-                )
-        return infos
 
     def read_chunks(
         self, name: str, *, max_elements: int, shape: tuple[int, ...] | None = None
-    ) -> Iterator[torch.Tensor]:
+    ) -> Generator[torch.Tensor, None, None]:
         """Yield tensor `name` (or its leading slice of `shape`) in chunks along dimension 0.
 
         Each chunk holds at most `max_elements` elements (at least one row) in the stored
@@ -161,17 +96,10 @@ class CheckpointReader:
                 self.stats.add(info.file, name, 0, True)
             for start in range(0, target[0], rows):
                 stop = min(start + rows, target[0])
+                index = (slice(start, stop), *tail)
                 with safe_open(str(info.file), framework="pt") as handle:
-                    chunk = handle.get_slice(name)[(slice(start, stop), *tail)]
+                    chunk = handle.get_slice(name)[index]
                     self.stats.add(info.file, name, chunk.numel() * itemsize, start == 0)
                     yield chunk
         except (SafetensorError, OSError) as exc:
-            raise _open_error(info.file, self.checkpoint.label, exc) from None
-
-    def read_tensor(self, name: str) -> torch.Tensor:
-        """Read one whole tensor (a copy owned by the caller)."""
-        info = self.tensors()[name]
-        parts = [c.clone() for c in self.read_chunks(name, max_elements=max(1, info.numel))]
-        if len(info.shape) == 0:
-            return parts[0]
-        return torch.cat(parts) if len(parts) != 1 else parts[0]
+            raise corrupt_error(info.file, self.checkpoint.label, str(exc)) from None

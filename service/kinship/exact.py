@@ -16,8 +16,10 @@ from typing import Protocol
 
 import torch
 
+from kinship_service.checkpoints.dtypes import ITEMSIZE
+from kinship_service.checkpoints.safetensors_header import TensorInfo
 from kinship_service.checkpoints.sources import Checkpoint
-from kinship_service.checkpoints.streaming import ITEMSIZE, CheckpointReader, ReadStats, TensorInfo
+from kinship_service.checkpoints.streaming import CheckpointReader, ReadStats
 from kinship_service.errors import InvalidArgument
 from kinship_service.kinship import cpu_kernel
 from kinship_service.kinship.similarity import PairwiseMoments, Similarities, layer_group, similarities
@@ -168,6 +170,8 @@ def exact_kinship(
     observers: Sequence[ChunkObserver] = (),
     stats: ReadStats | None = None,
     use_cpu_kernel: bool = True,
+    headers: Sequence[dict[str, TensorInfo]] | None = None,
+    plan: ComparisonPlan | None = None,
 ) -> ExactKinship:
     """Compute PCC, cosine and Euclidean distance between the task vectors of `models` against `base`.
 
@@ -177,21 +181,30 @@ def exact_kinship(
     On CPU, with `use_cpu_kernel` (Settings.cpu_kernel) and numba present, the fused
     kernel (`cpu_kernel.py`) does the math, and the fingerprint observer's work too,
     when every observer is one it can fuse (`cpu_kernel.fused_observer`); else torch.
+
+    `headers`: the validated header entries of base and models (in that order) when the caller
+    has them, e.g. from their identities; `plan`: the comparison plan the caller made from those
+    same headers. Given, the pass neither reads the headers again nor plans a second time, so
+    what the caller checked (and caches under) is exactly what is compared. Without them the
+    pass reads the headers (`safetensors_header`) and plans itself.
     """
     started = time.perf_counter()
     if len(models) < 2:
         raise InvalidArgument("kinship needs at least two models", field="models")
     device = torch.device(device)
     stats = stats if stats is not None else ReadStats()
-    readers = [CheckpointReader(c, stats) for c in (base, *models)]
-    labels = [c.label for c in (base, *models)]
-    headers = [r.tensors() for r in readers]
-    plan = plan_comparison(headers, labels, leading_slice)
+    checkpoints = (base, *models)
+    if headers is not None and len(headers) != len(checkpoints):
+        raise ValueError(f"exact_kinship: {len(headers)} headers given for {len(checkpoints)} checkpoints")
+    readers = [CheckpointReader(c, stats, None if headers is None else headers[i]) for i, c in enumerate(checkpoints)]
+    tensor_headers = [r.tensors() for r in readers]
+    if plan is None:
+        plan = plan_comparison(tensor_headers, [c.label for c in checkpoints], leading_slice)
     if not plan.tensors:
         raise no_common_tensors()
     n = len(models)
     # Reads: each chunk is a memory-mapped slice of at most chunk_bytes / (n + 1) bytes per checkpoint.
-    itemsize = max(ITEMSIZE[h[t.name].dtype] for h in headers for t in plan.tensors)
+    itemsize = max(ITEMSIZE[h[t.name].dtype] for h in tensor_headers for t in plan.tensors)
     read_elements = max(256, chunk_bytes // ((n + 1) * itemsize))
     moments: dict[str, PairwiseMoments] = {}
     tensors_by_group: dict[str, int] = {}

@@ -22,11 +22,12 @@ from typing import TypeVar
 
 import torch
 
+from kinship_service.checkpoints.safetensors_header import SafetensorsHeader, read_header
 from kinship_service.checkpoints.sources import INDEX_FILE, Checkpoint
 from kinship_service.checkpoints.streaming import DTYPES, ITEMSIZE, CheckpointReader
 from kinship_service.errors import AlreadyExists, FailedPrecondition
 from kinship_service.merge.context import Span
-from kinship_service.merge.inputs import TensorSource, _FileOffsets
+from kinship_service.merge.inputs import TensorSource
 from kinship_service.merge.methods import MergeMethod, get_method
 from kinship_service.merge.model_card import ModelCard
 from kinship_service.merge.output import fsync_dir, publish, remove_tree, write_json_file
@@ -117,7 +118,7 @@ class MergeRunner:
         self.use_cpu_kernel = use_cpu_kernel
         self.reader_a = CheckpointReader(checkpoint_a)
         self.reader_b = CheckpointReader(checkpoint_b)
-        self._offsets: dict[Path, _FileOffsets] = {}
+        self._headers: dict[Path, SafetensorsHeader] = {}
         self._fds: dict[Path, int] = {}
         self._buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
         self._local = threading.local()
@@ -176,17 +177,13 @@ class MergeRunner:
 
     def _source(self, reader: CheckpointReader, name: str) -> TensorSource:
         info = reader.tensors()[name]
-        offsets = self._offsets.get(info.file)
-        if offsets is None:
-            offsets = self._offsets[info.file] = _FileOffsets(info.file, reader.checkpoint.label)
+        header = self._headers.get(info.file)
+        if header is None:
+            header = self._headers[info.file] = read_header(info.file, reader.checkpoint.label)
             self._fds[info.file] = os.open(info.file, os.O_RDONLY)
-        if name not in offsets.offsets:
-            raise FailedPrecondition(f"tensor {name} vanished from {info.file.name}; was the file rewritten?", reason="CHECKPOINT_CHANGED")
-        source = TensorSource(reader, info, offsets, self._fds[info.file])
-        begin, end = source.byte_range()
-        if end - begin != info.nbytes:
-            raise FailedPrecondition(f"tensor {name} in {info.file.name} has an inconsistent size", reason="CORRUPT_SAFETENSORS")
-        return source
+        if header.tensors.get(name) != info:
+            raise FailedPrecondition(f"tensor {name} changed in {info.file.name}; was the file rewritten?", reason="CHECKPOINT_CHANGED")
+        return TensorSource(reader, info, header, self._fds[info.file])
 
     def read_range(self, source: TensorSource, key: str, start: int, stop: int) -> torch.Tensor:
         """Elements [start, stop) of a tensor in its stored dtype, in a reusable buffer of this thread."""
