@@ -204,19 +204,16 @@ def test_every_entry_point_names_the_corrupt_file(client: KinshipClient, corrupt
 
 
 def test_start_merge_names_the_corrupt_file(client: KinshipClient, corrupt_root: dict[str, Path]) -> None:
-    """StartMerge: the error comes at once, or (while the job layer validates only paths up front)
-    as the job's failure; either way FAILED_PRECONDITION CORRUPT_SAFETENSORS naming the file."""
+    """StartMerge: FAILED_PRECONDITION CORRUPT_SAFETENSORS naming the file at once, and no job is created."""
+    jobs_before = client.list_merge_jobs(page_size=1000)[0]
     for kind in sorted(MALFORMED):
         bad = corrupt_root[kind]
-        try:
-            job = client.merge(str(corrupt_root["m0"]), str(bad), t=0.5, output_path=f"out-{kind}").wait(timeout=60)
-        except KinshipRpcError as error:
-            assert (error.code, error.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "CORRUPT_SAFETENSORS"), (kind, error)
-            message = error.message
-        else:
-            assert job.state == "failed" and job.error is not None and job.error.reason == "CORRUPT_SAFETENSORS", (kind, job.error)
-            message = job.error.message
-        assert "model.safetensors" in message and f"bad-{kind}" in message, (kind, message)
+        with pytest.raises(KinshipRpcError) as raised:
+            client.start_merge(str(corrupt_root["m0"]), str(bad), t=0.5, output_path=f"out-{kind}")
+        error = raised.value
+        assert (error.code, error.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "CORRUPT_SAFETENSORS"), (kind, error)
+        assert "model.safetensors" in error.message and f"bad-{kind}" in error.message, (kind, error.message)
+    assert client.list_merge_jobs(page_size=1000)[0] == jobs_before
     done = client.merge(str(corrupt_root["m0"]), str(corrupt_root["m1"]), t=0.5, output_path="good").wait(timeout=60)
     assert done.state == "succeeded", done.error
 

@@ -31,6 +31,7 @@ from typing import Any
 
 import grpc
 
+from kinship_service.checkpoints.safetensors_header import read_checkpoint_headers
 from kinship_service.checkpoints.sources import CheckpointSpec, LocalPath, describe, resolve
 from kinship_service.config import Settings
 from kinship_service.errors import (
@@ -250,7 +251,8 @@ class MergeJobManager:
                 return self._same_request(existing, request)
         for spec, name in ((request.model_a, "model_a"), (request.model_b, "model_b")):
             if isinstance(spec, LocalPath):
-                resolve(spec, roots, name)  # NOT_FOUND / PERMISSION_DENIED now, not later in the job
+                # NOT_FOUND / PERMISSION_DENIED / CORRUPT_SAFETENSORS now, not later as the job's failure.
+                read_checkpoint_headers(resolve(spec, roots, name))
         root = Path(self.settings.output_root)
         root.mkdir(parents=True, exist_ok=True)
         final_dir = resolve_output_dir(root, request.output_path)
