@@ -205,7 +205,7 @@ def test_every_entry_point_names_the_corrupt_file(client: KinshipClient, corrupt
 
 def test_start_merge_names_the_corrupt_file(client: KinshipClient, corrupt_root: dict[str, Path]) -> None:
     """StartMerge: FAILED_PRECONDITION CORRUPT_SAFETENSORS naming the file at once, and no job is created."""
-    jobs_before = client.list_merge_jobs(page_size=1000)[0]
+    jobs_before = {job.job_id for job in client.list_merge_jobs(page_size=1000)[0]}
     for kind in sorted(MALFORMED):
         bad = corrupt_root[kind]
         with pytest.raises(KinshipRpcError) as raised:
@@ -213,7 +213,7 @@ def test_start_merge_names_the_corrupt_file(client: KinshipClient, corrupt_root:
         error = raised.value
         assert (error.code, error.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "CORRUPT_SAFETENSORS"), (kind, error)
         assert "model.safetensors" in error.message and f"bad-{kind}" in error.message, (kind, error.message)
-    assert client.list_merge_jobs(page_size=1000)[0] == jobs_before
+    assert {job.job_id for job in client.list_merge_jobs(page_size=1000)[0]} == jobs_before
     done = client.merge(str(corrupt_root["m0"]), str(corrupt_root["m1"]), t=0.5, output_path="good").wait(timeout=60)
     assert done.state == "succeeded", done.error
 
