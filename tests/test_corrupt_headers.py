@@ -234,3 +234,23 @@ def test_merge_copies_unsigned_integer_tensors_bit_for_bit(client: KinshipClient
         for name, tensor in extra.items():
             got = handle.get_tensor(name)
             assert got.dtype == tensor.dtype and torch.equal(got.view(torch.uint8), tensor.view(torch.uint8)), name
+
+
+def test_merge_of_a_sub_byte_float_tensor_fails_with_a_reason(client: KinshipClient, model_root: Path) -> None:
+    """F4 is a valid safetensors dtype torch cannot hold: the merge job fails UNSUPPORTED_DTYPE, never INTERNAL."""
+    base = make_base(SMALL, seed=52)
+    pa = save_checkpoint(base, model_root / "f4a")
+    pb = save_checkpoint({k: v * 1.01 for k, v in base.items()}, model_root / "f4b")
+    for path in (pa, pb):
+        file = path / "model.safetensors"
+        raw = file.read_bytes()
+        (length,) = struct.unpack("<Q", raw[:8])
+        header = json.loads(raw[8 : 8 + length])
+        end = max(entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__")
+        header["model.packed_f4"] = {"dtype": "F4", "shape": [4], "data_offsets": [end, end + 2]}
+        body = json.dumps(header).encode()
+        body += b" " * (-len(body) % 8)
+        file.write_bytes(struct.pack("<Q", len(body)) + body + raw[8 + length :] + b"\x12\x34")
+    info = client.merge(str(pa), str(pb), t=0.5, output_path="f4").wait(timeout=120)
+    assert info.state == "failed" and info.error is not None, info
+    assert info.error.reason == "UNSUPPORTED_DTYPE" and "model.packed_f4" in info.error.message, info.error

@@ -151,6 +151,13 @@ def plan_merge(
     planned: list[PlannedTensor] = []
     for name in names:
         a, b = infos_a.get(name), infos_b.get(name)
+        for info in (a, b):
+            if info is not None and info.dtype not in DTYPES:  # F4, F6_*: valid safetensors, but no torch dtype
+                raise FailedPrecondition(
+                    f"tensor {name} has dtype {info.dtype}, which torch cannot hold, so this server cannot copy or merge it; "
+                    "convert the checkpoint to a byte-sized dtype first",
+                    reason="UNSUPPORTED_DTYPE",
+                )
         if a is not None and b is not None:
             if a.is_floating != b.is_floating:
                 raise FailedPrecondition(
@@ -166,9 +173,6 @@ def plan_merge(
                     )
                 planned.append(PlannedTensor(name, KIND_EQUAL, a.shape, a.dtype))
                 continue
-            for info in (a, b):
-                if info.dtype not in DTYPES:
-                    raise FailedPrecondition(f"tensor {name} has dtype {info.dtype}, which this server cannot merge", reason="UNSUPPORTED_DTYPE")
             shape, sliced = a.shape, False
             if a.shape != b.shape:
                 if not settings.leading_slice or len(a.shape) != len(b.shape):
