@@ -6,7 +6,7 @@ directory and talks to it through the real client:
 1. FINGERPRINT Kinship RPC between two registered checkpoints: p50 / p99 over
    `--calls` calls (target: p99 < 5 ms).
 2. The n x n kinship matrix of `--matrix` registered checkpoints from fingerprints
-   (`KinshipCache.fingerprint_matrix`, the function RankCandidates / ShouldStop use),
+   (`KinshipCache.fingerprint_matrix`, the batch estimate over many fingerprints),
    in this process over the same cache directory: first call (fingerprints read and
    verified from disk) and warm calls (target: < 100 ms).
 3. Cold EXACT (first request: reads every byte, sketches fingerprints in the same
