@@ -149,7 +149,7 @@ def serve(settings: Settings, *, bind: str | None = None, warm_up: bool = True) 
         # Decoupled from the thread count: calls beyond max_workers queue for a thread instead of being refused.
         maximum_concurrent_rpcs=max(settings.max_concurrent_rpcs, settings.max_workers),
     )
-    service_pb2_grpc.add_KinshipServiceServicer_to_server(servicer, server)
+    service_pb2_grpc.add_KinshipServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]  # generated, untyped
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
