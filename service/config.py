@@ -10,8 +10,9 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 DEFAULT_PORT = 50051
 DEFAULT_METRICS_PORT = 9090
@@ -100,10 +101,13 @@ class Settings:
     """CA bundle (PEM) for client certificates; when set, clients must present one (mutual TLS)."""
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
-        """Build settings from `KINSHIP_*` variables; `overrides` win over the environment."""
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build settings from `KINSHIP_*` variables; `overrides` (field name: value, tests) win over the environment.
+
+        Each variable is converted by its field's parser (`_convert`); `validate` then checks the values together.
+        """
         env = os.environ if environ is None else environ
-        values: dict[str, object] = {}
+        values: dict[str, Any] = {}
         for f in fields(cls):
             name = f"KINSHIP_{f.name.upper()}"
             raw = env.get(name)
@@ -114,13 +118,7 @@ class Settings:
             except ValueError as exc:
                 raise ConfigError(f"{name}={raw!r}: {exc}") from None
         values.update(overrides)
-        settings = cls(**values)  # type: ignore[arg-type]
-        settings.validate()
-        return settings
-
-    def with_overrides(self, **changes: object) -> Settings:
-        """A copy with some fields changed (validated)."""
-        settings = replace(self, **changes)  # type: ignore[arg-type]
+        settings = cls(**values)
         settings.validate()
         return settings
 
@@ -157,7 +155,8 @@ def _parse_bool(raw: str) -> bool:
     raise ValueError("use true or false (1/0, yes/no)")
 
 
-def _convert(name: str, raw: str) -> object:
+def _convert(name: str, raw: str) -> int | float | bool | str | Path | tuple[Path, ...]:
+    """The value of field `name` from its variable's text; ValueError when it does not parse."""
     if name in ("port", "metrics_port", "max_merge_jobs", "max_queued_merge_jobs", "max_workers", "max_concurrent_rpcs", "heavy_workers", "heavy_queue"):
         return int(raw)
     if name in ("cache_size_limit", "max_message_bytes", "chunk_bytes"):

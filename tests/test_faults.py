@@ -1,7 +1,8 @@
 """Faults (issue 7): SIGKILL mid-work then restart, disk full, checkpoints changing under a reader.
 
-Every test runs a real `python -m kinship_service` process (a crash must not take pytest
-with it) over real files. What the tests check, after each fault:
+Every test but the last runs a real `python -m kinship_service` process (a crash must not take
+pytest with it) over real files; the last changes a checkpoint at a fixed point of a request, so it
+serves in-process (conftest's real gRPC server on loopback). What the tests check, after each fault:
 
 - the cache never serves a corrupt entry: every value in the cache directory either verifies
   or is dropped on read, and every kinship answer equals an independent float64 NumPy
@@ -23,14 +24,14 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -402,50 +403,62 @@ def test_disk_full_cache_gives_reasons_answers_still_stand_and_recovers(tmp_path
 
 
 # -- checkpoints changing under a reader -------------------------------------------------------
-def _start_long_kinship(server: ServerProcess, base: Path, models: list[Path]) -> tuple[threading.Thread, list[object]]:
-    outcome: list[object] = []
+# The change is made from a Python audit hook, in the server's own thread, at the moment the request
+# opens the checkpoint's file to read its header: after the file's state (stat) was taken for the
+# checkpoint's identity, before any tensor is read. Nothing is mocked and nothing races: every run
+# sees the change at the same point of the request, however busy the machine. (The earlier version
+# changed the file from the test thread while a pass ran in a server process; on a busy machine the
+# change could land before the identity was taken, and the rewritten file then gave a correct result
+# on the new bytes.)
+_CHANGE_ON_OPEN: dict[str, Callable[[], None]] = {}
+_hook_installed = False
 
-    def call() -> None:
-        try:
-            with KinshipClient(server.address, timeout=300) as client:
-                outcome.append(client.kinship(str(base), [str(m) for m in models], mode="exact"))
-        except KinshipRpcError as exc:
-            outcome.append(exc)
 
-    thread = threading.Thread(target=call)
-    thread.start()
-    wait_until(lambda: server.metric("kinship_rpcs_in_flight", 'grpc_method="Kinship"') >= 1 or bool(outcome), what="call in flight")
-    return thread, outcome
+def _audit(event: str, args: tuple[object, ...]) -> None:
+    if event == "open" and _CHANGE_ON_OPEN and args and isinstance(args[0], (str, os.PathLike)):
+        action = _CHANGE_ON_OPEN.pop(os.fspath(args[0]), None)  # pop: fires once, even if the action opens the file
+        if action is not None:
+            action()
+
+
+def change_on_first_open(path: Path, action: Callable[[], None]) -> None:
+    """Run `action` in whichever thread next opens `path` with Python's open(), before that open proceeds."""
+    global _hook_installed
+    if not _hook_installed:  # audit hooks cannot be removed: one, idle unless armed, for the session
+        sys.addaudithook(_audit)
+        _hook_installed = True
+    _CHANGE_ON_OPEN[str(path)] = action
 
 
 @pytest.mark.parametrize("change", ["truncate", "rewrite"])
-def test_checkpoint_changed_while_read_gives_a_clear_error(tmp_path: Path, mid_family: dict[str, Path], change: str) -> None:
-    root = tmp_path / "models"
-    root.mkdir()
-    for name in ("base", "m0", "m1", "m2"):
-        shutil.copytree(mid_family[name], root / name)
-    target = root / "m2" / "model.safetensors"
-    env = env_for(tmp_path, root, KINSHIP_CHUNK_BYTES="2MiB")  # many small reads: the pass takes a while
-    server = ServerProcess(env, tmp_path / "server.log")
-    try:
-        models = [root / "m0", root / "m1", root / "m2"]
-        thread, outcome = _start_long_kinship(server, root / "base", models)
-        size = target.stat().st_size
-        if change == "truncate":
-            with open(target, "r+b") as handle:
+def test_checkpoint_changed_while_read_gives_a_clear_error(server_factory, family, model_root: Path, change: str) -> None:
+    paths = family["paths"]
+    base, models = Path(paths["base"]), [Path(paths[f"m{i}"]) for i in range(3)]
+    target = models[2] / "model.safetensors"
+    size = target.stat().st_size
+    replacement = (models[0] / "model.safetensors").read_bytes()
+    assert len(replacement) == size
+
+    def change_it() -> None:
+        with open(target, "r+b") as handle:
+            if change == "truncate":
                 handle.truncate(size // 3)
-        else:  # rewritten in place with another fine-tune's weights: same size and header, other values
-            data = (root / "m0" / "model.safetensors").read_bytes()
-            assert len(data) == size
-            with open(target, "r+b") as handle:
-                handle.write(data)
-        thread.join(300)
-        assert server.alive(), f"the server died:\n{server.log.read_text()[-3000:]}"
-        assert outcome and isinstance(outcome[0], KinshipRpcError), f"expected an error, got {outcome}"
-        error = outcome[0]
-        assert error.code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.DATA_LOSS), error
-        assert "m2" in error.message, error.message
-        with KinshipClient(server.address, timeout=120) as client:  # alive and well
-            assert len(client.kinship(str(root / "base"), [str(root / "m0"), str(root / "m1")], mode="exact").pairs) == 1
+            else:  # rewritten in place with another fine-tune's weights: same size and header, other values
+                handle.write(replacement)
+
+    running = server_factory()
+    change_on_first_open(target, change_it)
+    try:
+        with KinshipClient(running.address, timeout=300) as client:
+            with pytest.raises(KinshipRpcError) as info:
+                client.kinship(str(base), [str(m) for m in models], mode="exact")
+            assert not _CHANGE_ON_OPEN, "the request never opened the file with open(): move the trigger to where it reads"
+            error = info.value
+            assert error.code == grpc.StatusCode.FAILED_PRECONDITION, error
+            assert error.reason == "CHECKPOINT_CHANGED", error
+            assert "m2" in error.message, error.message
+            # alive and well: the untouched checkpoints answer, as the reference says
+            result = client.kinship(str(base), [str(models[0]), str(models[1])], mode="exact")
+            assert_matches(result, reference_pcc(base, models[:2]), 1e-9)
     finally:
-        server.stop()
+        _CHANGE_ON_OPEN.clear()

@@ -66,11 +66,6 @@ class Checkpoint:
     revision: str = ""
     """Resolved Hub commit hash; empty for local checkpoints."""
 
-    @property
-    def size_bytes(self) -> int:
-        """Total size of the weight files."""
-        return sum(p.stat().st_size for p in self.files)
-
 
 def describe(spec: CheckpointSpec) -> str:
     """A short human label for a reference."""
@@ -144,11 +139,41 @@ def _denied(path: str, allowed_roots: Sequence[Path], field_name: str) -> Permis
     )
 
 
+@functools.lru_cache(maxsize=1)
+def _name_limits() -> tuple[int, int]:
+    """(NAME_MAX, PATH_MAX) in bytes, from `os.pathconf("/")`; the POSIX defaults where it cannot tell."""
+    try:
+        return int(os.pathconf("/", "PC_NAME_MAX")), int(os.pathconf("/", "PC_PATH_MAX"))
+    except (OSError, ValueError, AttributeError):
+        return 255, 4096
+
+
+def _too_long(path: str, field_name: str) -> InvalidArgument:
+    name_max, path_max = _name_limits()
+    return InvalidArgument(
+        f"the checkpoint path is too long for the file system ({len(os.fsencode(path))} bytes): use names of at most "
+        f"{name_max} bytes and a path of at most {path_max - 1} bytes",
+        reason="PATH_TOO_LONG",
+        field=field_name,
+    )
+
+
 def _check_path_text(path: str, field_name: str) -> None:
+    """INVALID_ARGUMENT for a path no file system could hold: empty, with a NUL byte, or over NAME_MAX / PATH_MAX.
+
+    Checked on the text alone, before the allowed roots: it says nothing about the server's files.
+    """
     if not path:
         raise InvalidArgument("the checkpoint path is empty", field=field_name)
     if "\x00" in path:
         raise InvalidArgument("the checkpoint path contains a NUL byte", field=field_name)
+    name_max, path_max = _name_limits()
+    try:
+        encoded = os.fsencode(os.path.expanduser(path))
+    except UnicodeError:
+        raise InvalidArgument("the checkpoint path is not valid text for a file name", field=field_name) from None
+    if len(encoded) >= path_max or any(len(part) > name_max for part in encoded.split(b"/")):
+        raise _too_long(path, field_name)
 
 
 def check_allowed(path: str, allowed_roots: Sequence[Path], field_name: str) -> Path:
@@ -243,10 +268,22 @@ def resolve_with_stats(
     if isinstance(spec, HubRepo):
         checkpoint = _resolve_hub(spec, field_name)
         return checkpoint, (None,) * len(checkpoint.files)
+    try:
+        return _resolve_local_spec(spec, allowed_roots, field_name)
+    except OSError as exc:
+        # A path within the limits can still exceed them once symlinks are expanded or a file name appended.
+        if exc.errno == errno.ENAMETOOLONG:
+            raise _too_long(spec.path, field_name) from None
+        raise
+
+
+def _resolve_local_spec(
+    spec: LocalPath, allowed_roots: Sequence[Path], field_name: str
+) -> tuple[Checkpoint, tuple[os.stat_result | None, ...]]:
     resolved, st, verified = _locate(spec.path, allowed_roots, field_name)
     if st is None:
         raise NotFound(f"{spec.path} does not exist", reason="CHECKPOINT_NOT_FOUND", field=field_name)
-    checkpoint, seen = _resolve_local(_path(resolved), spec.path, field_name, st=st)
+    checkpoint, seen = _resolve_local(_path(resolved), spec.path, field_name, allowed_roots, st=st)
     # When `resolved` is verified real, so is checkpoint.directory (`resolved` or its parent).
     directory = str(checkpoint.directory) if verified else None
     stats: list[os.stat_result | None] = []
@@ -268,26 +305,38 @@ def resolve_with_stats(
     return checkpoint, tuple(stats)
 
 
-def _regular_file(path: str) -> tuple[bool, os.stat_result | None]:
-    """(is it a regular file, following symlinks; its lstat when it is one and not a symlink)."""
+def _regular_file(path: str, allowed_roots: Sequence[Path], field_name: str) -> tuple[bool, os.stat_result | None]:
+    """(is it a regular file, following symlinks; its lstat when it is one and not a symlink).
+
+    A symlink is resolved and checked against the allowed roots first, whatever it points
+    at (a device such as /dev/zero, a directory, nothing): PermissionDenied when it leads
+    outside, so a link can neither make the server open a device nor probe what exists
+    outside the roots.
+    """
     lst = _stat_or_none(path, follow=False)
     if lst is None:
         return False, None
     if stat.S_ISREG(lst.st_mode):
         return True, lst
     if stat.S_ISLNK(lst.st_mode):
-        target = _stat_or_none(path)
+        target = _stat_or_none(str(check_allowed(path, allowed_roots, field_name)))
         return target is not None and stat.S_ISREG(target.st_mode), None
     return False, None
 
 
 def _resolve_local(
-    path: Path, label: str, field_name: str, revision: str = "", st: os.stat_result | None = None
+    path: Path,
+    label: str,
+    field_name: str,
+    allowed_roots: Sequence[Path],
+    revision: str = "",
+    st: os.stat_result | None = None,
 ) -> tuple[Checkpoint, dict[str, os.stat_result]]:
     """The checkpoint at `path` (a file or a directory; `st`: its stat if already taken).
 
-    Also returns the `lstat` results, by path, of the weight files found to be regular
-    files that are not symlinks.
+    Every symlink in the directory that is looked at (index, weight files) must lead
+    inside `allowed_roots`. Also returns the `lstat` results, by path, of the weight
+    files found to be regular files that are not symlinks.
     """
     text = str(path)
     if st is None:
@@ -300,15 +349,15 @@ def _resolve_local(
         return Checkpoint(label=label, directory=path.parent, files=(path,), revision=revision), {}
     if st is None or not stat.S_ISDIR(st.st_mode):
         raise InvalidArgument(f"{label} is neither a file nor a directory", reason="NOT_SAFETENSORS", field=field_name)
-    index = _stat_or_none(os.path.join(text, INDEX_FILE))
-    if index is not None and stat.S_ISREG(index.st_mode):
-        return _from_index(path, path / INDEX_FILE, label, field_name, revision)
+    index_is_file, _ = _regular_file(os.path.join(text, INDEX_FILE), allowed_roots, field_name)
+    if index_is_file:
+        return _from_index(path, path / INDEX_FILE, label, field_name, allowed_roots, revision)
     single = os.path.join(text, SINGLE_FILE)
-    is_file, lst = _regular_file(single)
+    is_file, lst = _regular_file(single, allowed_roots, field_name)
     if is_file:
         checkpoint = Checkpoint(label=label, directory=path, files=(_path(single),), revision=revision)
         return checkpoint, ({single: lst} if lst is not None else {})
-    shards = sorted(p for p in path.glob("*.safetensors") if p.is_file())
+    shards = sorted(p for p in path.glob("*.safetensors") if _regular_file(str(p), allowed_roots, field_name)[0])
     if shards:
         return Checkpoint(label=label, directory=path, files=tuple(shards), revision=revision), {}
     if any(p.suffix in PICKLE_SUFFIXES for p in path.iterdir()):
@@ -319,7 +368,7 @@ def _resolve_local(
 
 
 def _from_index(
-    directory: Path, index: Path, label: str, field_name: str, revision: str
+    directory: Path, index: Path, label: str, field_name: str, allowed_roots: Sequence[Path], revision: str
 ) -> tuple[Checkpoint, dict[str, os.stat_result]]:
     """The checkpoint an index describes, and the `lstat` results of its shards that are regular files, not symlinks.
 
@@ -329,9 +378,11 @@ def _from_index(
         weight_map_raw = json.loads(index.read_text())["weight_map"]
         if not isinstance(weight_map_raw, dict):
             raise TypeError("weight_map is not an object")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
+        # RecursionError: JSON nested deeper than the parser's stack (a hostile or broken index).
+        detail = "its JSON is nested too deeply" if isinstance(exc, RecursionError) else str(exc)
         raise FailedPrecondition(
-            f"{index} is not a valid safetensors index ({exc}); it needs a `weight_map` object",
+            f"{index} is not a valid safetensors index ({detail}); it needs a `weight_map` object",
             reason="BAD_INDEX",
             field=field_name,
         ) from None
@@ -342,11 +393,16 @@ def _from_index(
         shard_text = str(shard)
         shard_path = checked.get(shard_text)
         if shard_path is None:
-            # Lexical check here; where symlinks lead is checked against the allowed roots in resolve().
+            # Lexical check here; where a symlinked shard leads is checked against the allowed roots next.
             shard_path = Path(os.path.normpath(directory / shard_text))
             if not shard_path.is_relative_to(directory) or "\x00" in shard_text:
                 raise PermissionDenied(f"{index} points outside its directory: {shard}", field=field_name)
-            is_file, lst = _regular_file(str(shard_path))
+            try:
+                is_file, lst = _regular_file(str(shard_path), allowed_roots, field_name)
+            except OSError as exc:
+                if exc.errno != errno.ENAMETOOLONG:
+                    raise
+                is_file, lst = False, None  # a name too long for the file system names no file
             if not is_file:
                 raise FailedPrecondition(
                     f"{index} lists {shard} for tensor {name}, but that file is missing", reason="SHARD_MISSING", field=field_name
@@ -395,8 +451,8 @@ def _resolve_hub(spec: HubRepo, field_name: str) -> Checkpoint:
         raise Unavailable(f"{label}: the Hub could not be reached ({exc}); retry later", reason="HUB_UNAVAILABLE") from None
     folder_path = Path(folder)
     revision = folder_path.name  # snapshots/<commit hash>
-    checkpoint, _ = _resolve_local(folder_path, label, field_name, revision=revision)
     repo_cache = folder_path.parent.parent  # models--owner--name: snapshots link to its blobs
+    checkpoint, _ = _resolve_local(folder_path, label, field_name, [repo_cache], revision=revision)
     for file in checkpoint.files:
         check_allowed(str(file), [repo_cache], field_name)
     return checkpoint

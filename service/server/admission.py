@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -101,7 +101,7 @@ class Admission:
         self.max_waiters = max(1, max_waiters) if max_waiters is not None else 4 * (workers + queue)
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name, initializer=_lower_priority)
         self._lock = threading.Lock()
-        self._flights: dict[Hashable, _Flight] = {}
+        self._flights: dict[Hashable, _Flight[Any]] = {}
         self._admitted = 0
         self._waiters = 0
         self._closed = False
@@ -139,7 +139,7 @@ class Admission:
         finally:
             self._leave(flight)
 
-    def _join_or_admit(self, key: Hashable, work: Callable[[Callable[[], None]], T], kind: str) -> _Flight:
+    def _join_or_admit(self, key: Hashable, work: Callable[[Callable[[], None]], T], kind: str) -> _Flight[T]:
         with self._lock:
             if self._closed:
                 raise Cancelled("the server is shutting down; retry on another replica")
@@ -156,7 +156,7 @@ class Admission:
             if self._admitted >= self.workers + self.queue:
                 REJECTED.labels(kind).inc()
                 raise self._full(kind, "computations are running or queued")
-            flight = _Flight(key=key, kind=kind, waiters=1)
+            flight = _Flight[T](key=key, kind=kind, waiters=1)
             self._flights[key] = flight
             self._admitted += 1
             self._waiters += 1
@@ -191,7 +191,7 @@ class Admission:
         per_worker = max(1.0, self._admitted / self.workers)
         return float(min(300.0, max(0.5, median * per_worker)))
 
-    def _leave(self, flight: _Flight) -> None:
+    def _leave(self, flight: _Flight[Any]) -> None:
         with self._lock:
             flight.waiters -= 1
             self._waiters -= 1
@@ -205,7 +205,7 @@ class Admission:
                 ABANDONED.labels(flight.kind).inc()
                 log.info("heavy computation abandoned by every caller; cancelling it", extra={"kind": flight.kind})
 
-    def _execute(self, flight: _Flight, work: Callable[[Callable[[], None]], T]) -> None:
+    def _execute(self, flight: _Flight[T], work: Callable[[Callable[[], None]], T]) -> None:
         renice_heavy_threads()  # the kernel's pool appears on first use
         started = time.perf_counter()
         RUNNING_NOW.inc()

@@ -111,7 +111,7 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
     def __init__(self, tokens: TokenSource) -> None:
         self._tokens = tokens
 
-    def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> Any:
+    def intercept_service(self, continuation: Callable[..., Any], handler_call_details: grpc.HandlerCallDetails) -> Any:
         method: str = handler_call_details.method
         service = method.split("/")[1] if method.count("/") >= 2 else ""
         if service in OPEN_SERVICES:
@@ -134,7 +134,7 @@ class AioBearerTokenInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, tokens: TokenSource) -> None:
         self._tokens = tokens
 
-    async def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> Any:
+    async def intercept_service(self, continuation: Callable[..., Any], handler_call_details: grpc.HandlerCallDetails) -> Any:
         method: str = handler_call_details.method
         service = method.split("/")[1] if method.count("/") >= 2 else ""
         if service in OPEN_SERVICES:
@@ -146,10 +146,10 @@ class AioBearerTokenInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         status = to_rpc_status(error)
 
-        async def deny(_request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def deny(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             await context.abort_with_status(status)
 
-        async def deny_stream(_request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def deny_stream(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             await context.abort_with_status(status)
             yield  # pragma: no cover - makes this an async generator; abort raises first
 
@@ -175,7 +175,7 @@ def _token_error(metadata: Any, tokens: TokenSource) -> KinshipError | None:
     return None
 
 
-def _deny_unary(error: KinshipError, deserializer: Any, serializer: Any, client_streaming: bool = False) -> grpc.RpcMethodHandler:
+def _deny_unary(error: KinshipError, deserializer: Any, serializer: Any, client_streaming: bool = False) -> grpc.RpcMethodHandler[Any, Any]:
     def deny(_request: Any, context: grpc.ServicerContext) -> Any:
         context.abort_with_status(to_rpc_status(error))
 
@@ -183,7 +183,7 @@ def _deny_unary(error: KinshipError, deserializer: Any, serializer: Any, client_
     return factory(deny, request_deserializer=deserializer, response_serializer=serializer)
 
 
-def _deny_stream(error: KinshipError, deserializer: Any, serializer: Any, client_streaming: bool = False) -> grpc.RpcMethodHandler:
+def _deny_stream(error: KinshipError, deserializer: Any, serializer: Any, client_streaming: bool = False) -> grpc.RpcMethodHandler[Any, Any]:
     def deny(_request: Any, context: grpc.ServicerContext) -> Any:
         context.abort_with_status(to_rpc_status(error))
         yield  # pragma: no cover - makes this a generator; abort raises first

@@ -42,7 +42,8 @@ def check(address: str, service: str = "", timeout: float = 5.0, root_certificat
         channel = grpc.insecure_channel(address)
     with channel:
         stub = health_pb2_grpc.HealthStub(channel)
-        response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout, wait_for_ready=False)
+        # types-grpcio-health-checking declares no methods on HealthStub (they are set in its __init__).
+        response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout, wait_for_ready=False)  # type: ignore[attr-defined]
         return int(response.status)
 
 

@@ -20,12 +20,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kinship_client.v1 import service_pb2, service_pb2_grpc
 from kinship_service import __version__
 from kinship_service.config import ConfigError, Settings
+from kinship_service.kinship.exact import resolve_device
 from kinship_service.server import auth, metrics
 from kinship_service.server.servicer import KinshipServicer
 
@@ -127,10 +129,12 @@ class RunningServer:
             self.metrics_server.shutdown()
 
 
-def serve(settings: Settings, *, bind: str | None = None) -> RunningServer:
+def serve(settings: Settings, *, bind: str | None = None, warm_up: bool = True) -> RunningServer:
     """Build, bind and start the server; health turns SERVING once it is ready.
 
     `bind` replaces `host:port` (the heavy-work process of front.py listens on `unix:PATH`, plaintext).
+    `warm_up`: compile the CPU kernels in the background (`start_kernel_warm_up`); false where the
+    caller has started that already.
     """
     credentials = auth.server_credentials(settings)  # ConfigError on unreadable PEM files, before any work
     interceptors: list[grpc.ServerInterceptor] = [metrics.MetricsInterceptor()]  # outermost: counts refusals too
@@ -145,7 +149,7 @@ def serve(settings: Settings, *, bind: str | None = None) -> RunningServer:
         # Decoupled from the thread count: calls beyond max_workers queue for a thread instead of being refused.
         maximum_concurrent_rpcs=max(settings.max_concurrent_rpcs, settings.max_workers),
     )
-    service_pb2_grpc.add_KinshipServiceServicer_to_server(servicer, server)
+    service_pb2_grpc.add_KinshipServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]  # generated, untyped
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
@@ -171,8 +175,8 @@ def serve(settings: Settings, *, bind: str | None = None) -> RunningServer:
     metrics.BUILD_INFO.labels(__version__, str(servicer.device)).set(1)
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    if settings.cpu_kernel and servicer.device.type == "cpu":
-        threading.Thread(target=_warm_up_cpu_kernel, name="cpu-kernel-warm-up", daemon=True).start()
+    if warm_up:
+        start_kernel_warm_up(settings, servicer.device)
     log_serving(settings, address, port, servicer.device, tls=credentials is not None, auth=tokens is not None)
     return RunningServer(server, health_servicer, servicer, port, settings, metrics_server, health_server)
 
@@ -193,6 +197,23 @@ def log_serving(settings: Settings, address: str, port: int, device: Any, *, tls
             **more,
         },
     )
+
+
+def start_kernel_warm_up(settings: Settings, device: torch.device | None = None) -> None:
+    """Compile the fused CPU kernels on a background thread when exact passes will use them.
+
+    Every exact pass on CPU waits for these kernels (numba compiles under one process-wide
+    lock): a cold compile is about 15 s of CPU. The heavy-work process starts this thread
+    before it lowers its own priority, so the compile is not left to the CPU's idle time,
+    where a busy machine starved it for minutes and every first pass with it.
+    """
+    if device is None:
+        try:
+            device = resolve_device(settings.device)
+        except RuntimeError:  # serve() reports it
+            return
+    if settings.cpu_kernel and device.type == "cpu":
+        threading.Thread(target=_warm_up_cpu_kernel, name="cpu-kernel-warm-up", daemon=True).start()
 
 
 def _warm_up_cpu_kernel() -> None:
@@ -265,9 +286,11 @@ def main(argv: list[str] | None = None) -> int:
     # The heavy-work process shares the front's terminal: Ctrl-C is the front's to handle (it stops us in order).
     signal.signal(signal.SIGINT, signal.SIG_IGN if backend_socket else on_signal)
     if backend_socket:
+        # The warm-up thread keeps normal priority: Linux's nice values and scheduling policies are per thread.
+        start_kernel_warm_up(settings)
         _yield_cpu_to_the_front()
     try:
-        running = serve(settings, bind=f"unix:{backend_socket}" if backend_socket else None)
+        running = serve(settings, bind=f"unix:{backend_socket}" if backend_socket else None, warm_up=not backend_socket)
     except (ConfigError, RuntimeError, OSError) as exc:
         log.error("cannot start: %s", exc)
         return 1

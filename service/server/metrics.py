@@ -101,13 +101,14 @@ def _split_method(full: str) -> tuple[str, str]:
 
 
 def _code_of(context: grpc.ServicerContext, failed: bool) -> grpc.StatusCode:
-    code = context.code()
+    # grpc.ServicerContext.code() exists since grpcio 1.38; types-grpcio does not declare it.
+    code = context.code()  # type: ignore[attr-defined]
     if isinstance(code, grpc.StatusCode):
         return code
     return grpc.StatusCode.UNKNOWN if failed else grpc.StatusCode.OK
 
 
-def _instrumented(handler: Any, details: grpc.HandlerCallDetails, wrap_unary: Callable, wrap_stream: Callable) -> Any:
+def _instrumented(handler: Any, details: grpc.HandlerCallDetails, wrap_unary: Callable[..., Any], wrap_stream: Callable[..., Any]) -> Any:
     """`handler` with its unary or server-streaming behaviour wrapped for metrics (other kinds as they are)."""
     if handler is None:
         return None
@@ -130,11 +131,11 @@ def _instrumented(handler: Any, details: grpc.HandlerCallDetails, wrap_unary: Ca
 class MetricsInterceptor(grpc.ServerInterceptor):
     """Counts and times every RPC, unary and server-streaming alike."""
 
-    def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> Any:
+    def intercept_service(self, continuation: Callable[..., Any], handler_call_details: grpc.HandlerCallDetails) -> Any:
         return _instrumented(continuation(handler_call_details), handler_call_details, self._wrap_unary, self._wrap_stream)
 
     @staticmethod
-    def _wrap_unary(behavior: Callable, service: str, method: str) -> Callable:
+    def _wrap_unary(behavior: Callable[..., Any], service: str, method: str) -> Callable[..., Any]:
         labels = ("unary", service, method)
 
         def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
@@ -157,7 +158,7 @@ class MetricsInterceptor(grpc.ServerInterceptor):
         return wrapped
 
     @staticmethod
-    def _wrap_stream(behavior: Callable, service: str, method: str) -> Callable:
+    def _wrap_stream(behavior: Callable[..., Any], service: str, method: str) -> Callable[..., Any]:
         labels = ("server_stream", service, method)
 
         def wrapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
@@ -188,15 +189,15 @@ class MetricsInterceptor(grpc.ServerInterceptor):
 class AioMetricsInterceptor(grpc.aio.ServerInterceptor):
     """MetricsInterceptor for the grpc.aio server of the front process (front.py): the same series."""
 
-    async def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> Any:
+    async def intercept_service(self, continuation: Callable[..., Any], handler_call_details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(handler_call_details)
         return _instrumented(handler, handler_call_details, self._wrap_unary, self._wrap_stream)
 
     @staticmethod
-    def _wrap_unary(behavior: Callable, service: str, method: str) -> Callable:
+    def _wrap_unary(behavior: Callable[..., Any], service: str, method: str) -> Callable[..., Any]:
         labels = ("unary", service, method)
 
-        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             GRPC_STARTED.labels(*labels).inc()
             IN_FLIGHT.labels(method).inc()
             started = time.perf_counter()
@@ -219,10 +220,10 @@ class AioMetricsInterceptor(grpc.aio.ServerInterceptor):
         return wrapped
 
     @staticmethod
-    def _wrap_stream(behavior: Callable, service: str, method: str) -> Callable:
+    def _wrap_stream(behavior: Callable[..., Any], service: str, method: str) -> Callable[..., Any]:
         labels = ("server_stream", service, method)
 
-        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             GRPC_STARTED.labels(*labels).inc()
             IN_FLIGHT.labels(method).inc()
             started = time.perf_counter()
@@ -245,7 +246,7 @@ class AioMetricsInterceptor(grpc.aio.ServerInterceptor):
         return wrapped
 
 
-def _aio_code_of(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+def _aio_code_of(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
     """The status an aborted aio call ends with (UNKNOWN when the handler raised without aborting)."""
     code = context.code()
     if isinstance(code, grpc.StatusCode) and code != grpc.StatusCode.OK:
