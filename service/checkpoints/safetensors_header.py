@@ -301,13 +301,18 @@ class _HeaderMemo:
 _MEMO = _HeaderMemo(4096)
 
 
+def _changed(before: FileState, after: FileState) -> bool:
+    return (before.size, before.inode, before.mtime_ns, before.ctime_ns) != (after.size, after.inode, after.mtime_ns, after.ctime_ns)
+
+
 def read_header(path: Path, label: str, state: FileState | None = None) -> SafetensorsHeader:
     """The validated header of safetensors file `path` (of checkpoint `label`), parsed once per file state.
 
     `state`: the file's stat taken moments ago, if the caller has one; a memoised header for
     it answers without opening the file. Otherwise the file is opened, `fstat`-ed, and read
     unless its header for that state is already known. Raises CORRUPT_SAFETENSORS naming the
-    file and what is wrong, or CHECKPOINT_UNREADABLE when it cannot be opened.
+    file and what is wrong, CHECKPOINT_CHANGED when the opened file is no longer in `state`,
+    or CHECKPOINT_UNREADABLE when it cannot be opened.
     """
     if state is not None:
         hit = _MEMO.get(state)
@@ -316,6 +321,12 @@ def read_header(path: Path, label: str, state: FileState | None = None) -> Safet
     try:
         with open(path, "rb") as handle:
             now = file_state(path, os.fstat(handle.fileno()))
+            if state is not None and _changed(state, now):
+                raise FailedPrecondition(
+                    f"{path.name} of {label} changed while the request read it (it was being rewritten or truncated); "
+                    "retry once the file is complete",
+                    reason="CHECKPOINT_CHANGED",
+                )
             hit = _MEMO.get(now)
             if hit is not None:
                 return hit
