@@ -127,3 +127,21 @@ def test_symlinks_to_devices_outside_the_roots_are_permission_denied(client, fam
             assert error.reason == "PATH_NOT_ALLOWED", (name, field, error)
             assert device not in error.message, "the target outside the roots is not disclosed"
     still_serving(client, family)
+
+
+def test_a_mergekit_model_name_too_long_for_a_path_is_not_internal(client, family) -> None:
+    """A relative mergekit model name is looked up under the allowed roots; one too long to be a path is no INTERNAL."""
+    name = "d" * (NAME_MAX + 1)
+    paths = family["paths"]
+    assert isinstance(paths, dict)
+    config = f"merge_method: slerp\nbase_model: {paths['m0']}\nmodels:\n  - model: {paths['m0']}\n  - model: {name}\nparameters:\n  t: 0.5\n"
+    try:
+        job = client.start_merge(None, None, mergekit_yaml=config, output_path="long-name")
+    except KinshipRpcError as error:
+        assert error.code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND), error
+    else:  # not a local path: taken for a Hub repo id, which the job then cannot find
+        final = job
+        for final in client.watch_merge_job(job.job_id):
+            pass
+        assert final.state == "failed" and final.error is not None and final.error.reason != "INTERNAL", final
+    still_serving(client, family)

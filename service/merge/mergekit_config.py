@@ -231,7 +231,7 @@ def model_spec_from_name(name: str, allowed_roots: tuple[Path, ...]) -> Checkpoi
     for root in allowed_roots:
         candidate = Path(os.path.realpath(Path(root) / name))
         # Only look inside the root: existence elsewhere must not be probed through this name.
-        if candidate.is_relative_to(os.path.realpath(root)) and candidate.exists():
+        if candidate.is_relative_to(os.path.realpath(root)) and os.path.exists(candidate):  # False, not OSError, for names too long
             return LocalPath(str(candidate))
     repo, _, revision = name.partition("@")
     return HubRepo(repo, revision)
