@@ -24,8 +24,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from safetensors.numpy import load_file
 
-from kinship_client import KinshipClient
-from kinship_client.client import KinshipRpcError
+from kinship_client import KinshipClient, KinshipRpcError
 from kinship_client.population import Member
 from kinship_client.v1 import common_pb2, kinship_pb2, service_pb2_grpc
 from kinship_service.checkpoints.synthetic import LlamaShape, make_base, make_family, save_checkpoint

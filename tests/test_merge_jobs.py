@@ -22,8 +22,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from kinship_client import KinshipClient
-from kinship_client.client import KinshipRpcError
+from kinship_client import KinshipClient, KinshipRpcError
 from kinship_client.merge import MergeJobInfo
 from kinship_service.checkpoints.synthetic import LlamaShape, make_base, make_family, save_checkpoint
 from kinship_service.server.main import RunningServer

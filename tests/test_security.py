@@ -17,8 +17,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from kinship_client import KinshipClient
-from kinship_client.client import KinshipRpcError
+from kinship_client import KinshipClient, KinshipRpcError
 from kinship_client.v1 import kinship_pb2, service_pb2_grpc
 from kinship_service.config import ConfigError, Settings
 from kinship_service.server import metrics

@@ -31,8 +31,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from kinship_client import KinshipClient
-from kinship_client.client import KinshipResult, KinshipRpcError
+from kinship_client import KinshipClient, KinshipResult, KinshipRpcError
 from kinship_service.checkpoints.synthetic import LlamaShape, make_base, make_family, save_checkpoint
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM semantics are POSIX")

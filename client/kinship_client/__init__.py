@@ -18,18 +18,8 @@ from .choices import (
     SkipReason,
     StopReason,
 )
-from .client import (
-    CheckpointLike,
-    KinshipClient,
-    KinshipResult,
-    KinshipRpcError,
-    LayerResult,
-    Pair,
-    Registration,
-    Values,
-    checkpoint_label,
-    checkpoint_ref,
-)
+from .client import KinshipClient
+from .errors import KinshipRpcError
 from .merge import MergeError, MergeJobInfo, MergeOperation, TLike
 from .population import (
     KinshipMatrix,
@@ -43,6 +33,8 @@ from .population import (
     StopResult,
     load_population,
 )
+from .refs import CheckpointLike, checkpoint_label, checkpoint_ref
+from .results import KinshipResult, LayerResult, Pair, Registration, Values
 
 __all__ = [
     "KinshipClient",

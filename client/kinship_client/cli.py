@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from .choices import AGGREGATIONS, KINSHIP_SHAPE_MISMATCHES, METRICS, MODES
-from .client import KinshipClient, KinshipResult, KinshipRpcError
+from .client import KinshipClient
+from .errors import KinshipRpcError
 from .merge_cli import NotUtf8, add_merge_commands, wire_text
 from .population import (
     KinshipMatrix,
@@ -34,6 +35,7 @@ from .population import (
     StopResult,
     load_population,
 )
+from .results import KinshipResult
 
 
 def _fmt(value: float, width: int = 9) -> str:

@@ -14,16 +14,13 @@ request field at fault.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TypeVar
 
 import grpc
 
 from .choices import (
-    METRICS,
     MODE_USED_NAMES,
     SKIP_REASON_NAMES,
     Aggregation,
@@ -33,10 +30,7 @@ from .choices import (
     MergeShapeMismatch,
     Metric,
     Mode,
-    ModeUsed,
-    SkipReason,
     aggregation_value,
-    choice,
     dtype_value,
     job_state_value,
     kinship_shape_mismatch_value,
@@ -45,199 +39,18 @@ from .choices import (
     mode_value,
     received,
 )
+from .errors import KinshipRpcError
 from .merge import MergeJobInfo, MergeOperation, TLike, interpolation_factor, iter_watch
 from .population import KnownKinshipLike, Member, RankResult, StopResult, known_kinship_triples
-from .v1 import common_pb2, kinship_pb2, merge_pb2, recommend_pb2, service_pb2_grpc
-
-CheckpointLike = str | os.PathLike[str] | common_pb2.CheckpointRef
-"""A checkpoint: a path on the server, `hf://owner/name[@revision]`, or a CheckpointRef."""
+from .refs import CheckpointLike, checkpoint_label, checkpoint_ref
+from .results import KinshipResult, LayerResult, Registration, Values, pairs_from_proto
+from .v1 import kinship_pb2, merge_pb2, recommend_pb2, service_pb2_grpc
 
 DEFAULT_TIMEOUT = 600.0
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 2**20
 
 _Response = TypeVar("_Response")
 
-
-class KinshipRpcError(Exception):
-    """An RPC failed. `code` is the grpc.StatusCode; `reason` and `field` come from the server's details.
-
-    `reason` is one of the UPPER_SNAKE reasons in docs/errors.md (empty when the server sent
-    none); `retry_after` is the server's suggested delay in seconds, when it gave one.
-    """
-
-    def __init__(
-        self, code: grpc.StatusCode, message: str, reason: str = "", field: str = "", retry_after: float | None = None
-    ) -> None:
-        super().__init__(f"{code.name}: {message}")
-        self.code = code
-        self.message = message
-        self.reason = reason
-        self.field = field
-        self.retry_after = retry_after
-
-    @classmethod
-    def from_rpc_error(cls, error: grpc.RpcError) -> KinshipRpcError:
-        """The KinshipRpcError of a failed call, with the reason, field and retry delay of its rich status."""
-        code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
-        message = error.details() if hasattr(error, "details") else str(error)
-        reason, field_name, retry_after = _rich_details(error)
-        return cls(code, message or "", reason, field_name, retry_after)
-
-
-def _rich_details(error: grpc.RpcError) -> tuple[str, str, float | None]:
-    """ErrorInfo reason, BadRequest field and RetryInfo delay, when the server sent them.
-
-    Decoding needs googleapis-common-protos (installed with grpcio-status); without it
-    the client still works and these are empty.
-    """
-    try:
-        # googleapis-common-protos ships no type information (and no stubs are installed).
-        from google.rpc import error_details_pb2, status_pb2
-    except ImportError:
-        return "", "", None
-    trailers = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
-    raw = next((item.value for item in (trailers or ()) if item.key == "grpc-status-details-bin"), None)
-    if raw is None:
-        return "", "", None
-    status = status_pb2.Status.FromString(raw)
-    reason, field_name, retry_after = "", "", None
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            reason = info.reason
-            field_name = field_name or info.metadata.get("field", "")
-        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            if bad.field_violations:
-                field_name = bad.field_violations[0].field
-        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            retry = error_details_pb2.RetryInfo()
-            detail.Unpack(retry)
-            retry_after = retry.retry_delay.ToTimedelta().total_seconds()
-    return reason, field_name, retry_after
-
-
-def checkpoint_ref(value: CheckpointLike, argument: str = "checkpoint") -> common_pb2.CheckpointRef:
-    """`/path`, `hf://owner/name[@revision]` or a CheckpointRef -> CheckpointRef.
-
-    Raises:
-        ValueError: the path is not valid UTF-8 (for example a file name with undecodable
-            bytes, which Python holds as surrogates); the message names `argument`.
-    """
-    if isinstance(value, common_pb2.CheckpointRef):
-        return value
-    text = os.fspath(value)
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError(
-            f"{argument} {text!r} is not valid UTF-8; the service takes UTF-8 paths: rename the file or give a UTF-8 path"
-        ) from None
-    if text.startswith("hf://"):
-        repo, _, revision = text[len("hf://") :].partition("@")
-        return common_pb2.CheckpointRef(hub=common_pb2.HubCheckpoint(repo_id=repo, revision=revision))
-    return common_pb2.CheckpointRef(path=text)
-
-
-def checkpoint_label(ref: common_pb2.CheckpointRef) -> str:
-    """The inverse of checkpoint_ref, for display."""
-    if ref.WhichOneof("source") == "hub":
-        return f"hf://{ref.hub.repo_id}" + (f"@{ref.hub.revision}" if ref.hub.revision else "")
-    return ref.path
-
-
-@dataclass(frozen=True)
-class Values:
-    """PCC, cosine similarity and Euclidean distance."""
-
-    pcc: float
-    cosine: float
-    euclidean: float
-
-    @classmethod
-    def from_proto(cls, message: common_pb2.KinshipValues) -> Values:
-        """The Values of a KinshipValues proto."""
-        return cls(message.pcc, message.cosine, message.euclidean)
-
-
-@dataclass(frozen=True)
-class Pair:
-    """Kinship between models `first` and `second` (indices into the request's models)."""
-
-    first: int
-    second: int
-    values: Values
-
-
-@dataclass(frozen=True)
-class LayerResult:
-    """Kinship over one layer group."""
-
-    group: str
-    tensors: int
-    elements: int
-    pairs: list[Pair]
-    mean: Values
-
-
-@dataclass(frozen=True)
-class KinshipResult:
-    """The answer of Kinship. `raw` is the response proto."""
-
-    models: list[str]
-    pairs: list[Pair]
-    mean: Values
-    mode: ModeUsed
-    tensors_compared: int
-    elements_compared: int
-    skipped: list[tuple[str, SkipReason, str]]
-    """(tensor name, why it was left out, detail) for every tensor not compared."""
-    sliced: list[str]
-    layers: list[LayerResult]
-    bytes_read: int
-    device: str
-    seconds: float
-    raw: kinship_pb2.KinshipResponse = field(repr=False)
-
-    def matrix(self, metric: Metric = "pcc") -> list[list[float]]:
-        """The n x n matrix of one metric (`pcc`, `cosine` or `euclidean`).
-
-        Raises:
-            ValueError: `metric` is not one of these (the message lists them).
-        """
-        metric = choice("metric", metric, METRICS)
-        n = len(self.models)
-        diagonal = 0.0 if metric == "euclidean" else 1.0
-        out = [[diagonal if i == j else float("nan") for j in range(n)] for i in range(n)]
-        for pair in self.pairs:
-            value = getattr(pair.values, metric)
-            out[pair.first][pair.second] = out[pair.second][pair.first] = value
-        return out
-
-
-@dataclass(frozen=True)
-class Registration:
-    """The answer of RegisterCheckpoint. `raw` is the response proto."""
-
-    identity: str
-    base_identity: str
-    already_registered: bool
-    tensors: int
-    elements: int
-    size_bytes: int
-    delta_sum: float
-    delta_sum_squares: float
-    layer_norms: dict[str, float]
-    fingerprint_bytes: int
-    delta_bytes: int
-    seconds: float
-    raw: kinship_pb2.RegisterCheckpointResponse = field(repr=False)
-
-
-def _pairs(messages: Sequence[kinship_pb2.PairKinship]) -> list[Pair]:
-    return [Pair(p.first, p.second, Values.from_proto(p.values)) for p in messages]
 
 
 class KinshipClient:
@@ -492,7 +305,7 @@ class KinshipClient:
         response: kinship_pb2.KinshipResponse = self._call(self.stub.Kinship, request, timeout)
         return KinshipResult(
             models=[checkpoint_label(m) for m in request.models],
-            pairs=_pairs(response.pairs),
+            pairs=pairs_from_proto(response.pairs),
             mean=Values.from_proto(response.mean),
             mode=received(MODE_USED_NAMES, response.mode_used, "kinship mode"),
             tensors_compared=response.tensors_compared,
@@ -500,7 +313,7 @@ class KinshipClient:
             skipped=[(s.name, received(SKIP_REASON_NAMES, s.reason, "skip reason"), s.detail) for s in response.skipped],
             sliced=list(response.sliced_tensors),
             layers=[
-                LayerResult(l.group, l.tensors, l.elements, _pairs(l.pairs), Values.from_proto(l.mean)) for l in response.layers
+                LayerResult(l.group, l.tensors, l.elements, pairs_from_proto(l.pairs), Values.from_proto(l.mean)) for l in response.layers
             ],
             bytes_read=response.bytes_read,
             device=response.device,

@@ -142,7 +142,7 @@ class MergeOperation:
         Follows the WatchMergeJob stream (reconnecting if it breaks); `on_progress` gets every
         update. Raises TimeoutError when `timeout` seconds pass first (the job keeps running).
         """
-        from .client import KinshipRpcError
+        from .errors import KinshipRpcError
 
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
