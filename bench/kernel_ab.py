@@ -36,8 +36,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 import torch  # noqa: E402
 from kinship import peak_rss_mib, read_floor, reset_peak_rss, rss_now_mib  # noqa: E402
 
+from kinship_service.checkpoints.dtypes import ITEMSIZE  # noqa: E402
 from kinship_service.checkpoints.sources import LocalPath, resolve  # noqa: E402
-from kinship_service.checkpoints.streaming import ITEMSIZE, CheckpointReader  # noqa: E402
+from kinship_service.checkpoints.streaming import CheckpointReader  # noqa: E402
 from kinship_service.kinship import cpu_kernel  # noqa: E402
 from kinship_service.kinship.exact import _lockstep, exact_kinship, plan_comparison  # noqa: E402
 from kinship_service.kinship.similarity import PairwiseMoments, Similarities, similarities  # noqa: E402

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from kinship_service.checkpoints.streaming import TensorInfo
+from kinship_service.checkpoints.safetensors_header import TensorInfo
 from kinship_service.errors import InvalidArgument
 from kinship_service.merge.methods import METHODS, SLERP, get_method
 from kinship_service.merge.plan import KIND_COPY_A, KIND_MERGE, MergeSettings, plan_merge

@@ -14,7 +14,7 @@ from pathlib import Path
 from kinship_service.cache.keys import hubref_key
 from kinship_service.cache.store import CacheStore
 from kinship_service.checkpoints.identity import CheckpointIdentity
-from kinship_service.checkpoints.streaming import TensorInfo
+from kinship_service.checkpoints.safetensors_header import TensorInfo
 
 
 class HubRecords:

@@ -19,14 +19,10 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from kinship_service.checkpoints.dtypes import DTYPES, FLOATING, ITEMSIZE
+from kinship_service.checkpoints.dtypes import DTYPES, ITEMSIZE
 from kinship_service.checkpoints.safetensors_header import TensorInfo, corrupt_error, read_checkpoint_headers
 from kinship_service.checkpoints.sources import Checkpoint
 from kinship_service.errors import FailedPrecondition
-
-__all__ = ["DTYPES", "FLOATING", "ITEMSIZE", "CheckpointReader", "ReadStats", "TensorInfo"]
-# DTYPES, FLOATING, ITEMSIZE (checkpoints/dtypes.py) and TensorInfo (checkpoints/safetensors_header.py)
-# are re-exported for modules not yet importing them from their homes.
 
 
 @dataclass

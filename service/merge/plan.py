@@ -12,8 +12,9 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from kinship_service.checkpoints.dtypes import DTYPES, FLOATING, ITEMSIZE
+from kinship_service.checkpoints.safetensors_header import TensorInfo
 from kinship_service.checkpoints.sources import SINGLE_FILE, Checkpoint
-from kinship_service.checkpoints.streaming import DTYPES, FLOATING, ITEMSIZE, TensorInfo
 from kinship_service.errors import FailedPrecondition, InvalidArgument
 from kinship_service.kinship.similarity import EMBEDDING_NAME, layer_index
 from kinship_service.merge.methods import get_method

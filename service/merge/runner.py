@@ -22,9 +22,10 @@ from typing import TypeVar
 
 import torch
 
+from kinship_service.checkpoints.dtypes import DTYPES, ITEMSIZE
 from kinship_service.checkpoints.safetensors_header import SafetensorsHeader, read_header
 from kinship_service.checkpoints.sources import INDEX_FILE, Checkpoint
-from kinship_service.checkpoints.streaming import DTYPES, ITEMSIZE, CheckpointReader
+from kinship_service.checkpoints.streaming import CheckpointReader
 from kinship_service.errors import AlreadyExists, FailedPrecondition
 from kinship_service.merge.context import Span
 from kinship_service.merge.inputs import TensorSource

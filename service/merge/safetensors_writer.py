@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from kinship_service.checkpoints.streaming import ITEMSIZE
+from kinship_service.checkpoints.dtypes import ITEMSIZE
 from kinship_service.errors import Internal
 
 if sys.byteorder != "little":  # safetensors is little-endian; we write raw memory

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kinship_service.checkpoints.streaming import DTYPES, ITEMSIZE
+from kinship_service.checkpoints.dtypes import DTYPES, ITEMSIZE
 from kinship_service.merge import slerp_kernel
 from kinship_service.merge.slerp import Coefficients, SlerpStats, working_dtype
 
