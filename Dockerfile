@@ -6,6 +6,9 @@
 #     docker build -t model-kinship:0.1.0 .
 #   CPU only (CPU build of torch; a plain Ubuntu base keeps the image small):
 #     docker build --build-arg TORCH_VARIANT=cpu --build-arg BASE_IMAGE=ubuntu:24.04 -t model-kinship:0.1.0-cpu .
+#   With the scale-out extras (PostgreSQL shared state, Ray; the image of the Helm chart's
+#   RayCluster too):
+#     docker build --build-arg EXTRAS=postgres,ray -t model-kinship:0.1.0-ray .
 #   Run:
 #     docker run --gpus all -p 50051:50051 -p 9090:9090 -v /srv/models:/models:ro model-kinship:0.1.0
 #
@@ -22,6 +25,9 @@ FROM ${BASE_IMAGE} AS builder
 # cu128 (default) or another CUDA variant of the PyTorch index, or cpu.
 ARG TORCH_VARIANT=cu128
 ARG TORCH_VERSION=2.13.0
+# Optional extras of pyproject.toml, comma-separated: postgres (KINSHIP_STATE_URL), ray
+# (KINSHIP_RAY_ADDRESS). Each has its lock file requirements/<extra>.txt. Empty: neither.
+ARG EXTRAS=""
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PIP_NO_CACHE_DIR=1 \
@@ -40,9 +46,15 @@ ENV PATH=/opt/venv/bin:$PATH
 RUN pip install --no-cache-dir --index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}" "torch==${TORCH_VERSION}"
 
 WORKDIR /src
-# Every other runtime dependency, pinned with its transitive closure in a lock file.
-COPY requirements/server.txt requirements/server.txt
-RUN pip install --no-cache-dir --requirement requirements/server.txt
+# Every other runtime dependency, pinned with its transitive closure in lock files: the
+# server's, plus one per requested extra, resolved together in one pip run.
+COPY requirements/ requirements/
+# An unknown extra stops the build (no requirements/<extra>.txt).
+RUN for extra in $(echo "${EXTRAS}" | tr ',' ' '); do \
+        cat "requirements/${extra}.txt" || exit 1; \
+    done > /tmp/extras.txt \
+    && pip install --no-cache-dir --requirement requirements/server.txt --requirement /tmp/extras.txt \
+    && rm /tmp/extras.txt
 
 # The project itself, without re-resolving dependencies; then pip leaves the environment.
 # pip compiles bytecode as it installs; it stays: the final root filesystem is read-only.

