@@ -513,6 +513,8 @@ def test_ray_cluster_has_gpu_workers_on_the_shared_storage(helm):
     head = cluster["spec"]["headGroupSpec"]
     assert head["rayStartParams"]["num-cpus"] == "0", "no tasks on the head"
     assert "nvidia.com/gpu" not in head["template"]["spec"]["containers"][0]["resources"].get("limits", {})
+    cpu = one(render(helm, ci("ray-cluster"), sets=("ray.cluster.workers.gpus=0",)), "RayCluster")
+    assert "nvidia.com/gpu" not in cpu["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"]["limits"]
 
 
 def test_server_points_at_the_ray_head_service(helm):

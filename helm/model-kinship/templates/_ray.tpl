@@ -88,7 +88,7 @@ spec:
       {{- end }}
       resources:
         {{- $resources := deepCopy $group.resources }}
-        {{- if $worker }}
+        {{- if and $worker (gt (int $group.gpus) 0) }}
         {{- $limits := default (dict) $resources.limits }}
         {{- $_ := set $limits $group.resourceName (int $group.gpus) }}
         {{- $_ := set $resources "limits" $limits }}
