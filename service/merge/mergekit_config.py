@@ -8,6 +8,7 @@ INVALID_ARGUMENT naming the part.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -219,6 +220,30 @@ def parse_mergekit_yaml(text: str) -> MergekitConfig:
     dtype = dtype_name(doc["dtype"], "mergekit_yaml.dtype") if doc.get("dtype") else None
     out_dtype = dtype_name(doc["out_dtype"], "mergekit_yaml.out_dtype") if doc.get("out_dtype") else None
     return MergekitConfig(base, others[0], spec, dtype, out_dtype, num_layers)
+
+
+def check_models(
+    method: str,
+    min_models: int,
+    max_models: int | None,
+    needs_base: bool,
+    models: Sequence[CheckpointSpec],
+    base: CheckpointSpec | None,
+    field: str = "models",
+) -> None:
+    """INVALID_ARGUMENT naming the field for a model count the method does not take, a missing base or a repeated model."""
+    if needs_base and base is None:
+        raise InvalidArgument(f"the {method} merge takes task vectors against a base: give base", field="base")
+    if len(models) < min_models or (max_models is not None and len(models) > max_models):
+        wanted = f"exactly {min_models}" if max_models == min_models else f"at least {min_models}"
+        raise InvalidArgument(f"the {method} merge takes {wanted} models besides the base; got {len(models)}", field=field)
+    seen: dict[CheckpointSpec, int] = {}
+    for i, model in enumerate(models):
+        if model in seen:
+            raise InvalidArgument(f"{field}[{i}] repeats {field}[{seen[model]}]; list each model once", field=f"{field}[{i}]")
+        if needs_base and model == base:
+            raise InvalidArgument(f"{field}[{i}] is the base; its task vector would be zero", field=f"{field}[{i}]")
+        seen[model] = i
 
 
 def model_spec_from_name(name: str, allowed_roots: tuple[Path, ...]) -> CheckpointSpec:

@@ -92,7 +92,8 @@ class MergeMethod:
                 continue
             for model in range(count):
                 spec = given.setting(parameter.name, model)
-                field = f"models[{model}].{parameter.name}"
+                own = model < len(given.model_settings) and parameter.name in given.model_settings[model]
+                field = f"models[{model}].{parameter.name}" if own else parameter.name
                 if spec is None and parameter.default is None:
                     raise InvalidArgument(
                         f"the {self.name} merge needs {parameter.name} for every model: give it globally or for models[{model}]",

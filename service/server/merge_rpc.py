@@ -21,7 +21,10 @@ from kinship_service.jobs.records import (
     JobRecord,
     MergeRequest,
 )
-from kinship_service.merge.mergekit_config import model_spec_from_name, parse_mergekit_yaml
+from kinship_service.merge.mergekit_config import check_models, model_spec_from_name, parse_mergekit_yaml
+from kinship_service.merge.methods import get_method
+from kinship_service.merge.parameters import MethodParameters
+from kinship_service.merge.plan import MergeSettings
 from kinship_service.merge.slerp import FactorEntry, InterpolationSpec, validate_spec
 from kinship_service.server.refs import ref_from_spec, spec_from_ref
 
@@ -49,8 +52,8 @@ def state_filter(value: int) -> str | None:
     return _STATE_FROM_PROTO[value]
 
 
-def spec_from_factor(factor: merge_pb2.InterpolationFactor, field: str = "t") -> InterpolationSpec:
-    """An InterpolationFactor proto as an InterpolationSpec (validated)."""
+def spec_from_factor(factor: merge_pb2.InterpolationFactor, field: str = "t", validate: bool = True) -> InterpolationSpec:
+    """An InterpolationFactor proto as an InterpolationSpec (validated as a t unless `validate` is False: the method checks ranges)."""
     entries = []
     for i, entry in enumerate(factor.entries):
         which = entry.value.WhichOneof("value")
@@ -63,7 +66,8 @@ def spec_from_factor(factor: merge_pb2.InterpolationFactor, field: str = "t") ->
             entries.append(FactorEntry(entry.filter, tuple(entry.value.gradient.anchors), True))
         else:
             raise InvalidArgument(f"{where} is not set: give a constant or a gradient", field=where)
-    return validate_spec(InterpolationSpec(tuple(entries)), field)
+    spec = InterpolationSpec(tuple(entries))
+    return validate_spec(spec, field) if validate else spec
 
 
 def factor_from_spec(spec: InterpolationSpec) -> merge_pb2.InterpolationFactor:
@@ -97,6 +101,10 @@ def merge_request(request: merge_pb2.StartMergeRequest, allowed_roots: tuple[Pat
     out_dtype = _DTYPES.get(request.dtype)
     compute_cast = None
     num_layers = None
+    if request.WhichOneof("method") is not None:
+        return _method_request(request, out_dtype, policy == common_pb2.SHAPE_MISMATCH_POLICY_LEADING_SLICE)
+    if request.models:
+        raise InvalidArgument("models takes a method (set one of the method parameters, e.g. slerp or ties)", field="models")
     if request.mergekit_yaml:
         given = [f for f in ("model_a", "model_b", "t") if request.HasField(f)]
         if given:
@@ -134,6 +142,67 @@ def merge_request(request: merge_pb2.StartMergeRequest, allowed_roots: tuple[Pat
     )
 
 
+_SWITCHES = ("normalize", "rescale")
+
+
+def _method_request(request: merge_pb2.StartMergeRequest, out_dtype: str | None, leading_slice: bool) -> MergeRequest:
+    """A StartMergeRequest with `method` set: models from `models`, parameters from the method's message."""
+    name = request.WhichOneof("method")
+    assert name is not None
+    method = get_method(name)
+    given = [f for f in ("model_a", "model_b", "t") if request.HasField(f)]
+    if given or request.mergekit_yaml:
+        raise InvalidArgument(
+            f"with a method the models come from `models`; do not also set {', '.join(given) or 'mergekit_yaml'}", field="models"
+        )
+    parameters = getattr(request, name)
+    global_settings = {}
+    for field_name in ("t", "weight", "density", "lambda_factor"):
+        if field_name in parameters.DESCRIPTOR.fields_by_name and parameters.HasField(field_name):
+            key = "lambda" if field_name == "lambda_factor" else field_name
+            global_settings[key] = spec_from_factor(getattr(parameters, field_name), f"{name}.{field_name}", validate=False)
+    switches = {s: getattr(parameters, s) for s in _SWITCHES if s in parameters.DESCRIPTOR.fields_by_name and parameters.HasField(s)}
+    seed = int(parameters.seed) if "seed" in parameters.DESCRIPTOR.fields_by_name else 0
+    base = spec_from_ref(request.base, "base") if request.HasField("base") else None
+    models = []
+    model_settings = []
+    for i, model in enumerate(request.models):
+        if not model.HasField("checkpoint"):
+            raise InvalidArgument(f"models[{i}].checkpoint is required", field=f"models[{i}].checkpoint")
+        models.append(spec_from_ref(model.checkpoint, f"models[{i}].checkpoint"))
+        own = {}
+        for field_name in ("weight", "density"):
+            if model.HasField(field_name):
+                own[field_name] = spec_from_factor(getattr(model, field_name), f"models[{i}].{field_name}", validate=False)
+        model_settings.append(own)
+    check_models(method.name, method.min_models, method.max_models, method.needs_base, models, base)
+    method_parameters = MethodParameters(global_settings, tuple(model_settings), switches.get("normalize"), switches.get("rescale"), seed)
+    t = global_settings.pop("t", None)
+    if name == "slerp" and t is None:
+        raise InvalidArgument("slerp.t is required", field="slerp.t")
+    if t is not None:
+        method_parameters = MethodParameters({}, tuple(model_settings))
+    inputs = ([base] if method.needs_base and base is not None else []) + models
+    settings = MergeSettings(t=t, method=name, method_parameters=method_parameters, model_count=len(models))
+    method.check(settings)
+    return MergeRequest(
+        base=base,
+        model_a=inputs[0],
+        model_b=inputs[1],
+        t=t,
+        output_path=request.output_path,
+        request_id=request.request_id,
+        out_dtype=out_dtype,
+        max_shard_bytes=request.max_shard_bytes,
+        leading_slice=leading_slice,
+        overwrite=request.overwrite,
+        method=name,
+        more_inputs=tuple(inputs[2:]),
+        method_parameters=method_parameters,
+        model_count=len(models),
+    )
+
+
 def _timestamp(seconds: float | None) -> timestamp_pb2.Timestamp | None:
     if seconds is None:
         return None
@@ -158,8 +227,13 @@ def job_proto(record: JobRecord) -> merge_pb2.MergeJob:
         output_path=record.output_dir,
         model_a=ref_from_spec(record.request.model_a),
         model_b=ref_from_spec(record.request.model_b),
-        t=factor_from_spec(record.request.t),
+        method=record.request.method,
+        models=[ref_from_spec(m) for m in record.request.models],
     )
+    if record.request.t is not None:
+        job.t.CopyFrom(factor_from_spec(record.request.t))
+    if record.request.base is not None:
+        job.base.CopyFrom(ref_from_spec(record.request.base))
     if record.error is not None:
         job.error.CopyFrom(common_pb2.ErrorStatus(code=record.error.code, message=record.error.message, reason=record.error.reason))
     for name in ("create_time", "start_time", "end_time"):
