@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import grpc
@@ -10,9 +11,11 @@ import pytest
 import torch
 
 from kinship_client import KinshipClient, KinshipRpcError
+from kinship_client.cli import main as cli_main
 from kinship_service.checkpoints.synthetic import save_checkpoint
+from kinship_service.server.main import RunningServer
 
-from .merge_method_refs import as_f64, assert_close_f32, read_all, ref_task_vectors, ref_topk_mask
+from .merge_method_refs import as_f64, assert_close_f32, read_all, ref_dare_mask, ref_task_vectors, ref_topk_mask
 
 SHAPES = {"model.embed_tokens.weight": (32, 16), "model.layers.0.mlp.up_proj.weight": (40, 16), "model.norm.weight": (16,)}
 
@@ -96,3 +99,49 @@ def test_shapes_that_differ_are_shape_mismatch(client: KinshipClient, trio: dict
     op = client.merge(None, None, method="task_arithmetic", base=trio["base"], models=[trio["models"][0], path], weight=0.5, output_path="sm")  # type: ignore[index]
     info = op.wait(timeout=120)
     assert info.state == "failed" and info.error is not None and info.error.reason == "SHAPE_MISMATCH", info
+
+
+def test_cli_merges_with_any_method(trio: dict[str, object], server: RunningServer, capsys: pytest.CaptureFixture[str]) -> None:
+    models = trio["models"]
+    assert isinstance(models, list)
+    argv = ["--target", server.address, "merge", "--quiet", "--json", "--method", "dare_linear", "--base", str(trio["base"])]
+    argv += [*models[:2], "--weights", "0.6", "0.4", "--density", "0.7", "--seed", "5", "--dtype", "float32", "--out", "cli-dare"]
+    assert cli_main(argv) == 0
+    out = read_all(Path(json.loads(capsys.readouterr().out)["output_path"]))
+    tensors = trio["tensors"]
+    assert isinstance(tensors, list)
+    for name in SHAPES:
+        base, *xs = [as_f64(t[name]) for t in tensors[:3]]
+        masks = [ref_dare_mask(5, name, m, base.size, 0.7).reshape(base.shape) for m in range(2)]
+        ref = ref_task_vectors(base, xs, [0.6, 0.4], masks=masks, rescale=True)
+        assert_close_f32(out[name], ref, 3 * (np.abs(base) + sum(np.abs(x) for x in xs)), name)
+    assert cli_main(["--target", server.address, "merge", "--method", "ties", "--base", str(trio["base"]), models[0], "--out", "y"]) != 0
+    assert "weight" in capsys.readouterr().err
+
+
+def test_mergekit_yaml_of_ties_with_per_model_parameters(client: KinshipClient, trio: dict[str, object]) -> None:
+    base, models = trio["base"], trio["models"]
+    assert isinstance(models, list)
+    text = f"""
+merge_method: ties
+base_model: {base}
+slices:
+  - sources:
+      - {{model: {base}, layer_range: [0, 1]}}
+      - {{model: {models[0]}, layer_range: [0, 1], parameters: {{weight: 0.9, density: 0.6}}}}
+      - {{model: {models[1]}, layer_range: [0, 1], parameters: {{weight: 0.3}}}}
+parameters: {{density: 0.4, normalize: true, int8_mask: true}}
+dtype: float32
+"""
+    info = client.merge(None, None, mergekit_yaml=text, output_path="yaml-ties").wait(timeout=120)
+    assert info.state == "succeeded", info
+    out = read_all(Path(info.output_path))
+    tensors = trio["tensors"]
+    assert isinstance(tensors, list)
+    for name in SHAPES:
+        b, *xs = [as_f64(t[name]) for t in tensors[:3]]
+        masks = [ref_topk_mask(xs[0] - b, 0.6), ref_topk_mask(xs[1] - b, 0.4)]
+        ref = ref_task_vectors(b, xs, [0.9, 0.3], masks=masks, consensus=True, normalize=True)
+        assert_close_f32(out[name], ref, np.abs(b) + sum(np.abs(x) for x in xs), name)
+    error = _refused(client, mergekit_yaml=text.replace("parameters: {weight: 0.3}", "parameters: {weight: 0.3, gamma: 1}"))
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT and "gamma" in error.message

@@ -11,6 +11,7 @@ from pathlib import Path
 from google.protobuf import timestamp_pb2
 
 from kinship_client.v1 import common_pb2, merge_pb2
+from kinship_service.checkpoints.sources import CheckpointSpec
 from kinship_service.errors import InvalidArgument
 from kinship_service.jobs.records import (
     CANCELLED,
@@ -21,7 +22,7 @@ from kinship_service.jobs.records import (
     JobRecord,
     MergeRequest,
 )
-from kinship_service.merge.mergekit_config import check_models, model_spec_from_name, parse_mergekit_yaml
+from kinship_service.merge.mergekit_config import MethodConfig, check_models, model_spec_from_name, parse_mergekit_yaml
 from kinship_service.merge.methods import get_method
 from kinship_service.merge.parameters import MethodParameters
 from kinship_service.merge.plan import MergeSettings
@@ -112,6 +113,8 @@ def merge_request(request: merge_pb2.StartMergeRequest, allowed_roots: tuple[Pat
                 f"give either mergekit_yaml or model_a/model_b/t, not both (also set: {', '.join(given)})", field="mergekit_yaml"
             )
         config = parse_mergekit_yaml(request.mergekit_yaml)
+        if isinstance(config, MethodConfig):
+            return _config_request(request, config, allowed_roots, out_dtype, policy == common_pb2.SHAPE_MISMATCH_POLICY_LEADING_SLICE)
         model_a = model_spec_from_name(config.model_a, allowed_roots)
         model_b = model_spec_from_name(config.model_b, allowed_roots)
         spec = config.t
@@ -149,7 +152,7 @@ def _method_request(request: merge_pb2.StartMergeRequest, out_dtype: str | None,
     """A StartMergeRequest with `method` set: models from `models`, parameters from the method's message."""
     name = request.WhichOneof("method")
     assert name is not None
-    method = get_method(name)
+    get_method(name)  # INVALID_ARGUMENT for a method this server does not know
     given = [f for f in ("model_a", "model_b", "t") if request.HasField(f)]
     if given or request.mergekit_yaml:
         raise InvalidArgument(
@@ -175,7 +178,41 @@ def _method_request(request: merge_pb2.StartMergeRequest, out_dtype: str | None,
             if model.HasField(field_name):
                 own[field_name] = spec_from_factor(getattr(model, field_name), f"models[{i}].{field_name}", validate=False)
         model_settings.append(own)
-    check_models(method.name, method.min_models, method.max_models, method.needs_base, models, base)
+    return _build(request, name, models, base, global_settings, model_settings, switches, seed, out_dtype, leading_slice)
+
+
+def _config_request(
+    request: merge_pb2.StartMergeRequest, config: MethodConfig, roots: tuple[Path, ...], out_dtype: str | None, leading_slice: bool
+) -> MergeRequest:
+    """A mergekit YAML of any method but slerp as a MergeRequest."""
+    models = [model_spec_from_name(n, roots) for n in config.models]
+    base = model_spec_from_name(config.base, roots) if config.base else None
+    if request.HasField("base"):
+        base = spec_from_ref(request.base, "base") if base is None else base
+    return _build(
+        request, config.method, models, base, dict(config.global_settings), config.model_settings, config.switches, 0,
+        out_dtype or config.out_dtype or config.dtype, leading_slice, config.dtype, config.num_layers, field="mergekit_yaml",
+    )
+
+
+def _build(
+    request: merge_pb2.StartMergeRequest,
+    name: str,
+    models: list[CheckpointSpec],
+    base: CheckpointSpec | None,
+    global_settings: dict[str, InterpolationSpec],
+    model_settings: list[dict[str, InterpolationSpec]],
+    switches: dict[str, bool],
+    seed: int,
+    out_dtype: str | None,
+    leading_slice: bool,
+    compute_cast: str | None = None,
+    num_layers: int | None = None,
+    field: str = "models",
+) -> MergeRequest:
+    """Check the models and parameters against the method (INVALID_ARGUMENT naming the field) into a MergeRequest."""
+    method = get_method(name)
+    check_models(method.name, method.min_models, method.max_models, method.needs_base, models, base, field)
     method_parameters = MethodParameters(global_settings, tuple(model_settings), switches.get("normalize"), switches.get("rescale"), seed)
     t = global_settings.pop("t", None)
     if name == "slerp" and t is None:
@@ -193,6 +230,8 @@ def _method_request(request: merge_pb2.StartMergeRequest, out_dtype: str | None,
         output_path=request.output_path,
         request_id=request.request_id,
         out_dtype=out_dtype,
+        compute_cast=compute_cast,
+        num_layers=num_layers,
         max_shard_bytes=request.max_shard_bytes,
         leading_slice=leading_slice,
         overwrite=request.overwrite,
