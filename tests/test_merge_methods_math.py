@@ -210,3 +210,13 @@ def test_leading_slice_merges_the_common_rows(tmp_path: Path) -> None:
     base, *xs = _arrays(family, name)
     assert tuple(out[name].shape) == NAMES[name]
     assert_close_f32(out[name], ref_task_vectors(base, xs, [0.5, 0.5]), _scale([base, *xs]), name)
+
+
+def test_dare_mask_kernel_and_torch_paths_agree_bit_for_bit() -> None:
+    from kinship_service.merge import sparsify
+
+    key = sparsify.mask_key(11, "model.layers.3.mlp.down_proj.weight", 2)
+    fused = sparsify.random_mask(key, 777, 200_000, 0.37)
+    plain = sparsify.random_mask(key, 777, 200_000, 0.37, use_kernel=False)
+    assert torch.equal(fused, plain)
+    assert np.array_equal(plain.numpy(), ref_dare_mask(11, "model.layers.3.mlp.down_proj.weight", 2, 200_000, 0.37)[777:])

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kinship_service.merge import sparsify_jit
+
 HIGH_BINS = 1 << 15
 """Bins of the high 16 bits of a non-negative float32 (its sign bit is 0)."""
 LOW_BINS = 1 << 16
@@ -144,8 +146,14 @@ def mask_key(seed: int, name: str, model: int) -> int:
     return _mix_int((seed & MASK64) ^ fnv1a64(f"{name}\x00{model}".encode()))
 
 
-def random_mask(key: int, start: int, stop: int, density: float) -> torch.Tensor:
-    """DARE's kept elements [start, stop) of one stream (bool): `u < density`, see the module docstring."""
+def random_mask(key: int, start: int, stop: int, density: float, use_kernel: bool = True) -> torch.Tensor:
+    """DARE's kept elements [start, stop) of one stream (bool): `u < density`, see the module docstring.
+
+    With numba (`use_kernel`) one fused pass (`sparsify_jit`); else torch int64 ops, bit-identical.
+    """
+    limit = int(density * (1 << 53))
+    if use_kernel and sparsify_jit.available():
+        return sparsify_jit.random_mask(key, start, stop, limit)
     index = torch.arange(start + 1, stop + 1, dtype=torch.int64)
     h = _mix(index * _signed(GOLDEN) + _signed(key))
-    return _shr(h, 11) < int(density * (1 << 53))
+    return _shr(h, 11) < limit

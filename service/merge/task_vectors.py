@@ -79,6 +79,7 @@ class _TaskVectors:
         densities = per_model(tensor.parameters, "density", self.models) if "density" in self.method.parameter_names else []
         self.densities = densities or [1.0] * self.models
         self.lam = tensor.parameters.get("lambda", 1.0)
+        self.use_kernel = ctx.use_cpu_kernel
         self.normalize = self.method.normalizes(ctx.settings)
         self.rescale = self.method.rescales(ctx.settings)
         seed = ctx.settings.method_parameters.seed
@@ -99,7 +100,7 @@ class _TaskVectors:
     def mask(self, delta: torch.Tensor, model: int, span: Span, index: int) -> torch.Tensor:
         """Which elements of model `model`'s task-vector range survive sparsification (bool)."""
         if self.method.sparsification == "random":
-            return sparsify.random_mask(self.keys[model], span[0], span[1], self.densities[model])
+            return sparsify.random_mask(self.keys[model], span[0], span[1], self.densities[model], self.use_kernel)
         limit = self.thresholds[model]
         before = self.equal_before[index][self.sparse.index(model)] if self.equal_before else 0
         return sparsify.magnitude_mask(sparsify.magnitude_bits(delta), limit, before)
