@@ -36,8 +36,10 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from kinship_client import KinshipClient, Member, Population, Recommendation
+from kinship_client.merge import MERGE_METHODS, MergeOperation
 from kinship_client.population import population_to_json
 
 Evaluate = Callable[[str], float]
@@ -117,6 +119,8 @@ def evolve(
     *,
     top_k: int = 3,
     t: float = 0.5,
+    method: str = "slerp",
+    density: float = 0.5,
     output_prefix: str | None = None,
     max_generations: int = 10,
     metric: str = "pcc",
@@ -181,7 +185,9 @@ def evolve(
             reasons, summary = ["exhausted"], f"every pair among the top-{k} was merged already; nothing left to try"
             break
         previous_top_k = ranking.top_k if generation > 1 else []  # S_prev is empty before the loop starts
-        new = _merge_generation(client, models, chosen, generation, prefix, t, dtype, merge_timeout, evaluate, log)
+        new = _merge_generation(
+            client, models, chosen, generation, prefix, t, dtype, merge_timeout, evaluate, log, (method, base, density)
+        )
         merges += len(new)
         for model in new:
             models[model.name] = model
@@ -200,6 +206,20 @@ def evolve(
     return evolution
 
 
+def _start(
+    client: KinshipClient, method: str, base: str, a: str, b: str, t: float, density: float, output: str, dtype: str | None
+) -> MergeOperation:
+    """Start the merge of A and B with `method`: SLERP at `t`, or the others with weights (1 - t, t) (density for TIES/DARE)."""
+    if method == "slerp":
+        return client.merge(a, b, t=t, output_path=output, dtype=dtype, request_id=output)
+    options: dict[str, Any] = {"method": method, "models": [a, b], "base": base}
+    if method != "model_stock":
+        options["weights"] = [1 - t, t]
+    if method in ("ties", "dare_ties", "dare_linear"):
+        options["density"] = density
+    return client.merge(None, None, output_path=output, dtype=dtype, request_id=output, **options)
+
+
 def _merge_generation(
     client: KinshipClient,
     models: Mapping[str, Model],
@@ -211,6 +231,7 @@ def _merge_generation(
     merge_timeout: float | None,
     evaluate: Evaluate,
     log: Callable[[str], None],
+    how: tuple[str, str, float] = ("slerp", "", 0.5),
 ) -> list[Model]:
     """Queue every merge of a generation, then wait for each, evaluate it and compute its gain."""
     operations = []
@@ -218,7 +239,8 @@ def _merge_generation(
         name = f"model-{generation}-{j}"
         a, b = models[rec.first], models[rec.second]
         output = f"{prefix}/{name}"
-        operation = client.merge(a.path, b.path, t=t, output_path=output, dtype=dtype, request_id=output)
+        method, base, density = how
+        operation = _start(client, method, base, a.path, b.path, t, density, output, dtype)
         log(f"merging {name} = {a.name} x {b.name} ({rec.kind}, kinship {rec.kinship:.4f})")
         operations.append((name, rec, operation))
     new = []
@@ -312,7 +334,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", action="append", required=True, metavar="NAME=PATH", help="a foundation model (repeat)")
     parser.add_argument("--evaluate", required=True, metavar="MODULE:FUNCTION", help="your evaluation: path -> score")
     parser.add_argument("--top-k", type=int, default=3)
-    parser.add_argument("--t", type=float, default=0.5, help="SLERP factor of every merge")
+    parser.add_argument("--t", type=float, default=0.5, help="SLERP factor of every merge (other methods: B's weight, A's is 1 - t)")
+    parser.add_argument("--method", choices=MERGE_METHODS, default="slerp", help="merge method of every merge (docs/merge-methods.md)")
+    parser.add_argument("--density", type=float, default=0.5, help="density of ties, dare_ties and dare_linear merges")
     parser.add_argument("--max-generations", type=int, default=10)
     parser.add_argument("--metric", choices=["pcc", "cosine", "euclidean"], default="pcc")
     parser.add_argument("--threshold", type=float, default=None, help="kinship saturation threshold (default 0.9)")
@@ -343,6 +367,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             evaluate,
             top_k=args.top_k,
             t=args.t,
+            method=args.method,
+            density=args.density,
             output_prefix=args.output_prefix,
             max_generations=args.max_generations,
             metric=args.metric,

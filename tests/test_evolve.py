@@ -154,3 +154,21 @@ def test_evolve_command_line(server_factory, model_root, tmp_path, capsys, monke
 
     population = load_population(out_file)
     assert {m.name for m in population.members} >= {"x", "y", "model-1-1"}
+
+
+def test_evolve_runs_with_another_method(server_factory, model_root, tmp_path):
+    merges = tmp_path / "merges"
+    merges.mkdir()
+    server = server_factory(allowed_roots=(model_root, merges), output_root=merges)
+    base = make_base(SMALL, seed=0)
+    family = make_family(base, 2, rho=0.2, seed=8)
+    foundation = {n: str(save_checkpoint(m, model_root / n, config=SMALL.config(torch.float32))) for n, m in zip(["a", "b"], family, strict=True)}
+    base_path = str(save_checkpoint(base, model_root / "base", config=SMALL.config(torch.float32)))
+    evolve = load_example()
+    with KinshipClient(server.address, timeout=120) as client:
+        evolve.evolve(
+            client, base_path, foundation, StandInEvaluation(base, family), method="ties", output_prefix="ties", max_generations=1,
+            log=lambda _line: None,
+        )
+    cards = sorted(merges.glob("ties/*/README.md"))
+    assert cards and all("merge_method: ties" in card.read_text() for card in cards)

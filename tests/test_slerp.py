@@ -256,7 +256,7 @@ parameters:
 @pytest.mark.parametrize(
     ("text", "match"),
     [
-        ("merge_method: ties\nbase_model: a\nmodels: [{model: a}, {model: b}]\nparameters: {t: 0.5}", "slerp"),
+        ("merge_method: nuslerp\nbase_model: a\nmodels: [{model: a}, {model: b}]\nparameters: {t: 0.5}", "merge_method must be one of"),
         ("merge_method: slerp\nmodels: [{model: a}, {model: b}]\nparameters: {t: 0.5}", "base_model"),
         ("merge_method: slerp\nbase_model: a\nmodels: [{model: a}, {model: b}, {model: c}]\nparameters: {t: 0.5}", "exactly two"),
         ("merge_method: slerp\nbase_model: a\nmodels: [{model: a}, {model: b}]", "parameters.t"),

@@ -40,7 +40,7 @@ from .choices import (
     received,
 )
 from .errors import KinshipRpcError
-from .merge import MergeJobInfo, MergeOperation, TLike, interpolation_factor, iter_watch
+from .merge import MergeJobInfo, MergeMethodName, MergeOperation, MethodOptions, TLike, interpolation_factor, iter_watch
 from .population import KnownKinshipLike, Member, RankResult, StopResult, known_kinship_triples
 from .refs import CheckpointLike, checkpoint_label, checkpoint_ref
 from .results import KinshipResult, LayerResult, Registration, Values, pairs_from_proto
@@ -50,7 +50,6 @@ DEFAULT_TIMEOUT = 600.0
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 2**20
 
 _Response = TypeVar("_Response")
-
 
 
 class KinshipClient:
@@ -132,6 +131,7 @@ class KinshipClient:
         shape_mismatch: MergeShapeMismatch,
         mergekit_yaml: str | None,
         base: CheckpointLike | None = None,
+        method: MethodOptions | None = None,
     ) -> merge_pb2.StartMergeRequest:
         """The StartMergeRequest of start_merge's arguments (raises ValueError for a bad one)."""
         request = merge_pb2.StartMergeRequest(
@@ -144,7 +144,9 @@ class KinshipClient:
         )
         if base is not None:
             request.base.CopyFrom(checkpoint_ref(base, "base"))
-        if mergekit_yaml:
+        if method is not None:
+            method.fill(request, checkpoint_ref)  # type: ignore[arg-type]
+        elif mergekit_yaml:
             request.mergekit_yaml = mergekit_yaml
         else:
             if model_a is None or model_b is None:
@@ -168,23 +170,65 @@ class KinshipClient:
         shape_mismatch: MergeShapeMismatch = "error",
         mergekit_yaml: str | None = None,
         base: CheckpointLike | None = None,
+        method: MergeMethodName | MethodOptions | None = None,
+        models: Sequence[CheckpointLike] = (),
+        weight: TLike | None = None,
+        weights: Sequence[TLike | None] | None = None,
+        density: TLike | None = None,
+        densities: Sequence[TLike | None] | None = None,
+        lambda_: TLike | None = None,
+        normalize: bool | None = None,
+        rescale: bool | None = None,
+        seed: int = 0,
         timeout: float | None = None,
     ) -> MergeJobInfo:
         """Start a SLERP merge of `model_a` (t = 0) and `model_b` (t = 1) into `output_path` (under the server's output root).
 
         Returns at once with the queued job. `t`: a float, a list of layer anchors, or a list of
         `{"filter": ..., "value": ...}` entries. `dtype`: bfloat16, float16 or float32 (default: A's).
-        `request_id` makes the call idempotent. `mergekit_yaml` (the text of a mergekit slerp
-        config) replaces model_a, model_b and t. `base`: cache the merged model's fingerprint
-        against this base before the job succeeds, so kinship questions about it are instant.
+        `request_id` makes the call idempotent. `mergekit_yaml` (the text of a mergekit config)
+        replaces model_a, model_b and t. `base`: the base of task-vector methods; also, the merged
+        model's fingerprint against it is cached before the job succeeds.
+        `method` (with `models`, pass None for model_a and model_b): linear, task_arithmetic, ties,
+        dare_ties, dare_linear, model_stock or slerp, with global `weight`, `density`, `lambda_`
+        (mergekit's lambda), per-model `weights`/`densities`, `normalize`, `rescale`, `seed`
+        (see docs/merge-methods.md).
 
         Raises:
             ValueError: a bad `dtype`, `shape_mismatch` or `t`, a path that is not UTF-8, or
                 neither both models nor `mergekit_yaml` (the message lists what is allowed).
             KinshipRpcError: the server refused the merge (see docs/errors.md for its reasons).
         """
+        options = (
+            method
+            if isinstance(method, MethodOptions) or method is None
+            else MethodOptions(
+                method,
+                models,
+                weight,
+                weights,
+                density,
+                densities,
+                lambda_,
+                t if method == "slerp" else None,
+                normalize,
+                rescale,
+                seed,
+            )
+        )
         request = self._merge_request(
-            model_a, model_b, t, output_path, dtype, request_id, overwrite, max_shard_bytes, shape_mismatch, mergekit_yaml, base
+            model_a,
+            model_b,
+            t,
+            output_path,
+            dtype,
+            request_id,
+            overwrite,
+            max_shard_bytes,
+            shape_mismatch,
+            mergekit_yaml,
+            base,
+            options,
         )
         response: merge_pb2.StartMergeResponse = self._call(self.stub.StartMerge, request, timeout)
         return MergeJobInfo.from_proto(response.job)
@@ -203,6 +247,16 @@ class KinshipClient:
         shape_mismatch: MergeShapeMismatch = "error",
         mergekit_yaml: str | None = None,
         base: CheckpointLike | None = None,
+        method: MergeMethodName | MethodOptions | None = None,
+        models: Sequence[CheckpointLike] = (),
+        weight: TLike | None = None,
+        weights: Sequence[TLike | None] | None = None,
+        density: TLike | None = None,
+        densities: Sequence[TLike | None] | None = None,
+        lambda_: TLike | None = None,
+        normalize: bool | None = None,
+        rescale: bool | None = None,
+        seed: int = 0,
         timeout: float | None = None,
     ) -> MergeOperation:
         """Like start_merge, returning a MergeOperation: `op.wait()` follows the job to its end.
@@ -222,6 +276,16 @@ class KinshipClient:
             shape_mismatch=shape_mismatch,
             mergekit_yaml=mergekit_yaml,
             base=base,
+            method=method,
+            models=models,
+            weight=weight,
+            weights=weights,
+            density=density,
+            densities=densities,
+            lambda_=lambda_,
+            normalize=normalize,
+            rescale=rescale,
+            seed=seed,
             timeout=timeout,
         )
         return MergeOperation(self, info)
@@ -232,7 +296,9 @@ class KinshipClient:
         Raises:
             KinshipRpcError: NOT_FOUND `JOB_NOT_FOUND` for an unknown job, or another server error.
         """
-        response: merge_pb2.GetMergeJobResponse = self._call(self.stub.GetMergeJob, merge_pb2.GetMergeJobRequest(job_id=job_id), timeout)
+        response: merge_pb2.GetMergeJobResponse = self._call(
+            self.stub.GetMergeJob, merge_pb2.GetMergeJobRequest(job_id=job_id), timeout
+        )
         return MergeJobInfo.from_proto(response.job)
 
     def list_merge_jobs(
@@ -246,7 +312,9 @@ class KinshipClient:
             ValueError: `state` is not a job state (the message lists them).
             KinshipRpcError: the server answered with an error (a bad page token, for example).
         """
-        request = merge_pb2.ListMergeJobsRequest(page_size=page_size, page_token=page_token, state=job_state_value(state))
+        request = merge_pb2.ListMergeJobsRequest(
+            page_size=page_size, page_token=page_token, state=job_state_value(state)
+        )
         response: merge_pb2.ListMergeJobsResponse = self._call(self.stub.ListMergeJobs, request, timeout)
         return [MergeJobInfo.from_proto(j) for j in response.jobs], response.next_page_token
 
@@ -256,7 +324,9 @@ class KinshipClient:
         Raises:
             KinshipRpcError: NOT_FOUND `JOB_NOT_FOUND`, FAILED_PRECONDITION `JOB_NOT_OWNED`, or another server error.
         """
-        response: merge_pb2.CancelMergeJobResponse = self._call(self.stub.CancelMergeJob, merge_pb2.CancelMergeJobRequest(job_id=job_id), timeout)
+        response: merge_pb2.CancelMergeJobResponse = self._call(
+            self.stub.CancelMergeJob, merge_pb2.CancelMergeJobRequest(job_id=job_id), timeout
+        )
         return MergeJobInfo.from_proto(response.job)
 
     def watch_merge_job(self, job_id: str, *, timeout: float | None = None) -> Iterator[MergeJobInfo]:
@@ -310,10 +380,13 @@ class KinshipClient:
             mode=received(MODE_USED_NAMES, response.mode_used, "kinship mode"),
             tensors_compared=response.tensors_compared,
             elements_compared=response.elements_compared,
-            skipped=[(s.name, received(SKIP_REASON_NAMES, s.reason, "skip reason"), s.detail) for s in response.skipped],
+            skipped=[
+                (s.name, received(SKIP_REASON_NAMES, s.reason, "skip reason"), s.detail) for s in response.skipped
+            ],
             sliced=list(response.sliced_tensors),
             layers=[
-                LayerResult(l.group, l.tensors, l.elements, pairs_from_proto(l.pairs), Values.from_proto(l.mean)) for l in response.layers
+                LayerResult(l.group, l.tensors, l.elements, pairs_from_proto(l.pairs), Values.from_proto(l.mean))
+                for l in response.layers
             ],
             bytes_read=response.bytes_read,
             device=response.device,
@@ -427,7 +500,9 @@ class KinshipClient:
         response: recommend_pb2.ShouldStopResponse = self._call(self.stub.ShouldStop, request, timeout)
         return StopResult.from_proto(response)
 
-    def register_checkpoint(self, checkpoint: CheckpointLike, base: CheckpointLike, *, timeout: float | None = None) -> Registration:
+    def register_checkpoint(
+        self, checkpoint: CheckpointLike, base: CheckpointLike, *, timeout: float | None = None
+    ) -> Registration:
         """Compute and cache `checkpoint`'s fingerprint and lossless delta against `base` ahead of time.
 
         Later FINGERPRINT / AUTO kinship queries about it answer without reading weights.

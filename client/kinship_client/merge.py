@@ -16,7 +16,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import grpc
 
@@ -27,6 +27,63 @@ if TYPE_CHECKING:
     from .client import KinshipClient
 
 TLike = float | int | Sequence[float] | Sequence[Mapping[str, Any]] | merge_pb2.InterpolationFactor
+
+MergeMethodName = Literal["slerp", "linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "model_stock"]
+"""The merge methods of StartMerge (mergekit's names)."""
+MERGE_METHODS: tuple[str, ...] = get_args(MergeMethodName)
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """A merge method and its parameters, as start_merge takes them.
+
+    `weight`/`density`/`lambda_`/`t` are global settings (any `TLike` form: a number, layer anchors,
+    filtered entries); `weights`/`densities` give each model its own, in model order (None: the
+    global one). `normalize`, `rescale`: None keeps mergekit's default of the method.
+    """
+
+    method: MergeMethodName
+    models: Sequence[object] = ()
+    weight: TLike | None = None
+    weights: Sequence[TLike | None] | None = None
+    density: TLike | None = None
+    densities: Sequence[TLike | None] | None = None
+    lambda_: TLike | None = None
+    t: TLike | None = None
+    normalize: bool | None = None
+    rescale: bool | None = None
+    seed: int = 0
+
+    def fill(self, request: merge_pb2.StartMergeRequest, ref: Callable[[object, str], Any]) -> None:
+        """Set `request`'s method oneof and models (raises ValueError for a parameter the method does not take)."""
+        if self.method not in MERGE_METHODS:
+            raise ValueError(f"unknown merge method {self.method!r}; use one of: {', '.join(MERGE_METHODS)}")
+        parameters = getattr(request, self.method)
+        parameters.SetInParent()
+        fields = parameters.DESCRIPTOR.fields_by_name
+        given = {"weight": self.weight, "density": self.density, "lambda_factor": self.lambda_, "t": self.t}
+        for name, value in given.items():
+            if value is None:
+                continue
+            if name not in fields:
+                raise ValueError(f"the {self.method} merge does not take {name.removesuffix('_factor')}")
+            getattr(parameters, name).CopyFrom(interpolation_factor(value))
+        for name in ("normalize", "rescale"):
+            value = getattr(self, name)
+            if value is not None:
+                if name not in fields:
+                    raise ValueError(f"the {self.method} merge has no {name} switch")
+                setattr(parameters, name, value)
+        if self.seed:
+            if "seed" not in fields:
+                raise ValueError(f"the {self.method} merge takes no seed (only dare_ties and dare_linear)")
+            parameters.seed = self.seed
+        for i, model in enumerate(self.models):
+            entry = request.models.add()
+            entry.checkpoint.CopyFrom(ref(model, f"models[{i}]"))
+            for name, values in (("weight", self.weights), ("density", self.densities)):
+                if values is not None and i < len(values) and values[i] is not None:
+                    getattr(entry, name).CopyFrom(interpolation_factor(values[i]))  # type: ignore[arg-type]
 
 def _factor_value(value: object) -> merge_pb2.FactorValue:
     if isinstance(value, bool):

@@ -3,6 +3,7 @@
     kinship merge /models/a /models/b --t 0.5 --out merged/ab             # waits, progress bar on stderr
     kinship merge A B --t "self_attn=0,0.5,1;mlp=1,0.5,0;0.5" --out x --dtype bfloat16
     kinship merge --mergekit-config slerp.yml --out x                       # a mergekit slerp config
+    kinship merge --method ties --base B M1 M2 --weight 1 --density 0.5 --out t  # any method (docs/merge-methods.md)
     kinship jobs list [--state running] [--all]
     kinship jobs get JOB | kinship jobs cancel JOB | kinship jobs watch JOB
 
@@ -24,7 +25,7 @@ from typing import Any, TextIO
 
 from .choices import JOB_STATES, MERGE_SHAPE_MISMATCHES
 from .client import KinshipClient
-from .merge import MergeJobInfo, TLike, format_bytes, format_eta
+from .merge import MERGE_METHODS, MergeJobInfo, MethodOptions, TLike, format_bytes, format_eta
 
 
 class NotUtf8(Exception):
@@ -165,6 +166,8 @@ def cmd_merge(client: KinshipClient, args: argparse.Namespace) -> int:
     except (OSError, UnicodeDecodeError) as exc:
         print(f"kinship merge: cannot read --mergekit-config {args.mergekit_config}: {exc}", file=sys.stderr)
         return 2
+    if args.method is not None:
+        return _merge_method(client, args, yaml_text)
     if yaml_text is None and len(args.models) != 2:
         print("kinship merge: give two models A B (or --mergekit-config FILE)", file=sys.stderr)
         return 2
@@ -200,6 +203,50 @@ def cmd_merge(client: KinshipClient, args: argparse.Namespace) -> int:
     return _follow(client, op.job_id, args, op.wait)
 
 
+def _merge_method(client: KinshipClient, args: argparse.Namespace, yaml_text: str | None) -> int:
+    """`kinship merge --method NAME [--base B] M1 M2 ...`: any method, its parameters from the options."""
+    if yaml_text is not None:
+        print("kinship merge: --method and --mergekit-config exclude each other (the config names its method)", file=sys.stderr)
+        return 2
+    try:
+        weights = [parse_t(w) for w in args.weights] if args.weights else None
+        densities = [parse_t(d) for d in args.densities] if args.densities else None
+        options = MethodOptions(
+            args.method,
+            args.models,
+            weight=parse_t(args.weight) if args.weight is not None else None,
+            weights=weights,
+            density=parse_t(args.density) if args.density is not None else None,
+            densities=densities,
+            lambda_=parse_t(args.lambda_) if args.lambda_ is not None else None,
+            t=parse_t(args.t) if args.method == "slerp" else None,
+            normalize=args.normalize,
+            rescale=args.rescale,
+            seed=args.seed,
+        )
+        op = client.merge(
+            None,
+            None,
+            output_path=args.out,
+            dtype=args.dtype,
+            request_id=args.request_id,
+            overwrite=args.overwrite,
+            max_shard_bytes=args.max_shard_bytes,
+            shape_mismatch=args.shape_mismatch,
+            base=args.base,
+            method=options,
+            timeout=args.timeout,
+        )
+    except ValueError as exc:
+        print(f"kinship merge: {exc}", file=sys.stderr)
+        return 2
+    print(f"started {args.method} merge job {op.job_id} -> {op.info.output_path}", file=sys.stderr)
+    if args.no_wait:
+        print(json.dumps(_job_json(op.info), indent=2) if args.json else op.job_id)
+        return 0
+    return _follow(client, op.job_id, args, op.wait)
+
+
 def cmd_jobs(client: KinshipClient, args: argparse.Namespace) -> int:
     """`kinship jobs list|get|cancel|watch`; returns the exit status (1 for a failed or cancelled job)."""
     if args.jobs_command == "list":
@@ -228,8 +275,8 @@ def cmd_jobs(client: KinshipClient, args: argparse.Namespace) -> int:
 
 def add_merge_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register `merge` and `jobs` on the CLI's subparsers."""
-    p = sub.add_parser("merge", help="SLERP-merge model A (t=0) with model B (t=1) as a server job")
-    p.add_argument("models", type=wire_text("MODEL"), nargs="*", metavar="MODEL", help="A and B: server paths or hf://owner/name[@rev]")
+    p = sub.add_parser("merge", help="merge models as a server job: SLERP of A and B, or --method NAME")
+    p.add_argument("models", type=wire_text("MODEL"), nargs="*", metavar="MODEL", help="A and B (or the models of --method): server paths or hf://owner/name[@rev]")
     p.add_argument("--t", default="0.5", help="interpolation factor: 0.5 | 0,0.5,1 | 'self_attn=0,1;0.5' | JSON")
     p.add_argument("--out", type=wire_text("--out"), required=True, help="output directory, relative to the server's output root")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None, help="output dtype (default: A's)")
@@ -238,6 +285,16 @@ def add_merge_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     p.add_argument("--shape-mismatch", choices=MERGE_SHAPE_MISMATCHES, default="error")
     p.add_argument("--request-id", type=wire_text("--request-id"), default=None, help="idempotency key")
     p.add_argument("--mergekit-config", default=None, metavar="FILE", help="a mergekit slerp YAML instead of A, B and --t")
+    p.add_argument("--method", choices=MERGE_METHODS, default=None, help="merge method (default: slerp of A and B); see docs/merge-methods.md")
+    p.add_argument("--base", type=wire_text("--base"), default=None, help="the base (task-vector methods; also registers the output)")
+    p.add_argument("--weight", default=None, help="global weight of every model (a number, anchors or filtered entries as --t)")
+    p.add_argument("--weights", nargs="+", default=None, metavar="W", help="one weight per model, in model order")
+    p.add_argument("--density", default=None, help="global density in (0, 1] (ties, dare_*)")
+    p.add_argument("--densities", nargs="+", default=None, metavar="D", help="one density per model")
+    p.add_argument("--lambda", dest="lambda_", default=None, help="mergekit's lambda (task_arithmetic, ties, dare_*)")
+    p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None, help="divide by the weights (default: mergekit's)")
+    p.add_argument("--rescale", action=argparse.BooleanOptionalAction, default=None, help="DARE's L1 rescaling (default on)")
+    p.add_argument("--seed", type=int, default=0, help="seed of DARE's random masks")
     p.add_argument("--no-wait", action="store_true", help="print the job id and return")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the final job as JSON")

@@ -56,6 +56,7 @@ from kinship_service.jobs.records import (
     JobError,
     JobRecord,
     MergeRequest,
+    input_fields,
     job_error_from_os,
 )
 from kinship_service.jobs.store import JobStore
@@ -63,6 +64,7 @@ from kinship_service.merge.model_card import ModelCard
 from kinship_service.merge.output import remove_tree, resolve_output_dir, temp_dir_for
 from kinship_service.merge.plan import MergeSettings
 from kinship_service.merge.runner import MergeRunner, Progress
+from kinship_service.merge.slerp import InterpolationSpec
 
 log = logging.getLogger("kinship.jobs")
 
@@ -114,7 +116,7 @@ def _owner_alive(owner: str, me: str) -> bool:
 
 
 class MergeJobManager:
-    """Runs SLERP merge jobs; see the module docstring."""
+    """Runs merge jobs; see the module docstring."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -249,7 +251,7 @@ class MergeJobManager:
             existing = self.store.by_request_id(request.request_id)
             if existing is not None:
                 return self._same_request(existing, request)
-        for spec, name in ((request.model_a, "model_a"), (request.model_b, "model_b")):
+        for spec, name in zip(request.inputs, input_fields(request), strict=True):
             if isinstance(spec, LocalPath):
                 # NOT_FOUND / PERMISSION_DENIED / CORRUPT_SAFETENSORS now, not later as the job's failure.
                 read_checkpoint_headers(resolve(spec, roots, name))
@@ -483,8 +485,8 @@ class MergeJobManager:
         try:
             self._save(live.record)  # RUNNING, with its start time
             roots = self.settings.allowed_roots
-            checkpoint_a = resolve(request.model_a, roots, "model_a")
-            checkpoint_b = resolve(request.model_b, roots, "model_b")
+            checkpoints = [resolve(spec, roots, name) for spec, name in zip(request.inputs, input_fields(request), strict=True)]
+            checkpoint_a, checkpoint_b = checkpoints[0], checkpoints[1]
             check_cancelled()
             runner = MergeRunner(
                 checkpoint_a,
@@ -496,20 +498,30 @@ class MergeJobManager:
                     max_shard_bytes=request.max_shard_bytes,
                     leading_slice=request.leading_slice,
                     num_layers=request.num_layers,
+                    method=request.method,
+                    method_parameters=request.method_parameters,
+                    model_count=request.model_count,
                 ),
+                more_checkpoints=checkpoints[2:],
                 chunk_elements=min(1 << 18, max(1 << 12, self.settings.chunk_bytes // 64)),
                 allowed_roots=roots,
                 progress=progress,
                 check_cancelled=check_cancelled,
                 use_cpu_kernel=self.settings.cpu_kernel,
             )
+            described = [(describe(spec), c.revision) for spec, c in zip(request.inputs, checkpoints, strict=True)]
+            first_model = len(described) - request.model_count
             card = ModelCard(
                 describe(request.model_a),
                 describe(request.model_b),
                 checkpoint_a.revision,
                 checkpoint_b.revision,
-                request.t,
+                request.t or InterpolationSpec.constant(0.0),
                 job_id=live.record.job_id,
+                method=request.method,
+                models=tuple(described[first_model:]),
+                base=described[0] if first_model else None,
+                method_parameters=request.method_parameters,
             )
             summary = runner.run(Path(live.record.tmp_dir), Path(live.record.output_dir), overwrite=request.overwrite, card=card)
             self._update(live, True, bytes_done=summary.bytes_written, tensors_done=summary.tensors)

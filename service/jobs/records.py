@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import errno
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import grpc
 
 from kinship_service.checkpoints.sources import CheckpointSpec, HubRepo, LocalPath
 from kinship_service.errors import status_code_number
+from kinship_service.merge.parameters import MethodParameters
 from kinship_service.merge.slerp import InterpolationSpec
 
 QUEUED = "QUEUED"
@@ -41,11 +42,16 @@ def _spec_from_json(data: dict[str, str]) -> CheckpointSpec:
 
 @dataclass(frozen=True)
 class MergeRequest:
-    """A validated StartMerge request, in domain terms."""
+    """A validated StartMerge request, in domain terms.
+
+    The merge's inputs are `model_a`, `model_b`, then `more_inputs`, in the method's order (SLERP:
+    A and B; task-vector methods: the base, then the models; linear: the models).
+    """
 
     model_a: CheckpointSpec
     model_b: CheckpointSpec
-    t: InterpolationSpec
+    t: InterpolationSpec | None
+    """SLERP's t; None for the other methods."""
     output_path: str
     request_id: str = ""
     out_dtype: str | None = None
@@ -56,14 +62,31 @@ class MergeRequest:
     num_layers: int | None = None
     base: CheckpointSpec | None = None
     """When set, the output is registered against this base before the job succeeds."""
+    method: str = "slerp"
+    more_inputs: tuple[CheckpointSpec, ...] = ()
+    method_parameters: MethodParameters = field(default_factory=MethodParameters)
+    model_count: int = 2
+    """Merged models (the base not counted)."""
+
+    @property
+    def inputs(self) -> tuple[CheckpointSpec, ...]:
+        """Every input in the method's order."""
+        return (self.model_a, self.model_b, *self.more_inputs)
+
+    @property
+    def models(self) -> tuple[CheckpointSpec, ...]:
+        """The merged models (the inputs after the base, for methods that take one)."""
+        return self.inputs[len(self.inputs) - self.model_count :]
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able form (the registry stores it; idempotency compares it)."""
         data = asdict(self)
         data["model_a"] = _spec_to_json(self.model_a)
         data["model_b"] = _spec_to_json(self.model_b)
-        data["t"] = self.t.to_json()
+        data["t"] = self.t.to_json() if self.t is not None else None
         data["base"] = _spec_to_json(self.base) if self.base is not None else None
+        data["more_inputs"] = [_spec_to_json(s) for s in self.more_inputs]
+        data["method_parameters"] = self.method_parameters.to_json()
         return data
 
     @classmethod
@@ -72,9 +95,19 @@ class MergeRequest:
         values = dict(data)
         values["model_a"] = _spec_from_json(values["model_a"])
         values["model_b"] = _spec_from_json(values["model_b"])
-        values["t"] = InterpolationSpec.from_json(values["t"])
+        values["t"] = InterpolationSpec.from_json(values["t"]) if values.get("t") is not None else None
         values["base"] = _spec_from_json(values["base"]) if values.get("base") else None
+        values["more_inputs"] = tuple(_spec_from_json(s) for s in values.get("more_inputs", []))
+        values["method_parameters"] = MethodParameters.from_json(values.get("method_parameters", {}))
         return cls(**values)
+
+
+def input_fields(request: MergeRequest) -> list[str]:
+    """The request field each input came from, for error messages (`model_a`, `base`, `models[0]`...)."""
+    if request.method == "slerp":
+        return ["model_a", "model_b"]
+    first_model = len(request.inputs) - request.model_count
+    return ["base"] * first_model + [f"models[{i}]" for i in range(request.model_count)]
 
 
 @dataclass(frozen=True)

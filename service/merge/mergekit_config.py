@@ -8,6 +8,7 @@ INVALID_ARGUMENT naming the part.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,6 @@ import yaml
 
 from kinship_service.checkpoints.sources import CheckpointSpec, HubRepo, LocalPath
 from kinship_service.errors import InvalidArgument
-from kinship_service.merge.methods import METHODS
 from kinship_service.merge.slerp import FactorEntry, InterpolationSpec, validate_spec
 
 _DTYPE_NAMES = {
@@ -37,6 +37,28 @@ def dtype_name(text: str, field: str) -> str:
     if key not in _DTYPE_NAMES:
         raise InvalidArgument(f"{field}: unsupported dtype {text!r}; use bfloat16, float16 or float32", field=field)
     return _DTYPE_NAMES[key]
+
+
+METHOD_NAMES = ("slerp", "linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "model_stock")
+"""The merge_method values this service runs (`methods.METHODS`)."""
+SWITCHES = ("normalize", "rescale")
+NUMERIC = ("weight", "density", "lambda")
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """What the service takes from a mergekit configuration of any method but slerp."""
+
+    method: str
+    models: list[str]
+    """The merged models, in order (the base excluded for the task-vector methods)."""
+    base: str | None
+    global_settings: dict[str, InterpolationSpec]
+    model_settings: list[dict[str, InterpolationSpec]]
+    switches: dict[str, bool]
+    dtype: str | None
+    out_dtype: str | None
+    num_layers: int | None
 
 
 @dataclass(frozen=True)
@@ -127,8 +149,84 @@ def _check_expanded_size(doc: Any) -> None:
             stack.extend(node)
 
 
-def parse_mergekit_yaml(text: str) -> MergekitConfig:
-    """Read a mergekit SLERP configuration (`slices:` or `models:` form) into our structures.
+def _parameters(raw: Any, where: str) -> tuple[dict[str, InterpolationSpec], dict[str, bool]]:
+    """A `parameters:` mapping -> numeric settings and switches (INVALID_ARGUMENT for anything else)."""
+    if raw is None:
+        return {}, {}
+    if not isinstance(raw, dict):
+        raise InvalidArgument(f"mergekit_yaml: {where} must be a mapping", field="mergekit_yaml")
+    numeric: dict[str, InterpolationSpec] = {}
+    switches: dict[str, bool] = {}
+    for key, value in raw.items():
+        if key in SWITCHES:
+            if not isinstance(value, bool):
+                raise InvalidArgument(f"mergekit_yaml: {where}.{key} must be true or false", field="mergekit_yaml")
+            switches[key] = value
+        elif key == "int8_mask":
+            continue  # a memory-saving switch of mergekit's; no effect on the result
+        elif key in NUMERIC:
+            numeric[key] = InterpolationSpec(tuple(_setting_entries(value, f"{where}.{key}")))
+        else:
+            raise InvalidArgument(
+                f"mergekit_yaml: {where}.{key} is not supported; use {', '.join(NUMERIC + SWITCHES)}", field="mergekit_yaml"
+            )
+    return numeric, switches
+
+
+def _layer_range(value: Any, where: str) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise InvalidArgument(f"mergekit_yaml: {where}.layer_range must be [start, end]", field="mergekit_yaml")
+    if value[0] != 0 or value[1] <= 0:
+        raise InvalidArgument("mergekit_yaml: only a full layer range [0, num_layers] is supported", field="mergekit_yaml")
+    return int(value[1])
+
+
+def _parse_method_config(doc: dict[str, Any], method: str) -> MethodConfig:
+    """`models:` or one slice of `sources:`, with per-model and global parameters, for any method but slerp."""
+    base = _model_name(doc["base_model"], "base_model") if doc.get("base_model") else None
+    slices, models = doc.get("slices"), doc.get("models")
+    if bool(slices) == bool(models):
+        raise InvalidArgument("mergekit_yaml: give exactly one of `slices` or `models`", field="mergekit_yaml")
+    entries: Any
+    where = "models"
+    if slices:
+        if not isinstance(slices, list) or len(slices) != 1 or not isinstance(slices[0], dict):
+            raise InvalidArgument("mergekit_yaml: exactly one slice is supported (layer stacking across slices is not)", field="mergekit_yaml")
+        entries, where = slices[0].get("sources"), "slices[0].sources"
+    else:
+        entries = models
+    if not isinstance(entries, list) or not entries:
+        raise InvalidArgument(f"mergekit_yaml: {where} must list the models", field="mergekit_yaml")
+    names: list[str] = []
+    per_model: list[dict[str, InterpolationSpec]] = []
+    ranges: set[int | None] = set()
+    for i, entry in enumerate(entries):
+        at = f"{where}[{i}]"
+        if not isinstance(entry, dict):
+            raise InvalidArgument(f"mergekit_yaml: {at} must be a mapping with `model`", field="mergekit_yaml")
+        name = _model_name(entry.get("model"), f"{at}.model")
+        ranges.add(_layer_range(entry.get("layer_range"), at))
+        own, own_switches = _parameters(entry.get("parameters"), f"{at}.parameters")
+        if own_switches:
+            raise InvalidArgument(f"mergekit_yaml: {at}.parameters: {sorted(own_switches)} are global switches", field="mergekit_yaml")
+        if method != "linear" and name == base:
+            continue  # mergekit lists the base among the sources; it is the base, not a merged model
+        names.append(name)
+        per_model.append(own)
+    if len(ranges) > 1:
+        raise InvalidArgument("mergekit_yaml: every source must use the same layer_range", field="mergekit_yaml")
+    global_settings, switches = _parameters(doc.get("parameters"), "parameters")
+    dtype = dtype_name(doc["dtype"], "mergekit_yaml.dtype") if doc.get("dtype") else None
+    out_dtype = dtype_name(doc["out_dtype"], "mergekit_yaml.out_dtype") if doc.get("out_dtype") else None
+    return MethodConfig(
+        method, names, base if method != "linear" else None, global_settings, per_model, switches, dtype, out_dtype, ranges.pop()
+    )
+
+
+def parse_mergekit_yaml(text: str) -> MergekitConfig | MethodConfig:
+    """Read a mergekit configuration (`slices:` or `models:` form) into our structures: a SLERP one, or `MethodConfig`.
 
     Supported: `merge_method: slerp`, `base_model`, two models over the same full layer range in a
     single slice (or the `models:` list), `parameters.t` at the top level or on the slice (slice
@@ -144,14 +242,16 @@ def parse_mergekit_yaml(text: str) -> MergekitConfig:
     if not isinstance(doc, dict):
         raise InvalidArgument("mergekit_yaml must be a mapping with merge_method, base_model and models or slices", field="mergekit_yaml")
     method = str(doc.get("merge_method", "")).lower()
-    if method not in METHODS:
+    if method not in METHOD_NAMES:
         raise InvalidArgument(
-            f"mergekit_yaml: merge_method must be {' or '.join(sorted(METHODS))}, got {doc.get('merge_method')!r}",
+            f"mergekit_yaml: merge_method must be one of {', '.join(METHOD_NAMES)}, got {doc.get('merge_method')!r}",
             field="mergekit_yaml",
         )
     unsupported = {"tokenizer_source", "tokenizer", "modules", "chat_template"} & {k for k, v in doc.items() if v}
     if unsupported:
         raise InvalidArgument(f"mergekit_yaml: {sorted(unsupported)} are not supported by this service", field="mergekit_yaml")
+    if method != "slerp":
+        return _parse_method_config(doc, method)
     if "base_model" not in doc:
         raise InvalidArgument("mergekit_yaml: base_model is required for slerp (it is model A, t = 0)", field="mergekit_yaml")
     base = _model_name(doc["base_model"], "base_model")
@@ -220,6 +320,30 @@ def parse_mergekit_yaml(text: str) -> MergekitConfig:
     dtype = dtype_name(doc["dtype"], "mergekit_yaml.dtype") if doc.get("dtype") else None
     out_dtype = dtype_name(doc["out_dtype"], "mergekit_yaml.out_dtype") if doc.get("out_dtype") else None
     return MergekitConfig(base, others[0], spec, dtype, out_dtype, num_layers)
+
+
+def check_models(
+    method: str,
+    min_models: int,
+    max_models: int | None,
+    needs_base: bool,
+    models: Sequence[CheckpointSpec],
+    base: CheckpointSpec | None,
+    field: str = "models",
+) -> None:
+    """INVALID_ARGUMENT naming the field for a model count the method does not take, a missing base or a repeated model."""
+    if needs_base and base is None:
+        raise InvalidArgument(f"the {method} merge takes task vectors against a base: give base", field="base")
+    if len(models) < min_models or (max_models is not None and len(models) > max_models):
+        wanted = f"exactly {min_models}" if max_models == min_models else f"at least {min_models}"
+        raise InvalidArgument(f"the {method} merge takes {wanted} models besides the base; got {len(models)}", field=field)
+    seen: dict[CheckpointSpec, int] = {}
+    for i, model in enumerate(models):
+        if model in seen:
+            raise InvalidArgument(f"{field}[{i}] repeats {field}[{seen[model]}]; list each model once", field=f"{field}[{i}]")
+        if needs_base and model == base:
+            raise InvalidArgument(f"{field}[{i}] is the base; its task vector would be zero", field=f"{field}[{i}]")
+        seen[model] = i
 
 
 def model_spec_from_name(name: str, allowed_roots: tuple[Path, ...]) -> CheckpointSpec:

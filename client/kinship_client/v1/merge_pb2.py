@@ -26,17 +26,17 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from . import common_pb2 as kinship_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16kinship/v1/merge.proto\x12\nkinship.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17kinship/v1/common.proto\" \n\rLayerGradient\x12\x0f\n\x07\x61nchors\x18\x01 \x03(\x01\"Y\n\x0b\x46\x61\x63torValue\x12\x12\n\x08\x63onstant\x18\x01 \x01(\x01H\x00\x12-\n\x08gradient\x18\x02 \x01(\x0b\x32\x19.kinship.v1.LayerGradientH\x00\x42\x07\n\x05value\"H\n\x0e\x46ilteredFactor\x12\x0e\n\x06\x66ilter\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.kinship.v1.FactorValue\"B\n\x13InterpolationFactor\x12+\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1a.kinship.v1.FilteredFactor\"\x8e\x03\n\x11StartMergeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x07model_a\x18\x02 \x01(\x0b\x32\x19.kinship.v1.CheckpointRef\x12*\n\x07model_b\x18\x03 \x01(\x0b\x32\x19.kinship.v1.CheckpointRef\x12*\n\x01t\x18\x04 \x01(\x0b\x32\x1f.kinship.v1.InterpolationFactor\x12\x15\n\rmergekit_yaml\x18\x05 \x01(\t\x12\x13\n\x0boutput_path\x18\x06 \x01(\t\x12 \n\x05\x64type\x18\x07 \x01(\x0e\x32\x11.kinship.v1.Dtype\x12\x17\n\x0fmax_shard_bytes\x18\x08 \x01(\x03\x12>\n\x15shape_mismatch_policy\x18\t \x01(\x0e\x32\x1f.kinship.v1.ShapeMismatchPolicy\x12\x11\n\toverwrite\x18\n \x01(\x08\x12\'\n\x04\x62\x61se\x18\x0b \x01(\x0b\x32\x19.kinship.v1.CheckpointRef\"z\n\rMergeProgress\x12\x14\n\x0ctensors_done\x18\x01 \x01(\x03\x12\x15\n\rtensors_total\x18\x02 \x01(\x03\x12\x12\n\nbytes_done\x18\x03 \x01(\x03\x12\x13\n\x0b\x62ytes_total\x18\x04 \x01(\x03\x12\x13\n\x0b\x65ta_seconds\x18\x05 \x01(\x01\"\xd5\x03\n\x08MergeJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12(\n\x05state\x18\x03 \x01(\x0e\x32\x19.kinship.v1.MergeJobState\x12+\n\x08progress\x18\x04 \x01(\x0b\x32\x19.kinship.v1.MergeProgress\x12&\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x17.kinship.v1.ErrorStatus\x12\x13\n\x0boutput_path\x18\x06 \x01(\t\x12*\n\x07model_a\x18\x07 \x01(\x0b\x32\x19.kinship.v1.CheckpointRef\x12*\n\x07model_b\x18\x08 \x01(\x0b\x32\x19.kinship.v1.CheckpointRef\x12*\n\x01t\x18\t \x01(\x0b\x32\x1f.kinship.v1.InterpolationFactor\x12/\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"7\n\x12StartMergeResponse\x12!\n\x03job\x18\x01 \x01(\x0b\x32\x14.kinship.v1.MergeJob\"$\n\x12GetMergeJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"8\n\x13GetMergeJobResponse\x12!\n\x03job\x18\x01 \x01(\x0b\x32\x14.kinship.v1.MergeJob\"g\n\x14ListMergeJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12(\n\x05state\x18\x03 \x01(\x0e\x32\x19.kinship.v1.MergeJobState\"T\n\x15ListMergeJobsResponse\x12\"\n\x04jobs\x18\x01 \x03(\x0b\x32\x14.kinship.v1.MergeJob\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\'\n\x15\x43\x61ncelMergeJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\";\n\x16\x43\x61ncelMergeJobResponse\x12!\n\x03job\x18\x01 \x01(\x0b\x32\x14.kinship.v1.MergeJob\"&\n\x14WatchMergeJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\":\n\x15WatchMergeJobResponse\x12!\n\x03job\x18\x01 \x01(\x0b\x32\x14.kinship.v1.MergeJob*X\n\x05\x44type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03*\xc3\x01\n\rMergeJobState\x12\x1f\n\x1bMERGE_JOB_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16MERGE_JOB_STATE_QUEUED\x10\x01\x12\x1b\n\x17MERGE_JOB_STATE_RUNNING\x10\x02\x12\x1d\n\x19MERGE_JOB_STATE_SUCCEEDED\x10\x03\x12\x1a\n\x16MERGE_JOB_STATE_FAILED\x10\x04\x12\x1d\n\x19MERGE_JOB_STATE_CANCELLED\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16kinship/v1/merge.proto\x12\nkinship.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17kinship/v1/common.proto\" \n\rLayerGradient\x12\x0f\n\x07\x61nchors\x18\x01 \x03(\x01\"Y\n\x0b\x46\x61\x63torValue\x12\x12\n\x08\x63onstant\x18\x01 \x01(\x01H\x00\x12-\n\x08gradient\x18\x02 \x01(\x0b\x32\x19.kinship.v1.LayerGradientH\x00\x42\x07\n\x05value\"H\n\x0e\x46ilteredFactor\x12\x0e\n\x06\x66ilter\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.kinship.v1.FactorValue\"B\n\x13InterpolationFactor\x12+\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1a.kinship.v1.FilteredFactor\"\x9e\x01\n\nMergeModel\x12-\n\ncheckpoint\x18\x01 \x01(\x0b\x32\x19.kinship.v1.CheckpointRef\x12/\n\x06weight\x18\x02 \x01(\x0b\x32\x1f.kinship.v1.InterpolationFactor\x12\x30\n\x07\x64\x65nsity\x18\x03 \x01(\x0b\x32\x1f.kinship.v1.InterpolationFactor\"=\n\x0fSlerpParameters\x12*\n\x01t\x18\x01 \x01(\x0b\x32\x1f.kinship.v1.InterpolationFactor\"i\n\x10LinearParameters\x12/\n\x06weight\x18\x01 \x01(\x0b\x32\x1f.kinship.v1.InterpolationFactor\x12\x16\n\tnormalize\x18\x02 \x01(\x08H\x00\x88\x01\x01\x42\x0c\n\n_normalize\"\xa9\x01\n\x18TaskArithmeticParameters\x12/\n\x06weight\x18\x01 \x01(\x0b\x32\x1f.kinship.v1.InterpolationFactor\x12\x36\n\rlambda_factor\x18\x02 \x01(\x0b\x32\x1f.kinship.v1.InterpolationFactor\x12\x16\n\tnormalize\x18\x03 \x01(\x08H\x00\x88\x01\x01\x42\x0c\n\n_normalize\"\xd1\x01\n\x0eTiesParameters\x12/\n\x06weight\x18\x01 \x01(\x0b\x32\x1f.kinship.v1.InterpolationFactor\x12\x30\n\x07\x64\x65nsity\x18\x02 \x01(\x0b\x32\x1f.kinship.v1.InterpolationFactor\x12\x36\n\rlambda_factor\x18\x03 \x01(\x0b\x32\x1f.kinship.v1.InterpolationFactor\x12\x16\n\tnormalize\x18\x04 \x01(\x08H\x00\x88\x01\x01\x42\x0c\n\n_normalize\"\x81\x02\n\x0e\x44\x61reParameters\x12/\n\x06weight\x18\x01 \x01(\x0b\x32\x1f.kinship.v1.InterpolationFactor\x12\x30\n\x07\x64\x65nsity\x18\x02 \x01(\x0b\x32\x1f.kinship.v1.InterpolationFactor\x12\x36\n\rlambda_factor\x18\x03 \x01(\x0b\x32\x1f.kinship.v1.InterpolationFactor\x12\x16\n\tnormalize\x18\x04 \x01(\x08H\x00\x88\x01\x01\x12\x14\n\x07rescale\x18\x05 \x01(\x08H\x01\x88\x01\x01\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x42\x0c\n\n_normalizeB\n\n\x08_rescale\"\x16\n\x14ModelStockParameters\"\xa8\x06\n\x11StartMergeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x07model_a\x18\x02 \x01(\x0b\x32\x19.kinship.v1.CheckpointRef\x12*\n\x07model_b\x18\x03 \x01(\x0b\x32\x19.kinship.v1.CheckpointRef\x12*\n\x01t\x18\x04 \x01(\x0b\x32\x1f.kinship.v1.InterpolationFactor\x12\x15\n\rmergekit_yaml\x18\x05 \x01(\t\x12\x13\n\x0boutput_path\x18\x06 \x01(\t\x12 \n\x05\x64type\x18\x07 \x01(\x0e\x32\x11.kinship.v1.Dtype\x12\x17\n\x0fmax_shard_bytes\x18\x08 \x01(\x03\x12>\n\x15shape_mismatch_policy\x18\t \x01(\x0e\x32\x1f.kinship.v1.ShapeMismatchPolicy\x12\x11\n\toverwrite\x18\n \x01(\x08\x12\'\n\x04\x62\x61se\x18\x0b \x01(\x0b\x32\x19.kinship.v1.CheckpointRef\x12,\n\x05slerp\x18\x0c \x01(\x0b\x32\x1b.kinship.v1.SlerpParametersH\x00\x12.\n\x06linear\x18\r \x01(\x0b\x32\x1c.kinship.v1.LinearParametersH\x00\x12?\n\x0ftask_arithmetic\x18\x0e \x01(\x0b\x32$.kinship.v1.TaskArithmeticParametersH\x00\x12*\n\x04ties\x18\x0f \x01(\x0b\x32\x1a.kinship.v1.TiesParametersH\x00\x12/\n\tdare_ties\x18\x10 \x01(\x0b\x32\x1a.kinship.v1.DareParametersH\x00\x12\x31\n\x0b\x64\x61re_linear\x18\x11 \x01(\x0b\x32\x1a.kinship.v1.DareParametersH\x00\x12\x37\n\x0bmodel_stock\x18\x12 \x01(\x0b\x32 .kinship.v1.ModelStockParametersH\x00\x12&\n\x06models\x18\x13 \x03(\x0b\x32\x16.kinship.v1.MergeModelB\x08\n\x06method\"z\n\rMergeProgress\x12\x14\n\x0ctensors_done\x18\x01 \x01(\x03\x12\x15\n\rtensors_total\x18\x02 \x01(\x03\x12\x12\n\nbytes_done\x18\x03 \x01(\x03\x12\x13\n\x0b\x62ytes_total\x18\x04 \x01(\x03\x12\x13\n\x0b\x65ta_seconds\x18\x05 \x01(\x01\"\xb9\x04\n\x08MergeJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12(\n\x05state\x18\x03 \x01(\x0e\x32\x19.kinship.v1.MergeJobState\x12+\n\x08progress\x18\x04 \x01(\x0b\x32\x19.kinship.v1.MergeProgress\x12&\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x17.kinship.v1.ErrorStatus\x12\x13\n\x0boutput_path\x18\x06 \x01(\t\x12*\n\x07model_a\x18\x07 \x01(\x0b\x32\x19.kinship.v1.CheckpointRef\x12*\n\x07model_b\x18\x08 \x01(\x0b\x32\x19.kinship.v1.CheckpointRef\x12*\n\x01t\x18\t \x01(\x0b\x32\x1f.kinship.v1.InterpolationFactor\x12/\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06method\x18\r \x01(\t\x12)\n\x06models\x18\x0e \x03(\x0b\x32\x19.kinship.v1.CheckpointRef\x12\'\n\x04\x62\x61se\x18\x0f \x01(\x0b\x32\x19.kinship.v1.CheckpointRef\"7\n\x12StartMergeResponse\x12!\n\x03job\x18\x01 \x01(\x0b\x32\x14.kinship.v1.MergeJob\"$\n\x12GetMergeJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"8\n\x13GetMergeJobResponse\x12!\n\x03job\x18\x01 \x01(\x0b\x32\x14.kinship.v1.MergeJob\"g\n\x14ListMergeJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12(\n\x05state\x18\x03 \x01(\x0e\x32\x19.kinship.v1.MergeJobState\"T\n\x15ListMergeJobsResponse\x12\"\n\x04jobs\x18\x01 \x03(\x0b\x32\x14.kinship.v1.MergeJob\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\'\n\x15\x43\x61ncelMergeJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\";\n\x16\x43\x61ncelMergeJobResponse\x12!\n\x03job\x18\x01 \x01(\x0b\x32\x14.kinship.v1.MergeJob\"&\n\x14WatchMergeJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\":\n\x15WatchMergeJobResponse\x12!\n\x03job\x18\x01 \x01(\x0b\x32\x14.kinship.v1.MergeJob*X\n\x05\x44type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03*\xc3\x01\n\rMergeJobState\x12\x1f\n\x1bMERGE_JOB_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16MERGE_JOB_STATE_QUEUED\x10\x01\x12\x1b\n\x17MERGE_JOB_STATE_RUNNING\x10\x02\x12\x1d\n\x19MERGE_JOB_STATE_SUCCEEDED\x10\x03\x12\x1a\n\x16MERGE_JOB_STATE_FAILED\x10\x04\x12\x1d\n\x19MERGE_JOB_STATE_CANCELLED\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kinship.v1.merge_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=1906
-  _globals['_DTYPE']._serialized_end=1994
-  _globals['_MERGEJOBSTATE']._serialized_start=1997
-  _globals['_MERGEJOBSTATE']._serialized_end=2192
+  _globals['_DTYPE']._serialized_start=3415
+  _globals['_DTYPE']._serialized_end=3503
+  _globals['_MERGEJOBSTATE']._serialized_start=3506
+  _globals['_MERGEJOBSTATE']._serialized_end=3701
   _globals['_LAYERGRADIENT']._serialized_start=96
   _globals['_LAYERGRADIENT']._serialized_end=128
   _globals['_FACTORVALUE']._serialized_start=130
@@ -45,28 +45,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FILTEREDFACTOR']._serialized_end=293
   _globals['_INTERPOLATIONFACTOR']._serialized_start=295
   _globals['_INTERPOLATIONFACTOR']._serialized_end=361
-  _globals['_STARTMERGEREQUEST']._serialized_start=364
-  _globals['_STARTMERGEREQUEST']._serialized_end=762
-  _globals['_MERGEPROGRESS']._serialized_start=764
-  _globals['_MERGEPROGRESS']._serialized_end=886
-  _globals['_MERGEJOB']._serialized_start=889
-  _globals['_MERGEJOB']._serialized_end=1358
-  _globals['_STARTMERGERESPONSE']._serialized_start=1360
-  _globals['_STARTMERGERESPONSE']._serialized_end=1415
-  _globals['_GETMERGEJOBREQUEST']._serialized_start=1417
-  _globals['_GETMERGEJOBREQUEST']._serialized_end=1453
-  _globals['_GETMERGEJOBRESPONSE']._serialized_start=1455
-  _globals['_GETMERGEJOBRESPONSE']._serialized_end=1511
-  _globals['_LISTMERGEJOBSREQUEST']._serialized_start=1513
-  _globals['_LISTMERGEJOBSREQUEST']._serialized_end=1616
-  _globals['_LISTMERGEJOBSRESPONSE']._serialized_start=1618
-  _globals['_LISTMERGEJOBSRESPONSE']._serialized_end=1702
-  _globals['_CANCELMERGEJOBREQUEST']._serialized_start=1704
-  _globals['_CANCELMERGEJOBREQUEST']._serialized_end=1743
-  _globals['_CANCELMERGEJOBRESPONSE']._serialized_start=1745
-  _globals['_CANCELMERGEJOBRESPONSE']._serialized_end=1804
-  _globals['_WATCHMERGEJOBREQUEST']._serialized_start=1806
-  _globals['_WATCHMERGEJOBREQUEST']._serialized_end=1844
-  _globals['_WATCHMERGEJOBRESPONSE']._serialized_start=1846
-  _globals['_WATCHMERGEJOBRESPONSE']._serialized_end=1904
+  _globals['_MERGEMODEL']._serialized_start=364
+  _globals['_MERGEMODEL']._serialized_end=522
+  _globals['_SLERPPARAMETERS']._serialized_start=524
+  _globals['_SLERPPARAMETERS']._serialized_end=585
+  _globals['_LINEARPARAMETERS']._serialized_start=587
+  _globals['_LINEARPARAMETERS']._serialized_end=692
+  _globals['_TASKARITHMETICPARAMETERS']._serialized_start=695
+  _globals['_TASKARITHMETICPARAMETERS']._serialized_end=864
+  _globals['_TIESPARAMETERS']._serialized_start=867
+  _globals['_TIESPARAMETERS']._serialized_end=1076
+  _globals['_DAREPARAMETERS']._serialized_start=1079
+  _globals['_DAREPARAMETERS']._serialized_end=1336
+  _globals['_MODELSTOCKPARAMETERS']._serialized_start=1338
+  _globals['_MODELSTOCKPARAMETERS']._serialized_end=1360
+  _globals['_STARTMERGEREQUEST']._serialized_start=1363
+  _globals['_STARTMERGEREQUEST']._serialized_end=2171
+  _globals['_MERGEPROGRESS']._serialized_start=2173
+  _globals['_MERGEPROGRESS']._serialized_end=2295
+  _globals['_MERGEJOB']._serialized_start=2298
+  _globals['_MERGEJOB']._serialized_end=2867
+  _globals['_STARTMERGERESPONSE']._serialized_start=2869
+  _globals['_STARTMERGERESPONSE']._serialized_end=2924
+  _globals['_GETMERGEJOBREQUEST']._serialized_start=2926
+  _globals['_GETMERGEJOBREQUEST']._serialized_end=2962
+  _globals['_GETMERGEJOBRESPONSE']._serialized_start=2964
+  _globals['_GETMERGEJOBRESPONSE']._serialized_end=3020
+  _globals['_LISTMERGEJOBSREQUEST']._serialized_start=3022
+  _globals['_LISTMERGEJOBSREQUEST']._serialized_end=3125
+  _globals['_LISTMERGEJOBSRESPONSE']._serialized_start=3127
+  _globals['_LISTMERGEJOBSRESPONSE']._serialized_end=3211
+  _globals['_CANCELMERGEJOBREQUEST']._serialized_start=3213
+  _globals['_CANCELMERGEJOBREQUEST']._serialized_end=3252
+  _globals['_CANCELMERGEJOBRESPONSE']._serialized_start=3254
+  _globals['_CANCELMERGEJOBRESPONSE']._serialized_end=3313
+  _globals['_WATCHMERGEJOBREQUEST']._serialized_start=3315
+  _globals['_WATCHMERGEJOBREQUEST']._serialized_end=3353
+  _globals['_WATCHMERGEJOBRESPONSE']._serialized_start=3355
+  _globals['_WATCHMERGEJOBRESPONSE']._serialized_end=3413
 # @@protoc_insertion_point(module_scope)

@@ -65,8 +65,74 @@ class InterpolationFactor(_message.Message):
     entries: _containers.RepeatedCompositeFieldContainer[FilteredFactor]
     def __init__(self, entries: _Optional[_Iterable[_Union[FilteredFactor, _Mapping]]] = ...) -> None: ...
 
+class MergeModel(_message.Message):
+    __slots__ = ("checkpoint", "weight", "density")
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    DENSITY_FIELD_NUMBER: _ClassVar[int]
+    checkpoint: _common_pb2.CheckpointRef
+    weight: InterpolationFactor
+    density: InterpolationFactor
+    def __init__(self, checkpoint: _Optional[_Union[_common_pb2.CheckpointRef, _Mapping]] = ..., weight: _Optional[_Union[InterpolationFactor, _Mapping]] = ..., density: _Optional[_Union[InterpolationFactor, _Mapping]] = ...) -> None: ...
+
+class SlerpParameters(_message.Message):
+    __slots__ = ("t",)
+    T_FIELD_NUMBER: _ClassVar[int]
+    t: InterpolationFactor
+    def __init__(self, t: _Optional[_Union[InterpolationFactor, _Mapping]] = ...) -> None: ...
+
+class LinearParameters(_message.Message):
+    __slots__ = ("weight", "normalize")
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    NORMALIZE_FIELD_NUMBER: _ClassVar[int]
+    weight: InterpolationFactor
+    normalize: bool
+    def __init__(self, weight: _Optional[_Union[InterpolationFactor, _Mapping]] = ..., normalize: _Optional[bool] = ...) -> None: ...
+
+class TaskArithmeticParameters(_message.Message):
+    __slots__ = ("weight", "lambda_factor", "normalize")
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    LAMBDA_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    NORMALIZE_FIELD_NUMBER: _ClassVar[int]
+    weight: InterpolationFactor
+    lambda_factor: InterpolationFactor
+    normalize: bool
+    def __init__(self, weight: _Optional[_Union[InterpolationFactor, _Mapping]] = ..., lambda_factor: _Optional[_Union[InterpolationFactor, _Mapping]] = ..., normalize: _Optional[bool] = ...) -> None: ...
+
+class TiesParameters(_message.Message):
+    __slots__ = ("weight", "density", "lambda_factor", "normalize")
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    DENSITY_FIELD_NUMBER: _ClassVar[int]
+    LAMBDA_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    NORMALIZE_FIELD_NUMBER: _ClassVar[int]
+    weight: InterpolationFactor
+    density: InterpolationFactor
+    lambda_factor: InterpolationFactor
+    normalize: bool
+    def __init__(self, weight: _Optional[_Union[InterpolationFactor, _Mapping]] = ..., density: _Optional[_Union[InterpolationFactor, _Mapping]] = ..., lambda_factor: _Optional[_Union[InterpolationFactor, _Mapping]] = ..., normalize: _Optional[bool] = ...) -> None: ...
+
+class DareParameters(_message.Message):
+    __slots__ = ("weight", "density", "lambda_factor", "normalize", "rescale", "seed")
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    DENSITY_FIELD_NUMBER: _ClassVar[int]
+    LAMBDA_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    NORMALIZE_FIELD_NUMBER: _ClassVar[int]
+    RESCALE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    weight: InterpolationFactor
+    density: InterpolationFactor
+    lambda_factor: InterpolationFactor
+    normalize: bool
+    rescale: bool
+    seed: int
+    def __init__(self, weight: _Optional[_Union[InterpolationFactor, _Mapping]] = ..., density: _Optional[_Union[InterpolationFactor, _Mapping]] = ..., lambda_factor: _Optional[_Union[InterpolationFactor, _Mapping]] = ..., normalize: _Optional[bool] = ..., rescale: _Optional[bool] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class ModelStockParameters(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class StartMergeRequest(_message.Message):
-    __slots__ = ("request_id", "model_a", "model_b", "t", "mergekit_yaml", "output_path", "dtype", "max_shard_bytes", "shape_mismatch_policy", "overwrite", "base")
+    __slots__ = ("request_id", "model_a", "model_b", "t", "mergekit_yaml", "output_path", "dtype", "max_shard_bytes", "shape_mismatch_policy", "overwrite", "base", "slerp", "linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "model_stock", "models")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_A_FIELD_NUMBER: _ClassVar[int]
     MODEL_B_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +144,14 @@ class StartMergeRequest(_message.Message):
     SHAPE_MISMATCH_POLICY_FIELD_NUMBER: _ClassVar[int]
     OVERWRITE_FIELD_NUMBER: _ClassVar[int]
     BASE_FIELD_NUMBER: _ClassVar[int]
+    SLERP_FIELD_NUMBER: _ClassVar[int]
+    LINEAR_FIELD_NUMBER: _ClassVar[int]
+    TASK_ARITHMETIC_FIELD_NUMBER: _ClassVar[int]
+    TIES_FIELD_NUMBER: _ClassVar[int]
+    DARE_TIES_FIELD_NUMBER: _ClassVar[int]
+    DARE_LINEAR_FIELD_NUMBER: _ClassVar[int]
+    MODEL_STOCK_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model_a: _common_pb2.CheckpointRef
     model_b: _common_pb2.CheckpointRef
@@ -89,7 +163,15 @@ class StartMergeRequest(_message.Message):
     shape_mismatch_policy: _common_pb2.ShapeMismatchPolicy
     overwrite: bool
     base: _common_pb2.CheckpointRef
-    def __init__(self, request_id: _Optional[str] = ..., model_a: _Optional[_Union[_common_pb2.CheckpointRef, _Mapping]] = ..., model_b: _Optional[_Union[_common_pb2.CheckpointRef, _Mapping]] = ..., t: _Optional[_Union[InterpolationFactor, _Mapping]] = ..., mergekit_yaml: _Optional[str] = ..., output_path: _Optional[str] = ..., dtype: _Optional[_Union[Dtype, str]] = ..., max_shard_bytes: _Optional[int] = ..., shape_mismatch_policy: _Optional[_Union[_common_pb2.ShapeMismatchPolicy, str]] = ..., overwrite: _Optional[bool] = ..., base: _Optional[_Union[_common_pb2.CheckpointRef, _Mapping]] = ...) -> None: ...
+    slerp: SlerpParameters
+    linear: LinearParameters
+    task_arithmetic: TaskArithmeticParameters
+    ties: TiesParameters
+    dare_ties: DareParameters
+    dare_linear: DareParameters
+    model_stock: ModelStockParameters
+    models: _containers.RepeatedCompositeFieldContainer[MergeModel]
+    def __init__(self, request_id: _Optional[str] = ..., model_a: _Optional[_Union[_common_pb2.CheckpointRef, _Mapping]] = ..., model_b: _Optional[_Union[_common_pb2.CheckpointRef, _Mapping]] = ..., t: _Optional[_Union[InterpolationFactor, _Mapping]] = ..., mergekit_yaml: _Optional[str] = ..., output_path: _Optional[str] = ..., dtype: _Optional[_Union[Dtype, str]] = ..., max_shard_bytes: _Optional[int] = ..., shape_mismatch_policy: _Optional[_Union[_common_pb2.ShapeMismatchPolicy, str]] = ..., overwrite: _Optional[bool] = ..., base: _Optional[_Union[_common_pb2.CheckpointRef, _Mapping]] = ..., slerp: _Optional[_Union[SlerpParameters, _Mapping]] = ..., linear: _Optional[_Union[LinearParameters, _Mapping]] = ..., task_arithmetic: _Optional[_Union[TaskArithmeticParameters, _Mapping]] = ..., ties: _Optional[_Union[TiesParameters, _Mapping]] = ..., dare_ties: _Optional[_Union[DareParameters, _Mapping]] = ..., dare_linear: _Optional[_Union[DareParameters, _Mapping]] = ..., model_stock: _Optional[_Union[ModelStockParameters, _Mapping]] = ..., models: _Optional[_Iterable[_Union[MergeModel, _Mapping]]] = ...) -> None: ...
 
 class MergeProgress(_message.Message):
     __slots__ = ("tensors_done", "tensors_total", "bytes_done", "bytes_total", "eta_seconds")
@@ -106,7 +188,7 @@ class MergeProgress(_message.Message):
     def __init__(self, tensors_done: _Optional[int] = ..., tensors_total: _Optional[int] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., eta_seconds: _Optional[float] = ...) -> None: ...
 
 class MergeJob(_message.Message):
-    __slots__ = ("job_id", "request_id", "state", "progress", "error", "output_path", "model_a", "model_b", "t", "create_time", "start_time", "end_time")
+    __slots__ = ("job_id", "request_id", "state", "progress", "error", "output_path", "model_a", "model_b", "t", "create_time", "start_time", "end_time", "method", "models", "base")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -119,6 +201,9 @@ class MergeJob(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     START_TIME_FIELD_NUMBER: _ClassVar[int]
     END_TIME_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    BASE_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     request_id: str
     state: MergeJobState
@@ -131,7 +216,10 @@ class MergeJob(_message.Message):
     create_time: _timestamp_pb2.Timestamp
     start_time: _timestamp_pb2.Timestamp
     end_time: _timestamp_pb2.Timestamp
-    def __init__(self, job_id: _Optional[str] = ..., request_id: _Optional[str] = ..., state: _Optional[_Union[MergeJobState, str]] = ..., progress: _Optional[_Union[MergeProgress, _Mapping]] = ..., error: _Optional[_Union[_common_pb2.ErrorStatus, _Mapping]] = ..., output_path: _Optional[str] = ..., model_a: _Optional[_Union[_common_pb2.CheckpointRef, _Mapping]] = ..., model_b: _Optional[_Union[_common_pb2.CheckpointRef, _Mapping]] = ..., t: _Optional[_Union[InterpolationFactor, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    method: str
+    models: _containers.RepeatedCompositeFieldContainer[_common_pb2.CheckpointRef]
+    base: _common_pb2.CheckpointRef
+    def __init__(self, job_id: _Optional[str] = ..., request_id: _Optional[str] = ..., state: _Optional[_Union[MergeJobState, str]] = ..., progress: _Optional[_Union[MergeProgress, _Mapping]] = ..., error: _Optional[_Union[_common_pb2.ErrorStatus, _Mapping]] = ..., output_path: _Optional[str] = ..., model_a: _Optional[_Union[_common_pb2.CheckpointRef, _Mapping]] = ..., model_b: _Optional[_Union[_common_pb2.CheckpointRef, _Mapping]] = ..., t: _Optional[_Union[InterpolationFactor, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., method: _Optional[str] = ..., models: _Optional[_Iterable[_Union[_common_pb2.CheckpointRef, _Mapping]]] = ..., base: _Optional[_Union[_common_pb2.CheckpointRef, _Mapping]] = ...) -> None: ...
 
 class StartMergeResponse(_message.Message):
     __slots__ = ("job",)
