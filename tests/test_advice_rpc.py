@@ -289,3 +289,16 @@ def decided_request(members, base, known) -> bytes:
         mode=common_pb2.KINSHIP_MODE_EXACT,
         known_kinship=_known_protos(known),
     ).SerializeToString()
+
+
+def test_a_wider_exploration_pool_needs_only_the_best_models_kinship_to_it(client):
+    members, known = known_history()
+    # top-3: m1, f1, f2 (known). Pool of 5 adds m2 and f3: only (m1, m2) and (m1, f3) are needed.
+    pool_known = {**known, ("m1", "m2"): 0.3, ("m1", "f3"): 0.2}
+    result = client.rank_candidates(members, top_k=3, known_kinship=pool_known, exploration="outside_lineage", exploration_pool=5)
+    assert result.mode == "unspecified"  # nothing computed, no checkpoint needed
+    # m1's lineage: f1, f2 (ancestors); outside in the pool: m2 (0.3) and f3 (0.2): f3.
+    assert result.exploration is not None and (result.exploration.second, result.exploration.kinship) == ("f3", 0.2)
+    with pytest.raises(KinshipRpcError) as info:  # without (m1, f3) the server would have to compute it
+        client.rank_candidates(members, top_k=3, known_kinship={**known, ("m1", "m2"): 0.3}, exploration_pool=5)
+    assert (info.value.code, info.value.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "CHECKPOINT_REQUIRED")

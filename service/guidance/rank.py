@@ -147,9 +147,9 @@ def rank_candidates(
 ) -> Ranking:
     """Which pairs to merge next: greedy pairs among the top-k and one exploration merge.
 
-    `kinship` must answer for every pair of top-k members and of the exploration pool
-    (`top_k_pairs(select_top_k(members, max(top_k, pool)))`). `history_kinship` (known
-    values, e.g. of earlier merges' parents) feeds the gain model beside those.
+    `kinship` must answer for every pair of top-k members and for the best model with each
+    member of the exploration pool. `history_kinship` (known values, e.g. of earlier
+    merges' parents) feeds the gain model beside those.
     """
     validate_population(members, top_k)
     options = options or RankOptions()

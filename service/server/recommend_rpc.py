@@ -272,31 +272,49 @@ def stop_response(decision: StopDecision, mode_used: ModeUsed) -> recommend_pb2.
 class PopulationQuery:
     """The kinship a validated RankCandidates / ShouldStop request needs: every pair of its top-k members.
 
-    With an exploration pool larger than the top-k (RankCandidates' `exploration_pool`), the
-    pool's members too: one computation over them all.
+    With an exploration pool larger than the top-k (RankCandidates' `exploration_pool`), also
+    the pairs of the best model with the pool's other members (`pairs`).
     """
 
     base: CheckpointSpec | None
     members: tuple[MemberCheckpoint, ...]
-    """The top-k members (or the exploration pool when larger), best first."""
+    """The top-k members, best first, then the pool's members beyond the top-k."""
     metric: str
     mode: KinshipMode
     known: dict[Pair, float]
+    pairs: tuple[Pair, ...] | None = None
+    """The pairs needed; None means every pair of `members`."""
+
+    def needed_pairs(self) -> list[Pair]:
+        """The pairs whose kinship the answer needs."""
+        if self.pairs is not None:
+            return list(self.pairs)
+        return [population.pair_key(a.name, b.name) for a, b in itertools.combinations(self.members, 2)]
 
     @property
     def all_known(self) -> bool:
         """Whether the caller gave every needed value (nothing to compute)."""
-        return all(population.pair_key(a.name, b.name) in self.known for a, b in itertools.combinations(self.members, 2))
+        return all(pair in self.known for pair in self.needed_pairs())
 
     def key(self) -> tuple[object, ...]:
         """Equal for identical computations (admission coalesces them)."""
-        return ("population", self.base, self.members, self.metric, self.mode, tuple(sorted(self.known.items())))
+        return ("population", self.base, self.members, self.metric, self.mode, tuple(sorted(self.known.items())), self.pairs)
 
 
-def _population_query(request: recommend_pb2.RankCandidatesRequest | recommend_pb2.ShouldStopRequest, top: Sequence[str], metric: str, known: dict[Pair, float]) -> PopulationQuery:
+def _population_query(
+    request: recommend_pb2.RankCandidatesRequest | recommend_pb2.ShouldStopRequest,
+    top: Sequence[str],
+    metric: str,
+    known: dict[Pair, float],
+    extra: Sequence[str] = (),
+) -> PopulationQuery:
+    """The kinship query of every pair of `top`, plus the best model with each of `extra`."""
     base = spec_from_ref(request.base, "base") if request.HasField("base") else None
-    members = member_checkpoints(request.members, top, spec_from_ref)
-    return PopulationQuery(base, tuple(members), metric, mode_of(request.mode), known)
+    members = member_checkpoints(request.members, [*top, *extra], spec_from_ref)
+    pairs = None
+    if extra:
+        pairs = tuple(population.top_k_pairs(top)) + tuple(population.pair_key(top[0], name) for name in extra)
+    return PopulationQuery(base, tuple(members), metric, mode_of(request.mode), known, pairs)
 
 
 @dataclass(frozen=True)
@@ -333,9 +351,10 @@ def rank_query(request: recommend_pb2.RankCandidatesRequest) -> RankQuery:
     merged = population.validate_pairs(pairs_of(request.merged_pairs), names, field="merged_pairs")
     known = population.validate_known(known_of(request.known_kinship), names, metric)
     options.validate(members, request.top_k)
-    needed = max(request.top_k, options.pool_size(request.top_k)) if options.exploration != "none" else request.top_k
-    top = population.select_top_k(members, needed)
-    return RankQuery(_population_query(request, top, metric, known), members, request.top_k, merged, options)
+    top = population.select_top_k(members, request.top_k)
+    pool = options.pool_size(request.top_k) if options.exploration != "none" else request.top_k
+    extra = population.select_top_k(members, pool)[request.top_k :]
+    return RankQuery(_population_query(request, top, metric, known, extra), members, request.top_k, merged, options)
 
 
 @dataclass(frozen=True)
