@@ -302,3 +302,35 @@ def test_a_wider_exploration_pool_needs_only_the_best_models_kinship_to_it(clien
     with pytest.raises(KinshipRpcError) as info:  # without (m1, f3) the server would have to compute it
         client.rank_candidates(members, top_k=3, known_kinship={**known, ("m1", "m2"): 0.3}, exploration_pool=5)
     assert (info.value.code, info.value.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "CHECKPOINT_REQUIRED")
+
+
+def test_cli_advice_flags_and_task_scores_in_population_files(server, capsys, tmp_path):
+    import json
+
+    from kinship_client import cli, load_population
+
+    members, known = known_history()
+    doc = {
+        "top_k": 3,
+        "members": [
+            {"name": m.name, "score": m.score, "generation": m.generation, "parents": list(m.parents), "task_scores": [m.score, 1.0]}
+            for m in members
+        ],
+        "known_kinship": [[a, b, v] for (a, b), v in known.items()],
+    }
+    path = tmp_path / "population.json"
+    path.write_text(json.dumps(doc))
+    assert load_population(path).members[0].task_scores == (6.0, 1.0)
+    flags = ["--estimate-gain", "--slerp-factor", "even", "--max-greedy", "1", "--greedy-order", "task_ceiling", "--exploration", "none"]
+    assert cli.main(["--target", server.address, "rank", str(path), "--json", *flags]) == 0
+    ranked = json.loads(capsys.readouterr().out)
+    assert len(ranked["recommendations"]) == 1 and ranked["recommendations"][0]["suggested_t"] == 0.5
+    assert ranked["gain_model"]["history"] == 3 and "task_ceiling" in ranked["recommendations"][0]
+    assert cli.main(["--target", server.address, "should-stop", str(path), "--min-expected-gain", "0", "--exit-code", "--json"]) == 3
+    decided = json.loads(capsys.readouterr().out)
+    assert decided["reasons"] == ["no_expected_gain"] and decided["gain_model"]["history"] == 3
+    bad = tmp_path / "bad.json"
+    doc["members"][1]["task_scores"] = [1.0]  # type: ignore[index]
+    bad.write_text(json.dumps(doc))
+    assert cli.main(["--target", server.address, "rank", str(bad)]) == 1
+    assert "TASK_SCORES_MISMATCH" in capsys.readouterr().err
