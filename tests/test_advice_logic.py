@@ -209,6 +209,8 @@ def test_lineage_is_ancestors_and_descendants() -> None:
     assert advice.lineage("f4", members) == {"m34"}
     cyclic = [Member("x", 1.0, parents=("y",)), Member("y", 2.0, parents=("x",))]
     assert advice.lineage("x", cyclic) == {"y"}
+    chain = [Member("c0", 0.0)] + [Member(f"c{i}", float(i), parents=(f"c{i - 1}",)) for i in range(1, 5000)]
+    assert advice.lineage("c2500", chain) == {f"c{i}" for i in range(5000)} - {"c2500"}
 
 
 def test_exploration_outside_the_best_models_line_of_descent() -> None:

@@ -20,7 +20,7 @@ from typing import Literal
 
 from kinship_service.errors import InvalidArgument
 from kinship_service.guidance.gain_model import resolve_prior_strength
-from kinship_service.guidance.population import Member
+from kinship_service.guidance.population import MAX_TOP_K, Member
 
 GreedyOrder = Literal["mean_score", "expected_score", "task_ceiling"]
 ExplorationRule = Literal["latest_generation", "outside_lineage", "complementary", "none"]
@@ -73,9 +73,10 @@ class RankOptions:
         if fraction is not None and not (math.isfinite(fraction) and 0.0 < fraction <= 1.0):
             raise InvalidArgument(f"greedy_fraction must be in (0, 1] (leave it unset to keep all), got {fraction}", field="greedy_fraction")
         pool = self.exploration_pool
-        if pool != 0 and not 2 <= pool <= len(members):
+        if pool != 0 and not 2 <= pool <= min(len(members), MAX_TOP_K):
             raise InvalidArgument(
-                f"exploration_pool must be 0 (= top_k) or between 2 and the population size ({len(members)}), got {pool}",
+                f"exploration_pool must be 0 (= top_k) or between 2 and the population size ({len(members)}), "
+                f"at most {MAX_TOP_K}; got {pool}",
                 field="exploration_pool",
             )
         has_tasks = bool(members) and bool(members[0].task_scores)
@@ -109,7 +110,10 @@ def kept_count(count: int, max_greedy: int, fraction: float | None) -> int:
 
 
 def ancestors(name: str, parents: Mapping[str, Sequence[str]]) -> set[str]:
-    """Every ancestor of `name`: its parents, their parents, and so on (cycles tolerated)."""
+    """Every ancestor of `name`: its parents, their parents, and so on (cycles tolerated).
+
+    Given the children map instead, the same walk gives the descendants.
+    """
     seen: set[str] = set()
     todo = list(parents.get(name, ()))
     while todo:
@@ -123,10 +127,13 @@ def ancestors(name: str, parents: Mapping[str, Sequence[str]]) -> set[str]:
 
 
 def lineage(name: str, members: Sequence[Member]) -> set[str]:
-    """The line of descent of `name`: its ancestors and its descendants (itself excluded)."""
-    parents = {m.name: m.parents for m in members}
-    descendants = {m.name for m in members if name in ancestors(m.name, parents)}
-    return (ancestors(name, parents) | descendants) - {name}
+    """The line of descent of `name`: its ancestors and its descendants (itself excluded); linear in the population."""
+    parents: dict[str, Sequence[str]] = {m.name: m.parents for m in members}
+    children: dict[str, list[str]] = {}
+    for member in members:
+        for parent in member.parents:
+            children.setdefault(parent, []).append(member.name)
+    return (ancestors(name, parents) | ancestors(name, children)) - {name}
 
 
 def complementarity(first: Sequence[float], second: Sequence[float]) -> float:
