@@ -138,6 +138,10 @@ def test_generation_one_keeps_only_the_most_promising_pairs() -> None:
     assert len(both.recommendations) == 3
     plain = rank.rank_candidates(foundations(), 4, lookup, options=RankOptions(exploration="none", max_greedy=1))
     assert pairs(plain) == [("a", "b", "greedy")]
+    # kinship_weight 10: mean score - 10 x kinship: (a,b) 3.5, (a,c) 4.0, (a,d) 7.5, (b,c) 4.5, (b,d) 5.0, (c,d) 5.5.
+    weighted = rank.rank_candidates(foundations(), 4, lookup, options=RankOptions(exploration="none", kinship_weight=10.0))
+    assert [(r.first, r.second) for r in weighted.recommendations] == [("a", "d"), ("c", "d"), ("b", "d"), ("b", "c"), ("a", "c"), ("a", "b")]
+    assert "mean score - 10 x kinship = 7.5 rank 1 of 6 candidate pairs" in weighted.recommendations[0].reason
     assert advice.kept_count(5, 0, None) == 5 and advice.kept_count(5, 0, 0.2) == 1 and advice.kept_count(5, 9, 1.0) == 5
 
 
@@ -342,6 +346,7 @@ def test_bad_task_scores_and_options_name_the_field() -> None:
         ("pool 1", ms, {"exploration_pool": 1}, "exploration_pool", "INVALID_ARGUMENT"),
         ("pool too large", ms, {"exploration_pool": 5}, "exploration_pool", "INVALID_ARGUMENT"),
         ("prior negative", ms, {"gain_prior_strength": -1.0}, "gain_prior_strength", "INVALID_ARGUMENT"),
+        ("kinship weight NaN", ms, {"kinship_weight": math.nan}, "kinship_weight", "INVALID_ARGUMENT"),
         ("prior infinite", ms, {"gain_prior_strength": math.inf}, "gain_prior_strength", "INVALID_ARGUMENT"),
         ("ceiling without tasks", ms, {"greedy_order": "task_ceiling"}, "greedy_order", "TASK_SCORES_REQUIRED"),
         ("complementary without tasks", ms, {"exploration": "complementary"}, "exploration", "TASK_SCORES_REQUIRED"),

@@ -177,6 +177,7 @@ def test_bad_advice_inputs_are_invalid_argument_naming_the_field(client):
         ({"exploration_pool": 1}, "exploration_pool", "INVALID_ARGUMENT"),
         ({"exploration_pool": 8}, "exploration_pool", "INVALID_ARGUMENT"),
         ({"gain_prior_strength": -1.0}, "gain_prior_strength", "INVALID_ARGUMENT"),
+        ({"kinship_weight": math.inf}, "kinship_weight", "INVALID_ARGUMENT"),
         ({"gain_prior_strength": math.inf}, "gain_prior_strength", "INVALID_ARGUMENT"),
         ({"greedy_order": "task_ceiling"}, "greedy_order", "TASK_SCORES_REQUIRED"),
         ({"exploration": "complementary"}, "exploration", "TASK_SCORES_REQUIRED"),
@@ -321,7 +322,8 @@ def test_cli_advice_flags_and_task_scores_in_population_files(server, capsys, tm
     path = tmp_path / "population.json"
     path.write_text(json.dumps(doc))
     assert load_population(path).members[0].task_scores == (6.0, 1.0)
-    flags = ["--estimate-gain", "--slerp-factor", "even", "--max-greedy", "1", "--greedy-order", "task_ceiling", "--exploration", "none"]
+    flags = ["--estimate-gain", "--slerp-factor", "even", "--max-greedy", "1", "--greedy-order", "task_ceiling", "--exploration", "none",
+             "--kinship-weight", "0.5"]  # fmt: skip
     assert cli.main(["--target", server.address, "rank", str(path), "--json", *flags]) == 0
     ranked = json.loads(capsys.readouterr().out)
     assert len(ranked["recommendations"]) == 1 and ranked["recommendations"][0]["suggested_t"] == 0.5

@@ -290,6 +290,7 @@ def cmd_rank(client: KinshipClient, args: argparse.Namespace) -> int:
         estimate_gain=args.estimate_gain,
         gain_prior_strength=args.gain_prior_strength,
         slerp_factor=args.slerp_factor,
+        kinship_weight=args.kinship_weight,
         timeout=args.timeout,
     )
     if args.json:
@@ -386,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--exploration-pool", type=int, default=0, help="exploration partner among the best N (0: top-k)")
             p.add_argument("--estimate-gain", action="store_true", help="expected gain per pair from the population's history")
             p.add_argument("--slerp-factor", choices=SLERP_FACTORS, default="none", help="suggest a SLERP t per pair")
+            p.add_argument("--kinship-weight", type=float, default=0.0, help="order value minus W x kinship (default 0)")
         if name == "should-stop":
             p.add_argument("--min-expected-gain", type=float, default=None, help="NO_EXPECTED_GAIN below this (default: off)")
             p.add_argument("--min-gain-history", type=int, default=0, help="merges NO_EXPECTED_GAIN needs (0: 3)")

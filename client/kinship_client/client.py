@@ -366,6 +366,7 @@ class KinshipClient:
         estimate_gain: bool = False,
         gain_prior_strength: float | None = None,
         slerp_factor: SlerpFactor = "none",
+        kinship_weight: float = 0.0,
         timeout: float | None = None,
     ) -> RankResult:
         """Which pairs of the population to merge next (greedy pairs among the top-k, then one exploration merge).
@@ -379,7 +380,8 @@ class KinshipClient:
         `exploration_pool` members (0: top_k); `estimate_gain` fills each recommendation's
         expected gain from a model fitted on the population's history (`gain_prior_strength`
         pseudo-observations, default 2); `slerp_factor` (none, even, score_weighted)
-        fills `suggested_t`.
+        fills `suggested_t`; `kinship_weight` (score points per unit of kinship) subtracts
+        weight x kinship from the greedy order's value, favouring less related pairs.
 
         Raises:
             ValueError: a bad `metric`, `mode`, `greedy_order`, `exploration` or `slerp_factor`
@@ -401,6 +403,7 @@ class KinshipClient:
             exploration_pool=exploration_pool,
             estimate_gain=estimate_gain,
             slerp_factor=slerp_factor_value(slerp_factor),
+            kinship_weight=kinship_weight,
         )
         if base is not None:
             request.base.CopyFrom(checkpoint_ref(base, "base"))

@@ -48,6 +48,8 @@ class RankOptions:
     estimate_gain: bool = False
     gain_prior_strength: float | None = None
     slerp_factor: SlerpFactor = "none"
+    kinship_weight: float = 0.0
+    """Subtracted, times the pair's relatedness, from the greedy order's value: > 0 favours less related pairs."""
 
     @property
     def wants_gain(self) -> bool:
@@ -72,6 +74,8 @@ class RankOptions:
         fraction = self.greedy_fraction
         if fraction is not None and not (math.isfinite(fraction) and 0.0 < fraction <= 1.0):
             raise InvalidArgument(f"greedy_fraction must be in (0, 1] (leave it unset to keep all), got {fraction}", field="greedy_fraction")
+        if not math.isfinite(self.kinship_weight):
+            raise InvalidArgument(f"kinship_weight must be finite, got {self.kinship_weight}", field="kinship_weight")
         pool = self.exploration_pool
         if pool != 0 and not 2 <= pool <= min(len(members), MAX_TOP_K):
             raise InvalidArgument(

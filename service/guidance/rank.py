@@ -179,9 +179,14 @@ def rank_candidates(
             continue
         value = matrix.value(a, b)
         candidates.append((a, b, value, context.details(a, b)))
-    candidates.sort(key=lambda c: (-_order_value(context, c[0], c[1], c[3]), relatedness(c[2], metric), c[0], c[1]))
+    weight = options.kinship_weight
+
+    def order_value(a: str, b: str, value: float, details: _Details) -> float:
+        return _order_value(context, a, b, details) - weight * relatedness(value, metric)
+
+    candidates.sort(key=lambda c: (-order_value(*c), relatedness(c[2], metric), c[0], c[1]))
     kept = advice.kept_count(len(candidates), options.max_greedy, options.greedy_fraction)
-    default_order = options.greedy_order == "mean_score" and kept == len(candidates)
+    default_order = options.greedy_order == "mean_score" and kept == len(candidates) and weight == 0.0
     greedy = []
     for i, (a, b, value, details) in enumerate(candidates[:kept]):
         reason = (
@@ -189,7 +194,10 @@ def rank_candidates(
             f"mean score {context.mean_score(a, b):.6g}, {metric} kinship {value:.4f}"
         )
         if not default_order:
-            reason += f"; {options.greedy_order.replace('_', ' ')} rank {i + 1} of {len(candidates)} candidate pairs"
+            order = options.greedy_order.replace("_", " ")
+            if weight != 0.0:
+                order += f" - {weight:g} x kinship = {order_value(a, b, value, details):.6g}"
+            reason += f"; {order} rank {i + 1} of {len(candidates)} candidate pairs"
             if kept < len(candidates):
                 reason += f" (keeping the best {kept})"
         greedy.append(_recommendation(a, b, GREEDY, value, context, reason + details.text, details))

@@ -124,6 +124,7 @@ def rank_options_of(request: recommend_pb2.RankCandidatesRequest) -> RankOptions
         estimate_gain=request.estimate_gain,
         gain_prior_strength=request.gain_prior_strength if request.HasField("gain_prior_strength") else None,
         slerp_factor=slerp_factor,
+        kinship_weight=request.kinship_weight,
     )
 
 

@@ -171,7 +171,7 @@ class Recommendation(_message.Message):
     def __init__(self, pair: _Optional[_Union[MemberPair, _Mapping]] = ..., kind: _Optional[_Union[RecommendationKind, str]] = ..., kinship: _Optional[float] = ..., mean_score: _Optional[float] = ..., reason: _Optional[str] = ..., expected_gain: _Optional[float] = ..., expected_score: _Optional[float] = ..., complementarity: _Optional[float] = ..., task_ceiling: _Optional[float] = ..., suggested_t: _Optional[float] = ...) -> None: ...
 
 class RankCandidatesRequest(_message.Message):
-    __slots__ = ("base", "members", "merged_pairs", "top_k", "metric", "mode", "known_kinship", "greedy_order", "max_greedy", "greedy_fraction", "exploration", "exploration_pool", "estimate_gain", "gain_prior_strength", "slerp_factor")
+    __slots__ = ("base", "members", "merged_pairs", "top_k", "metric", "mode", "known_kinship", "greedy_order", "max_greedy", "greedy_fraction", "exploration", "exploration_pool", "estimate_gain", "gain_prior_strength", "slerp_factor", "kinship_weight")
     BASE_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
     MERGED_PAIRS_FIELD_NUMBER: _ClassVar[int]
@@ -187,6 +187,7 @@ class RankCandidatesRequest(_message.Message):
     ESTIMATE_GAIN_FIELD_NUMBER: _ClassVar[int]
     GAIN_PRIOR_STRENGTH_FIELD_NUMBER: _ClassVar[int]
     SLERP_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    KINSHIP_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     base: _common_pb2.CheckpointRef
     members: _containers.RepeatedCompositeFieldContainer[PopulationMember]
     merged_pairs: _containers.RepeatedCompositeFieldContainer[MemberPair]
@@ -202,7 +203,8 @@ class RankCandidatesRequest(_message.Message):
     estimate_gain: bool
     gain_prior_strength: float
     slerp_factor: SlerpFactor
-    def __init__(self, base: _Optional[_Union[_common_pb2.CheckpointRef, _Mapping]] = ..., members: _Optional[_Iterable[_Union[PopulationMember, _Mapping]]] = ..., merged_pairs: _Optional[_Iterable[_Union[MemberPair, _Mapping]]] = ..., top_k: _Optional[int] = ..., metric: _Optional[_Union[_common_pb2.Metric, str]] = ..., mode: _Optional[_Union[_common_pb2.KinshipMode, str]] = ..., known_kinship: _Optional[_Iterable[_Union[KnownKinship, _Mapping]]] = ..., greedy_order: _Optional[_Union[GreedyOrder, str]] = ..., max_greedy: _Optional[int] = ..., greedy_fraction: _Optional[float] = ..., exploration: _Optional[_Union[ExplorationRule, str]] = ..., exploration_pool: _Optional[int] = ..., estimate_gain: _Optional[bool] = ..., gain_prior_strength: _Optional[float] = ..., slerp_factor: _Optional[_Union[SlerpFactor, str]] = ...) -> None: ...
+    kinship_weight: float
+    def __init__(self, base: _Optional[_Union[_common_pb2.CheckpointRef, _Mapping]] = ..., members: _Optional[_Iterable[_Union[PopulationMember, _Mapping]]] = ..., merged_pairs: _Optional[_Iterable[_Union[MemberPair, _Mapping]]] = ..., top_k: _Optional[int] = ..., metric: _Optional[_Union[_common_pb2.Metric, str]] = ..., mode: _Optional[_Union[_common_pb2.KinshipMode, str]] = ..., known_kinship: _Optional[_Iterable[_Union[KnownKinship, _Mapping]]] = ..., greedy_order: _Optional[_Union[GreedyOrder, str]] = ..., max_greedy: _Optional[int] = ..., greedy_fraction: _Optional[float] = ..., exploration: _Optional[_Union[ExplorationRule, str]] = ..., exploration_pool: _Optional[int] = ..., estimate_gain: _Optional[bool] = ..., gain_prior_strength: _Optional[float] = ..., slerp_factor: _Optional[_Union[SlerpFactor, str]] = ..., kinship_weight: _Optional[float] = ...) -> None: ...
 
 class RankCandidatesResponse(_message.Message):
     __slots__ = ("recommendations", "top_k", "matrix", "gains", "mode_used", "gain_model")
