@@ -45,6 +45,7 @@ from kinship_service.errors import (
     Unavailable,
     status_code_number,
 )
+from kinship_service.jobs.executor import MergeExecutor, PlannedMerge, default_executor
 from kinship_service.jobs.records import (
     ACTIVE,
     CANCELLED,
@@ -62,7 +63,7 @@ from kinship_service.jobs.store import JobStore
 from kinship_service.merge.model_card import ModelCard
 from kinship_service.merge.output import remove_tree, resolve_output_dir, temp_dir_for
 from kinship_service.merge.plan import MergeSettings
-from kinship_service.merge.runner import MergeRunner, Progress
+from kinship_service.merge.runner import Progress
 
 log = logging.getLogger("kinship.jobs")
 
@@ -116,8 +117,10 @@ def _owner_alive(owner: str, me: str) -> bool:
 class MergeJobManager:
     """Runs SLERP merge jobs; see the module docstring."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, executor: MergeExecutor | None = None) -> None:
         self.settings = settings
+        self.executor = executor if executor is not None else default_executor(settings)
+        """Where merges run (`jobs.executor`): here, or on the Ray cluster (KINSHIP_RAY_ADDRESS)."""
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.output_registrar: Callable[[CheckpointSpec, CheckpointSpec], None] | None = None
         """Set by the server wiring: `registrar(output, base)` caches a finished output's fingerprint and delta."""
@@ -486,7 +489,15 @@ class MergeJobManager:
             checkpoint_a = resolve(request.model_a, roots, "model_a")
             checkpoint_b = resolve(request.model_b, roots, "model_b")
             check_cancelled()
-            runner = MergeRunner(
+            card = ModelCard(
+                describe(request.model_a),
+                describe(request.model_b),
+                checkpoint_a.revision,
+                checkpoint_b.revision,
+                request.t,
+                job_id=live.record.job_id,
+            )
+            merge = PlannedMerge(
                 checkpoint_a,
                 checkpoint_b,
                 MergeSettings(
@@ -498,20 +509,14 @@ class MergeJobManager:
                     num_layers=request.num_layers,
                 ),
                 chunk_elements=min(1 << 18, max(1 << 12, self.settings.chunk_bytes // 64)),
-                allowed_roots=roots,
-                progress=progress,
-                check_cancelled=check_cancelled,
+                allowed_roots=tuple(roots),
                 use_cpu_kernel=self.settings.cpu_kernel,
+                tmp_dir=Path(live.record.tmp_dir),
+                final_dir=Path(live.record.output_dir),
+                overwrite=request.overwrite,
+                card=card,
             )
-            card = ModelCard(
-                describe(request.model_a),
-                describe(request.model_b),
-                checkpoint_a.revision,
-                checkpoint_b.revision,
-                request.t,
-                job_id=live.record.job_id,
-            )
-            summary = runner.run(Path(live.record.tmp_dir), Path(live.record.output_dir), overwrite=request.overwrite, card=card)
+            summary = self.executor.run(merge, progress, check_cancelled)
             self._update(live, True, bytes_done=summary.bytes_written, tensors_done=summary.tensors)
             if request.base is not None and self.output_registrar is not None:
                 self._register_output(live, request.base)
