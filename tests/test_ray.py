@@ -194,3 +194,34 @@ def test_kinship_server_exits_when_the_ray_address_refuses(tmp_path: Path) -> No
         done = subprocess.run([sys.executable, "-m", "kinship_service"], env=env, capture_output=True, timeout=120)
     assert done.returncode == 1
     assert b"KINSHIP_RAY_ADDRESS" in done.stderr and b"nothing answers there" in done.stderr
+
+
+class _Blocker:
+    """Holds a CPU of the cluster while it lives."""
+
+    def ready(self) -> bool:
+        return True
+
+
+def test_merge_on_ray_cancelled_while_waiting_for_a_worker(
+    ray_cluster_address: str, server_factory: Callable[..., RunningServer], model_root: Path
+) -> None:
+    base = make_base(SMALL, seed=0)
+    a, b = make_family(base, 2, rho=0.3, seed=5)
+    pa, pb = save_checkpoint(a, model_root / "a"), save_checkpoint(b, model_root / "b")
+    blockers = [ray.remote(num_cpus=1)(_Blocker).remote() for _ in range(2)]  # every CPU of both nodes
+    try:
+        ray.get([blocker.ready.remote() for blocker in blockers], timeout=120)
+        running = server_factory(ray_address=ray_cluster_address)
+        with KinshipClient(running.address, timeout=120) as client:
+            job = client.start_merge(str(pa), str(pb), t=0.5, output_path="cancelled")
+            for info in client.watch_merge_job(job.job_id, timeout=120):
+                if info.state == "running":  # its worker cannot be placed while the blockers hold the CPUs
+                    break
+                assert info.state == "queued", info
+            final = client.cancel_merge_job(job.job_id)
+    finally:
+        for blocker in blockers:
+            ray.kill(blocker)
+    assert final.state == "cancelled", final
+    assert not (running.settings.output_root / "cancelled").exists()

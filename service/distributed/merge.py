@@ -91,8 +91,8 @@ class RayMergeExecutor:
         except Exception as exc:  # the cluster went away since start-up
             raise cluster.ray_failure(exc, "the merge") from None
         try:
-            started = ray.get(actor.ready.remote(), timeout=timeout)  # placed: a node with the resources exists
-            assert started
+            # Placed: a node had the resources. Cancellable meanwhile; RAY_TIMEOUT when no node frees them in time.
+            cluster.wait_all([actor.ready.remote()], what="the merge's Ray worker", timeout=timeout, check_cancelled=check_cancelled)
             done = actor.run.remote(merge)
             outcome = self._wait(actor, done, progress, check_cancelled, timeout)
         except Cancelled:
@@ -120,6 +120,9 @@ class RayMergeExecutor:
                 outcome: dict[str, Any] = ray.get(done, timeout=CALL_SECONDS)
                 if cancelled_at is not None and "summary" not in outcome:
                     raise Cancelled("the merge job was cancelled")
+                final = ray.get(actor.progress.remote(), timeout=CALL_SECONDS)
+                if final is not None and final != last:  # a merge quicker than one poll still reports its totals
+                    progress(final)
                 return outcome
             if cancelled_at is None:
                 try:
