@@ -225,3 +225,14 @@ def test_merge_on_ray_cancelled_while_waiting_for_a_worker(
             ray.kill(blocker)
     assert final.state == "cancelled", final
     assert not (running.settings.output_root / "cancelled").exists()
+
+
+def test_ray_is_not_imported_without_the_variable() -> None:
+    code = (
+        "import sys; import kinship_service.server.main, kinship_service.server.front, kinship_service.jobs.manager, "
+        "kinship_service.distributed.exact_pass, kinship_service.distributed.merge; "
+        "from kinship_service.config import Settings; from kinship_service.jobs.manager import MergeJobManager; "
+        "MergeJobManager(Settings.from_env({})); assert 'ray' not in sys.modules, 'ray imported'"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "KINSHIP_RAY_ADDRESS"}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
