@@ -26,6 +26,7 @@ from kinship_service.checkpoints.synthetic import make_base, make_family, save_c
 from kinship_service.config import ConfigError, Settings
 from kinship_service.distributed import cluster as ray_cluster
 from kinship_service.distributed.exact_pass import distributed_exact_kinship, split_ranges
+from kinship_service.errors import KinshipError
 from kinship_service.kinship.exact import TensorPlan, exact_kinship
 from kinship_service.server.main import RunningServer, serve
 
@@ -236,3 +237,20 @@ def test_ray_is_not_imported_without_the_variable() -> None:
     )
     env = {k: v for k, v in os.environ.items() if k != "KINSHIP_RAY_ADDRESS"}
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
+
+
+def test_a_task_error_comes_back_as_the_local_pass_error(ray_cluster_address: str, model_root: Path) -> None:
+    base = make_base(SMALL, seed=0)
+    models = make_family(base, 2, rho=0.5, seed=1)
+    paths = [save_checkpoint(base, model_root / "base")] + [save_checkpoint(m, model_root / f"m{i}") for i, m in enumerate(models)]
+    checkpoints = _checkpoints(paths)
+    headers = [read_checkpoint_headers(c).tensors for c in checkpoints]
+    damaged = checkpoints[2].files[0]
+    with open(damaged, "r+b") as handle:  # cut inside the data, after the headers were read
+        handle.truncate(damaged.stat().st_size // 2)
+    with pytest.raises(KinshipError) as local:
+        exact_kinship(checkpoints[0], checkpoints[1:], headers=headers)
+    with pytest.raises(KinshipError) as spread:
+        distributed_exact_kinship(checkpoints[0], checkpoints[1:], headers=headers, tasks=2)
+    assert type(spread.value) is type(local.value) and spread.value.reason == local.value.reason
+    assert spread.value.message == local.value.message
