@@ -75,6 +75,15 @@ class Settings:
     heavy_process: bool = True
     """`kinship-server` runs heavy work (exact passes, registrations, merge jobs) in a child process, so light
     calls keep a CPU core and the GIL to themselves (docs/reliability.md); false: one process does everything."""
+    ray_address: str = ""
+    """A Ray cluster (`host:port` of the head, `ray://host:10001` or `auto`): exact passes and merges run on its
+    workers, which read checkpoints and write outputs at the same paths (shared storage). Empty: no Ray (the default)."""
+    ray_pass_tasks: int = 0
+    """With Ray: tasks (tensor ranges) per exact pass; 0: one per CPU of the cluster."""
+    ray_gpus_per_merge: float = 0.0
+    """With Ray: GPUs each merge reserves on its worker (Ray's `num_gpus`); 0: a CPU worker."""
+    ray_timeout_seconds: float = 3600.0
+    """With Ray: the longest wait for a pass's tasks, or for a merge worker to start or answer; then UNAVAILABLE/FAILED."""
     max_message_bytes: int = 16 * 2**20
     """Largest request or response message, in bytes."""
     chunk_bytes: int = 256 * 2**20
@@ -141,6 +150,8 @@ class Settings:
             raise ConfigError("KINSHIP_DRAIN_SECONDS must be >= 0 and KINSHIP_HEALTH_PORT in 0..65535")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ConfigError("set both KINSHIP_TLS_CERT_FILE and KINSHIP_TLS_KEY_FILE, or neither")
+        if self.ray_pass_tasks < 0 or self.ray_gpus_per_merge < 0 or self.ray_timeout_seconds <= 0:
+            raise ConfigError("KINSHIP_RAY_PASS_TASKS and KINSHIP_RAY_GPUS_PER_MERGE must be >= 0, KINSHIP_RAY_TIMEOUT_SECONDS > 0")
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
             raise ConfigError("KINSHIP_TLS_CLIENT_CA_FILE needs KINSHIP_TLS_CERT_FILE and KINSHIP_TLS_KEY_FILE")
 
@@ -157,11 +168,11 @@ def _parse_bool(raw: str) -> bool:
 
 def _convert(name: str, raw: str) -> int | float | bool | str | Path | tuple[Path, ...]:
     """The value of field `name` from its variable's text; ValueError when it does not parse."""
-    if name in ("port", "metrics_port", "max_merge_jobs", "max_queued_merge_jobs", "max_workers", "max_concurrent_rpcs", "heavy_workers", "heavy_queue"):
+    if name in ("port", "metrics_port", "max_merge_jobs", "max_queued_merge_jobs", "max_workers", "max_concurrent_rpcs", "heavy_workers", "heavy_queue", "ray_pass_tasks"):
         return int(raw)
     if name in ("cache_size_limit", "max_message_bytes", "chunk_bytes"):
         return parse_bytes(raw)
-    if name in ("grace_seconds", "drain_seconds"):
+    if name in ("grace_seconds", "drain_seconds", "ray_gpus_per_merge", "ray_timeout_seconds"):
         return float(raw)
     if name == "health_port":
         return int(raw)

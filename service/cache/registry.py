@@ -32,6 +32,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import diskcache
 import torch
@@ -300,11 +301,10 @@ class KinshipCache:
         ]
         observer = FingerprintObserver(len(idents), self.device) if any(eligible) else None
         try:
-            result = exact_kinship(
+            result = self._exact_pass(
                 base_ckpt,
                 model_ckpts,
                 leading_slice=query.leading_slice,
-                device=self.device,
                 chunk_bytes=self.settings.chunk_bytes,
                 check_cancelled=check_cancelled,
                 observers=[observer] if observer is not None else [],
@@ -330,6 +330,21 @@ class KinshipCache:
         except CACHE_WRITE_ERRORS as exc:  # the answer stands; only the warming failed
             log.warning("could not store results in the cache", extra={"error": repr(exc)})
         return result
+
+    def _exact_pass(self, base: Checkpoint, models: Sequence[Checkpoint], **options: Any) -> ExactKinship:
+        """The pass over the weights: on this node, or split across the Ray cluster when KINSHIP_RAY_ADDRESS is set."""
+        if not self.settings.ray_address:
+            return exact_kinship(base, models, device=self.device, **options)
+        from kinship_service.distributed.exact_pass import distributed_exact_kinship
+
+        return distributed_exact_kinship(
+            base,
+            models,
+            device=self.settings.device,
+            tasks=self.settings.ray_pass_tasks,
+            timeout=self.settings.ray_timeout_seconds,
+            **options,
+        )
 
     # -- the KinshipBackend seams of population.pairwise_kinship ------------------------------
     def compute(

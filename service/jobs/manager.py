@@ -45,6 +45,7 @@ from kinship_service.errors import (
     Unavailable,
     status_code_number,
 )
+from kinship_service.jobs.executor import MergeExecutor, PlannedMerge, default_executor
 from kinship_service.jobs.records import (
     ACTIVE,
     CANCELLED,
@@ -63,7 +64,7 @@ from kinship_service.jobs.store import JobStore
 from kinship_service.merge.model_card import ModelCard
 from kinship_service.merge.output import remove_tree, resolve_output_dir, temp_dir_for
 from kinship_service.merge.plan import MergeSettings
-from kinship_service.merge.runner import MergeRunner, Progress
+from kinship_service.merge.runner import Progress
 from kinship_service.merge.slerp import InterpolationSpec
 
 log = logging.getLogger("kinship.jobs")
@@ -118,8 +119,10 @@ def _owner_alive(owner: str, me: str) -> bool:
 class MergeJobManager:
     """Runs merge jobs; see the module docstring."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, executor: MergeExecutor | None = None) -> None:
         self.settings = settings
+        self.executor = executor if executor is not None else default_executor(settings)
+        """Where merges run (`jobs.executor`): here, or on the Ray cluster (KINSHIP_RAY_ADDRESS)."""
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.output_registrar: Callable[[CheckpointSpec, CheckpointSpec], None] | None = None
         """Set by the server wiring: `registrar(output, base)` caches a finished output's fingerprint and delta."""
@@ -488,27 +491,6 @@ class MergeJobManager:
             checkpoints = [resolve(spec, roots, name) for spec, name in zip(request.inputs, input_fields(request), strict=True)]
             checkpoint_a, checkpoint_b = checkpoints[0], checkpoints[1]
             check_cancelled()
-            runner = MergeRunner(
-                checkpoint_a,
-                checkpoint_b,
-                MergeSettings(
-                    t=request.t,
-                    out_dtype=request.out_dtype,
-                    compute_cast=request.compute_cast,
-                    max_shard_bytes=request.max_shard_bytes,
-                    leading_slice=request.leading_slice,
-                    num_layers=request.num_layers,
-                    method=request.method,
-                    method_parameters=request.method_parameters,
-                    model_count=request.model_count,
-                ),
-                more_checkpoints=checkpoints[2:],
-                chunk_elements=min(1 << 18, max(1 << 12, self.settings.chunk_bytes // 64)),
-                allowed_roots=roots,
-                progress=progress,
-                check_cancelled=check_cancelled,
-                use_cpu_kernel=self.settings.cpu_kernel,
-            )
             described = [(describe(spec), c.revision) for spec, c in zip(request.inputs, checkpoints, strict=True)]
             first_model = len(described) - request.model_count
             card = ModelCard(
@@ -523,7 +505,30 @@ class MergeJobManager:
                 base=described[0] if first_model else None,
                 method_parameters=request.method_parameters,
             )
-            summary = runner.run(Path(live.record.tmp_dir), Path(live.record.output_dir), overwrite=request.overwrite, card=card)
+            merge = PlannedMerge(
+                checkpoint_a,
+                checkpoint_b,
+                MergeSettings(
+                    t=request.t,
+                    out_dtype=request.out_dtype,
+                    compute_cast=request.compute_cast,
+                    max_shard_bytes=request.max_shard_bytes,
+                    leading_slice=request.leading_slice,
+                    num_layers=request.num_layers,
+                    method=request.method,
+                    method_parameters=request.method_parameters,
+                    model_count=request.model_count,
+                ),
+                more_checkpoints=tuple(checkpoints[2:]),
+                chunk_elements=min(1 << 18, max(1 << 12, self.settings.chunk_bytes // 64)),
+                allowed_roots=tuple(roots),
+                use_cpu_kernel=self.settings.cpu_kernel,
+                tmp_dir=Path(live.record.tmp_dir),
+                final_dir=Path(live.record.output_dir),
+                overwrite=request.overwrite,
+                card=card,
+            )
+            summary = self.executor.run(merge, progress, check_cancelled)
             self._update(live, True, bytes_done=summary.bytes_written, tensors_done=summary.tensors)
             if request.base is not None and self.output_registrar is not None:
                 self._register_output(live, request.base)

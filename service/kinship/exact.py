@@ -202,16 +202,73 @@ def exact_kinship(
         plan = plan_comparison(tensor_headers, [c.label for c in checkpoints], leading_slice)
     if not plan.tensors:
         raise no_common_tensors()
-    n = len(models)
+    partial = partial_moments(
+        readers, plan.tensors, device=device, chunk_bytes=chunk_bytes, check_cancelled=check_cancelled,
+        observers=observers, use_cpu_kernel=use_cpu_kernel,
+    )
+    return kinship_from_partial(partial, plan, models, stats, device, started)
+
+
+@dataclass
+class PassPartial:
+    """The float64 sums of a pass over some tensors: one `PairwiseMoments` per layer group, and tensor counts.
+
+    Partials over disjoint tensor sets add up (`reduce_partials`) to the pass over their union.
+    """
+
+    moments: dict[str, PairwiseMoments]
+    tensors_by_group: dict[str, int]
+
+
+def reduce_partials(partials: Sequence[PassPartial], n: int, device: torch.device | str = "cpu") -> PassPartial:
+    """Add partials over disjoint tensor sets, in the order given (deterministic float64 sums)."""
+    moments: dict[str, PairwiseMoments] = {}
+    tensors_by_group: dict[str, int] = {}
+    for partial in partials:
+        for group, group_moments in partial.moments.items():
+            moments.setdefault(group, PairwiseMoments(n, device=device)).merge(group_moments)
+        for group, count in partial.tensors_by_group.items():
+            tensors_by_group[group] = tensors_by_group.get(group, 0) + count
+    return PassPartial(moments, tensors_by_group)
+
+
+def kinship_from_partial(
+    partial: PassPartial,
+    plan: ComparisonPlan,
+    models: Sequence[Checkpoint],
+    stats: ReadStats,
+    device: torch.device,
+    started: float,
+) -> ExactKinship:
+    """The result of a pass from its (reduced) partial sums; raises InvalidArgument for zero or constant task vectors."""
+    return _result(partial.moments, partial.tensors_by_group, plan, models, stats, device, started)
+
+
+def partial_moments(
+    readers: Sequence[CheckpointReader],
+    tensors: Sequence[TensorPlan],
+    *,
+    device: torch.device,
+    chunk_bytes: int,
+    check_cancelled: Callable[[], None] = lambda: None,
+    observers: Sequence[ChunkObserver] = (),
+    use_cpu_kernel: bool = True,
+) -> PassPartial:
+    """The float64 sums of base and models (`readers[0]` is the base) over `tensors`, read chunk by chunk in lockstep.
+
+    The math of every exact pass, local or one tensor range of a distributed one (`kinship_service.distributed`).
+    """
+    n = len(readers) - 1
+    tensor_headers = [r.tensors() for r in readers]
     # Reads: each chunk is a memory-mapped slice of at most chunk_bytes / (n + 1) bytes per checkpoint.
-    itemsize = max(ITEMSIZE[h[t.name].dtype] for h in tensor_headers for t in plan.tensors)
+    itemsize = max(ITEMSIZE[h[t.name].dtype] for h in tensor_headers for t in tensors)
     read_elements = max(256, chunk_bytes // ((n + 1) * itemsize))
     moments: dict[str, PairwiseMoments] = {}
     tensors_by_group: dict[str, int] = {}
     fused = _fused_kernel(device, observers, use_cpu_kernel)
     if fused is not None:
         sketch = fused[0] if fused else None
-        for tensor in plan.tensors:
+        for tensor in tensors:
             check_cancelled()
             group = moments.setdefault(tensor.group, PairwiseMoments(n, device=device))
             tensors_by_group[tensor.group] = tensors_by_group.get(tensor.group, 0) + 1
@@ -222,13 +279,13 @@ def exact_kinship(
                 check_cancelled()
         if sketch is not None:
             sketch.finish(moments)
-        return _result(moments, tensors_by_group, plan, models, stats, device, started)
+        return PassPartial(moments, tensors_by_group)
     # Math: float64 blocks small enough to stay in the CPU cache between the ops that use them.
     block = COMPUTE_BLOCK_ELEMENTS if device.type == "cpu" else max(256, chunk_bytes // (8 * (n + 1)))
-    widest_row = max(math.prod(t.shape[1:]) for t in plan.tensors)
+    widest_row = max(math.prod(t.shape[1:]) for t in tensors)
     buffer = torch.empty((n + 1, max(block, min(widest_row, read_elements))), dtype=torch.float64, device=device)
     block = buffer.shape[1]
-    for tensor in plan.tensors:
+    for tensor in tensors:
         check_cancelled()
         group = moments.setdefault(tensor.group, PairwiseMoments(n, device=device))
         tensors_by_group[tensor.group] = tensors_by_group.get(tensor.group, 0) + 1
@@ -247,7 +304,7 @@ def exact_kinship(
                     observer.observe(tensor, offset, deltas)
                 offset += k
             check_cancelled()
-    return _result(moments, tensors_by_group, plan, models, stats, device, started)
+    return PassPartial(moments, tensors_by_group)
 
 
 def _fused_kernel(

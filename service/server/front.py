@@ -495,6 +495,10 @@ async def _serve(settings: Settings, stop: asyncio.Event, received: list[int]) -
 
 def run(settings: Settings) -> int:
     """`kinship-server` with a heavy-work process: serve until SIGTERM or SIGINT; the exit status."""
+    if settings.ray_address:  # refuse an address nothing answers on here, not in a heavy process restarted in a loop
+        from kinship_service.distributed.cluster import probe
+
+        probe(settings.ray_address)
 
     async def main() -> int:
         stop = asyncio.Event()

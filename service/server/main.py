@@ -137,6 +137,10 @@ def serve(settings: Settings, *, bind: str | None = None, warm_up: bool = True) 
     caller has started that already.
     """
     credentials = auth.server_credentials(settings)  # ConfigError on unreadable PEM files, before any work
+    if settings.ray_address:  # ConfigError naming KINSHIP_RAY_ADDRESS when no cluster answers there
+        from kinship_service.distributed import cluster
+
+        cluster.connect(settings)
     interceptors: list[grpc.ServerInterceptor] = [metrics.MetricsInterceptor()]  # outermost: counts refusals too
     tokens = auth.token_source(settings)
     if tokens is not None:
