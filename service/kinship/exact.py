@@ -4,6 +4,10 @@ For each compared tensor, the base and every model are read chunk by chunk in
 lockstep; the chunk's task vectors (`model - base`, in float64 on the compute
 device) feed one `PairwiseMoments` per layer group. Every checkpoint file is read
 once per request whatever n is, and memory stays at a few chunk buffers.
+
+The seam for a distributed pass: `partial_moments` (the float64 moments, and the
+observers' sketches, of a list of tensor plans) and `reduce_partials` (adding those of
+disjoint tensor ranges); `exact_kinship` is one partial over the whole plan.
 """
 
 from __future__ import annotations
@@ -197,21 +201,60 @@ def exact_kinship(
     if headers is not None and len(headers) != len(checkpoints):
         raise ValueError(f"exact_kinship: {len(headers)} headers given for {len(checkpoints)} checkpoints")
     readers = [CheckpointReader(c, stats, None if headers is None else headers[i]) for i, c in enumerate(checkpoints)]
-    tensor_headers = [r.tensors() for r in readers]
     if plan is None:
-        plan = plan_comparison(tensor_headers, [c.label for c in checkpoints], leading_slice)
+        plan = plan_comparison([r.tensors() for r in readers], [c.label for c in checkpoints], leading_slice)
     if not plan.tensors:
         raise no_common_tensors()
-    n = len(models)
-    # Reads: each chunk is a memory-mapped slice of at most chunk_bytes / (n + 1) bytes per checkpoint.
-    itemsize = max(ITEMSIZE[h[t.name].dtype] for h in tensor_headers for t in plan.tensors)
+    partial = partial_moments(
+        readers, plan.tensors, len(models), device=device, chunk_bytes=chunk_bytes, check_cancelled=check_cancelled,
+        observers=observers, use_cpu_kernel=use_cpu_kernel,
+    )  # fmt: skip
+    return _result(partial.moments, partial.tensors_by_group, plan, models, stats, device, started)
+
+
+@dataclass
+class PartialMoments:
+    """The float64 sufficient statistics of a pass over some of the plan's tensors, per layer group.
+
+    What a worker of a distributed pass returns for its tensor range; `reduce_partials`
+    adds several (disjoint tensor ranges) into one, and `exact_kinship` is one partial
+    over every tensor of the plan.
+    """
+
+    moments: dict[str, PairwiseMoments]
+    """Per layer group, in the order the groups were first met."""
+    tensors_by_group: dict[str, int]
+
+
+def partial_moments(
+    readers: Sequence[CheckpointReader],
+    tensors: Sequence[TensorPlan],
+    n: int,
+    *,
+    device: torch.device,
+    chunk_bytes: int = 256 * 2**20,
+    check_cancelled: Callable[[], None] = lambda: None,
+    observers: Sequence[ChunkObserver] = (),
+    use_cpu_kernel: bool = True,
+) -> PartialMoments:
+    """Read `tensors` (plans of one comparison) from `readers` (base, then n models) once; their float64 moments.
+
+    The seam of a distributed pass: a worker calls this on its own range of the plan's
+    tensors and returns the result (and its observers' sketches, which add up the same
+    way: the sketch of a tensor depends only on its name and elements), the caller adds the
+    workers' results with `reduce_partials` and turns them into similarities. Chunks hold
+    at most `chunk_bytes` over the n + 1 checkpoints; `check_cancelled` runs between chunks.
+    """
+    # Reads: chunk_bytes / (n + 1) bytes per checkpoint per chunk, into each reader's reusable buffer.
+    tensor_headers = [r.tensors() for r in readers]
+    itemsize = max((ITEMSIZE[h[t.name].dtype] for h in tensor_headers for t in tensors), default=1)
     read_elements = max(256, chunk_bytes // ((n + 1) * itemsize))
     moments: dict[str, PairwiseMoments] = {}
     tensors_by_group: dict[str, int] = {}
     fused = _fused_kernel(device, observers, use_cpu_kernel)
     if fused is not None:
         sketch = fused[0] if fused else None
-        for tensor in plan.tensors:
+        for tensor in tensors:
             check_cancelled()
             group = moments.setdefault(tensor.group, PairwiseMoments(n, device=device))
             tensors_by_group[tensor.group] = tensors_by_group.get(tensor.group, 0) + 1
@@ -222,13 +265,15 @@ def exact_kinship(
                 check_cancelled()
         if sketch is not None:
             sketch.finish(moments)
-        return _result(moments, tensors_by_group, plan, models, stats, device, started)
+        return PartialMoments(moments, tensors_by_group)
+    if not tensors:
+        return PartialMoments(moments, tensors_by_group)
     # Math: float64 blocks small enough to stay in the CPU cache between the ops that use them.
     block = COMPUTE_BLOCK_ELEMENTS if device.type == "cpu" else max(256, chunk_bytes // (8 * (n + 1)))
-    widest_row = max(math.prod(t.shape[1:]) for t in plan.tensors)
+    widest_row = max(math.prod(t.shape[1:]) for t in tensors)
     buffer = torch.empty((n + 1, max(block, min(widest_row, read_elements))), dtype=torch.float64, device=device)
     block = buffer.shape[1]
-    for tensor in plan.tensors:
+    for tensor in tensors:
         check_cancelled()
         group = moments.setdefault(tensor.group, PairwiseMoments(n, device=device))
         tensors_by_group[tensor.group] = tensors_by_group.get(tensor.group, 0) + 1
@@ -247,7 +292,19 @@ def exact_kinship(
                     observer.observe(tensor, offset, deltas)
                 offset += k
             check_cancelled()
-    return _result(moments, tensors_by_group, plan, models, stats, device, started)
+    return PartialMoments(moments, tensors_by_group)
+
+
+def reduce_partials(parts: Sequence[PartialMoments], n: int, device: torch.device | str = "cpu") -> PartialMoments:
+    """Add the partials of disjoint tensor ranges, in the order given (the groups' order: first met)."""
+    moments: dict[str, PairwiseMoments] = {}
+    tensors_by_group: dict[str, int] = {}
+    for part in parts:
+        for group, m in part.moments.items():
+            moments.setdefault(group, PairwiseMoments(n, device=device)).merge(m)
+        for group, count in part.tensors_by_group.items():
+            tensors_by_group[group] = tensors_by_group.get(group, 0) + count
+    return PartialMoments(moments, tensors_by_group)
 
 
 def _fused_kernel(
