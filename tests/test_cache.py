@@ -571,3 +571,51 @@ def test_repeated_fingerprint_answers_are_identical_and_other_tensor_sets_stay_r
         assert cache.kinship(base_ref, refs[:2], mode="fingerprint").mode_used == "fingerprint"
     finally:
         cache.close()
+
+
+def _reference_sketch(base: dict[str, torch.Tensor], model: dict[str, torch.Tensor]) -> np.ndarray:
+    """The CountSketch of model - base in float64 NumPy, from the hashing's definition (fingerprint.py's module docstring)."""
+    from kinship_service.kinship.fingerprint import SKETCH_WIDTH, block_params, sign_table
+
+    width = SKETCH_WIDTH
+    signs = sign_table(width).numpy()
+    sketch = np.zeros(width)
+    for name in sorted(base):
+        delta = model[name].double().numpy().ravel() - base[name].double().numpy().ravel()
+        for block in range(0, (delta.size + width - 1) // width):
+            part = delta[block * width : (block + 1) * width]
+            rotation, sign = block_params(name, block, width)
+            lo = np.arange(part.size)
+            sketch[(lo + rotation) % width] += sign * signs[lo] * part  # one block: distinct buckets
+    return sketch
+
+
+# About 300K parameters: 4 bytes each of delta is more than a quarter of a 4 MiB cache, the 1 MiB fingerprint fits.
+MEDIUM = LlamaShape(vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2)
+
+
+@pytest.mark.parametrize("cpu_kernel", [True, False])
+def test_fingerprint_only_registration_matches_the_reference(server_factory, model_root: Path, tmp_path: Path, cpu_kernel: bool) -> None:
+    """A cache too small for the delta: RegisterCheckpoint computes only the fingerprint (fused kernel or torch)."""
+    base_weights = make_base(MEDIUM, seed=21)
+    model_weights = make_family(base_weights, 1, rho=0.5, seed=22)[0]
+    base_dir = save_checkpoint(base_weights, model_root / "base")
+    model_dir = save_checkpoint({k: v.to(torch.bfloat16) for k, v in model_weights.items()}, model_root / "m")
+    server = server_factory(cpu_kernel=cpu_kernel, cache_dir=tmp_path / f"cache-{cpu_kernel}", cache_size_limit=4 * 2**20)
+    with KinshipClient(server.address) as client:
+        reg = client.register_checkpoint(str(model_dir), str(base_dir))
+    assert reg.delta_bytes == 0 and reg.fingerprint_bytes == 4 * 2**18
+    base, model = load(base_dir), load(model_dir)
+    assert 4 * MEDIUM.num_parameters > 2**20
+    delta = np.concatenate([(model[n].double() - base[n].double()).numpy().ravel() for n in sorted(base)])
+    assert reg.elements == delta.size == MEDIUM.num_parameters
+    assert reg.delta_sum_squares == pytest.approx(float(np.dot(delta, delta)), rel=1e-12)
+    assert reg.delta_sum == pytest.approx(float(delta.sum()), rel=1e-9, abs=1e-12)
+    cache = server.servicer.kinship_cache
+    base_id = cache.identities.identify(cache._resolve(_spec(base_dir), "base")).identity
+    fp = cache.get_fingerprint(base_id, reg.identity)
+    assert fp is not None
+    expected = _reference_sketch(base, model)
+    got = fp.sketch.double().numpy()
+    # stored as float32: equal to the float64 reference to float32 rounding
+    np.testing.assert_allclose(got, expected, rtol=2**-23, atol=1e-12 * np.abs(expected).max())

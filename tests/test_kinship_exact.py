@@ -187,3 +187,36 @@ def test_bytes_read_reported_over_grpc(client, family):
     result = client.kinship(str(paths["base"]), [str(paths[k]) for k in ("m0", "m1", "m2")], mode="exact")
     assert result.bytes_read == 4 * SMALL.num_parameters * 4
     assert result.device == "cpu"
+
+
+def test_partials_of_tensor_ranges_reduce_to_the_whole_pass(model_root):
+    """The distributed seam: moments of disjoint tensor ranges, reduced, equal one pass (and the reference)."""
+    from kinship_service.checkpoints.streaming import CheckpointReader
+    from kinship_service.kinship.exact import partial_moments, plan_comparison, reduce_partials
+    from kinship_service.kinship.similarity import PairwiseMoments, similarities
+
+    shape = LlamaShape(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4, num_kv_heads=2)
+    base = make_base(shape, seed=31)
+    models = make_family(base, 3, rho=0.3, seed=32)
+    base_dir = save_checkpoint(base, model_root / "base")
+    model_dirs = [save_checkpoint(m, model_root / f"m{i}") for i, m in enumerate(models)]
+    checkpoints = [resolve(LocalPath(str(d)), [model_root]) for d in (base_dir, *model_dirs)]
+    readers = [CheckpointReader(c) for c in checkpoints]
+    plan = plan_comparison([r.tensors() for r in readers], ["base", "m0", "m1", "m2"], False)
+    cut = len(plan.tensors) // 3
+    ranges = [plan.tensors[:cut], plan.tensors[cut : 2 * cut], plan.tensors[2 * cut :]]
+    parts = [partial_moments(readers, r, device=torch.device("cpu"), chunk_bytes=1 << 20) for r in ranges]
+    reduced = reduce_partials(parts, 3)
+    total = PairwiseMoments(3)
+    for m in reduced.moments.values():
+        total.merge(m)
+    whole = exact_kinship(checkpoints[0], checkpoints[1:])
+    assert reduced.tensors_by_group == whole.tensors_by_group
+    got = similarities(total)
+    names = [t.name for t in plan.tensors]
+    expected = reference(base_dir, model_dirs, names)
+    for (i, j), (pcc, cos, euc) in expected.items():
+        assert got.pcc[i][j] == pytest.approx(pcc, rel=1e-10)
+        assert got.pcc[i][j] == pytest.approx(whole.overall.pcc[i][j], rel=1e-12)
+        assert got.cosine[i][j] == pytest.approx(cos, rel=1e-10)
+        assert got.euclidean[i][j] == pytest.approx(euc, rel=1e-10)

@@ -23,6 +23,8 @@ from kinship_service.checkpoints.identity import CheckpointIdentity
 from kinship_service.checkpoints.sources import Checkpoint
 from kinship_service.checkpoints.streaming import CheckpointReader, ReadStats
 from kinship_service.errors import FailedPrecondition
+from kinship_service.kinship import cpu_kernel
+from kinship_service.kinship.cpu_kernel import FusedFingerprint
 from kinship_service.kinship.exact import ComparisonPlan, _group_key, _lockstep
 from kinship_service.kinship.fingerprint import (
     Fingerprint,
@@ -31,6 +33,7 @@ from kinship_service.kinship.fingerprint import (
     build_fingerprints,
     tensor_set_key,
 )
+from kinship_service.kinship.similarity import PairwiseMoments
 
 
 @dataclass
@@ -100,9 +103,14 @@ def register_pass(
     device: torch.device,
     stats: ReadStats,
     check_cancelled: Callable[[], None],
+    use_cpu_kernel: bool = True,
 ) -> tuple[Fingerprint, Manifest | None]:
     """Read base and checkpoint once over `plan`; store the fingerprint and, when it fits, the delta.
 
+    On CPU, with `use_cpu_kernel` (Settings.cpu_kernel) and numba present, the sketch and the
+    statistics come from the exact pass's fused kernel (`cpu_kernel.accumulate` with one model:
+    widening, delta, sums and sketch in one read of each chunk, on every core); the float64
+    delta is then made in torch only when the delta is stored. Else everything is torch.
     Raises FailedPrecondition (CHECKPOINT_CHANGED) when a file changed during the pass
     (nothing usable is stored then).
     """
@@ -114,25 +122,35 @@ def register_pass(
     delta_bytes = 0
     widest = max(max(1, math.prod(t.shape[1:])) for t in plan.tensors)
     read_elements = max(DELTA_CHUNK_ELEMENTS, widest)
+    fused = FusedFingerprint(sketch, group_stats) if use_cpu_kernel and device.type == "cpu" and cpu_kernel.available() else None
+    moments: dict[str, PairwiseMoments] = {}
     for t_index, tensor in enumerate(plan.tensors):
         check_cancelled()
         counts: list[int] = []
         offset = 0
         for c_index, (base_chunk, model_chunk) in enumerate(_lockstep(readers, tensor, read_elements)):
-            base64 = base_chunk.reshape(-1).to(device=device, dtype=torch.float64)
-            model = model_chunk.reshape(-1).to(device)
-            d64 = model.to(torch.float64) - base64
-            row = d64.unsqueeze(0)
-            sketch.add(tensor.name, offset, row)
-            group_stats.add(tensor.group, row)
-            if store_delta:
-                encoded = encode(model, base64, d64)
-                encoded = EncodedChunk(encoded.dtype, encoded.delta.cpu(), encoded.patch_index.cpu(), encoded.patch_bits.cpu())
-                delta_bytes += stores.deltas.put_chunk(base_ident.identity, ident.identity, t_index, c_index, encoded)
-            counts.append(d64.numel())
-            offset += d64.numel()
+            size = base_chunk.numel()
+            if fused is not None:
+                group = moments.setdefault(tensor.group, PairwiseMoments(1))
+                cpu_kernel.accumulate([base_chunk, model_chunk], group, sketch=fused, tensor=tensor.name, offset=offset)
+            if store_delta or fused is None:
+                base64 = base_chunk.reshape(-1).to(device=device, dtype=torch.float64)
+                model = model_chunk.reshape(-1).to(device)
+                d64 = model.to(torch.float64) - base64
+                if fused is None:
+                    row = d64.unsqueeze(0)
+                    sketch.add(tensor.name, offset, row)
+                    group_stats.add(tensor.group, row)
+                if store_delta:
+                    encoded = encode(model, base64, d64)
+                    encoded = EncodedChunk(encoded.dtype, encoded.delta.cpu(), encoded.patch_index.cpu(), encoded.patch_bits.cpu())
+                    delta_bytes += stores.deltas.put_chunk(base_ident.identity, ident.identity, t_index, c_index, encoded)
+            counts.append(size)
+            offset += size
             check_cancelled()
         manifest_tensors.append((tensor.name, tuple(tensor.shape), counts))
+    if fused is not None:
+        fused.finish(moments)
     fp = build_fingerprints(sketch.sketch, group_stats, tensor_list(plan), [skipped_tuples(plan.skipped)])[0]
     if not stores.resolver.unchanged([base_ident, ident]):
         raise FailedPrecondition(

@@ -405,8 +405,9 @@ class KinshipCache:
         stores = RegistrationStores(self.deltas, self.fingerprints, self.resolver)
         try:
             fp, manifest = register_pass(
-                base_ckpt, ckpt, base_ident, ident, plan, stores, device=self.device, stats=stats, check_cancelled=check_cancelled
-            )
+                base_ckpt, ckpt, base_ident, ident, plan, stores,
+                device=self.device, stats=stats, check_cancelled=check_cancelled, use_cpu_kernel=self.settings.cpu_kernel,
+            )  # fmt: skip
         except CACHE_WRITE_ERRORS as exc:
             raise Unavailable(
                 f"the cache in {self.settings.cache_dir} could not store the registration ({exc}); free disk space "

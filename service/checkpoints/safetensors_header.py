@@ -71,6 +71,10 @@ class TensorInfo:
     """safetensors dtype name, e.g. `BF16`."""
     shape: tuple[int, ...]
     file: Path
+    begin: int = -1
+    """Absolute file offset of the tensor's first byte, as the validated header places it (-1: not
+    known, e.g. a Hub record whose files are gone). Readers `pread` at it, so what is read is
+    exactly what the plan and the identity were made from."""
 
     @property
     def numel(self) -> int:
@@ -215,7 +219,8 @@ def _metadata(value: object) -> dict[str, str] | None:
 def parse_header(body: bytes, data_bytes: int, path: Path) -> tuple[dict[str, TensorInfo], dict[str, tuple[int, int]], dict[str, str] | None]:
     """Validate a safetensors JSON header `body` followed by `data_bytes` bytes of data, as safetensors does.
 
-    Returns the tensor entries and their data offsets (both in data order) and the metadata;
+    Returns the tensor entries (each with its absolute file offset, the data section starting
+    right after `body`) and their data offsets (both in data order) and the metadata;
     raises HeaderError saying what is wrong. Pure: `path` only labels the TensorInfos.
     """
     try:
@@ -266,7 +271,8 @@ def parse_header(body: bytes, data_bytes: int, path: Path) -> tuple[dict[str, Te
     if start != data_bytes:
         what = "trailing bytes follow the tensors" if data_bytes > start else "the file is truncated"
         raise HeaderError(f"the tensors cover {start} data bytes but the file holds {data_bytes}: {what}")
-    tensors = {name: TensorInfo(name, dtype, shape, path) for name, (dtype, shape, _o) in ordered}
+    data_start = 8 + len(body)
+    tensors = {name: TensorInfo(name, dtype, shape, path, data_start + begin) for name, (dtype, shape, (begin, _e)) in ordered}
     offsets = {name: span for name, (_d, _s, span) in ordered}
     return tensors, offsets, metadata
 

@@ -1,28 +1,49 @@
-"""Tensor streaming: read a checkpoint's tensors one at a time, in bounded chunks, with safetensors.
+"""Tensor streaming: read a checkpoint's tensors one at a time, in bounded chunks, by offset.
 
-Each chunk is read through its own short-lived `safe_open`, so the memory map (and
-the page-cache pages it pins in our RSS) is released as soon as the chunk is done:
-a 70B checkpoint streams through the same few hundred MiB as a 1B one. Every byte
-read is counted in a `ReadStats`, which tests use to prove one-pass reading and
-the server exports as a metric.
+A chunk is read with `os.preadv` at the byte offsets of the validated header
+(`safetensors_header`, the same reading the plan and the identity were made from) into a
+buffer the reader reuses for every chunk: one copy from the page cache, no memory map, so
+this process holds at most one chunk per checkpoint whatever the model size, no header is
+parsed again per chunk, and a file truncated under a live read is a short read, answered
+FAILED_PRECONDITION `CHECKPOINT_CHANGED`, not a SIGBUS that kills the process. Large reads
+are split across a small thread pool (`preadv` releases the GIL), so the copy uses every
+core. Every byte read is counted in a `ReadStats`, which tests use to prove one-pass
+reading and the server exports as a metric.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import threading
 from collections import Counter
 from collections.abc import Generator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from kinship_service.checkpoints.dtypes import DTYPES, ITEMSIZE
-from kinship_service.checkpoints.safetensors_header import TensorInfo, corrupt_error, read_checkpoint_headers
+from kinship_service.checkpoints.safetensors_header import TensorInfo, read_checkpoint_headers, read_header
 from kinship_service.checkpoints.sources import Checkpoint
 from kinship_service.errors import FailedPrecondition
+
+# Reads larger than this are cut into pieces of this size, read in parallel.
+READ_PIECE_BYTES = 8 * 2**20
+
+_pool_lock = threading.Lock()
+_read_pool: ThreadPoolExecutor | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    """The threads (besides the caller's) that read pieces of a large chunk; created on first use."""
+    global _read_pool
+    if _read_pool is None:
+        with _pool_lock:
+            if _read_pool is None:
+                _read_pool = ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 2) - 1), thread_name_prefix="kinship-read")
+    return _read_pool
 
 
 @dataclass
@@ -45,6 +66,49 @@ class ReadStats:
             return sum(self.bytes_by_file.values())
 
 
+def changed_error(info: TensorInfo, label: str) -> FailedPrecondition:
+    """CHECKPOINT_CHANGED: the file no longer holds tensor `info` where its validated header said."""
+    return FailedPrecondition(
+        f"{info.file.name} of {label} ended inside tensor {info.name} (or is gone): the file was truncated or "
+        "rewritten while it was read; retry once the file is completely written",
+        reason="CHECKPOINT_CHANGED",
+    )
+
+
+def _read_exactly(fd: int, view: memoryview, offset: int, info: TensorInfo, label: str) -> None:
+    """Fill `view` from file offset `offset`; a short read (the file shrank) is CHECKPOINT_CHANGED."""
+    done = 0
+    while done < len(view):
+        try:
+            got = os.preadv(fd, [view[done:]], offset + done)
+        except OSError as exc:
+            raise FailedPrecondition(
+                f"{info.file.name} of {label} cannot be read ({exc.strerror or exc}); check the disk and the file",
+                reason="CHECKPOINT_UNREADABLE",
+            ) from None
+        if got <= 0:
+            raise changed_error(info, label)
+        done += got
+
+
+def read_into(fd: int, out: torch.Tensor, offset: int, info: TensorInfo, label: str) -> None:
+    """Fill contiguous CPU tensor `out` with the file's bytes from `offset`, in parallel pieces when large."""
+    view = out.reshape(-1).view(torch.uint8).numpy().data if out.numel() else memoryview(b"")
+    size = len(view)
+    if size <= READ_PIECE_BYTES:
+        _read_exactly(fd, view, offset, info, label)
+        return
+    bounds = list(range(0, size, READ_PIECE_BYTES)) + [size]
+    futures = [_pool().submit(_read_exactly, fd, view[a:b], offset + a, info, label) for a, b in zip(bounds[1:-1], bounds[2:], strict=True)]
+    try:
+        _read_exactly(fd, view[: bounds[1]], offset, info, label)
+    finally:
+        for future in futures:
+            future.exception()  # wait for every piece before `out` is reused or raised past
+    for future in futures:
+        future.result()
+
+
 class CheckpointReader:
     """Streams one checkpoint's tensors, laid out as `safetensors_header` read and validated them."""
 
@@ -54,6 +118,7 @@ class CheckpointReader:
         self.checkpoint = checkpoint
         self.stats = stats if stats is not None else ReadStats()
         self._infos = tensors
+        self._buffers: dict[torch.dtype, torch.Tensor] = {}
 
     def tensors(self) -> dict[str, TensorInfo]:
         """Every tensor's header entry, by name (validated headers, read once per file state)."""
@@ -61,15 +126,29 @@ class CheckpointReader:
             self._infos = read_checkpoint_headers(self.checkpoint).tensors
         return self._infos
 
+    def _buffer(self, dtype: torch.dtype, numel: int) -> torch.Tensor:
+        """The reader's reusable buffer of `dtype`, at least `numel` elements (grown, never shrunk)."""
+        buf = self._buffers.get(dtype)
+        if buf is None or buf.numel() < numel:
+            self._buffers.pop(dtype, None)  # free the old one before allocating its successor
+            buf = self._buffers[dtype] = torch.empty(max(numel, 1), dtype=dtype)
+        return buf[:numel]
+
+    def _begin(self, info: TensorInfo) -> int:
+        if info.begin >= 0:
+            return info.begin
+        # An entry without its offset (built by hand): ask the header reader (memoised on the file's state).
+        return read_header(info.file, self.checkpoint.label).tensors[info.name].begin
+
     def read_chunks(
         self, name: str, *, max_elements: int, shape: tuple[int, ...] | None = None
     ) -> Generator[torch.Tensor, None, None]:
         """Yield tensor `name` (or its leading slice of `shape`) in chunks along dimension 0.
 
         Each chunk holds at most `max_elements` elements (at least one row) in the stored
-        dtype. It may be a view of a memory map that is closed when the next chunk is
-        requested, so copy what you keep. Mapping each chunk separately keeps the
-        file pages this process holds (and its RSS) bounded by one chunk per file.
+        dtype, shaped (rows, *trailing dims). It lives in a buffer this reader reuses for the
+        next chunk, so copy what you keep. Raises CHECKPOINT_CHANGED when the file no longer
+        holds the tensor where the validated header placed it.
         """
         info = self.tensors()[name]
         target = tuple(info.shape) if shape is None else tuple(shape)
@@ -78,24 +157,43 @@ class CheckpointReader:
                 f"tensor {name} of {self.checkpoint.label} has dtype {info.dtype}, which this server cannot read",
                 reason="UNSUPPORTED_DTYPE",
             )
-        itemsize = ITEMSIZE[info.dtype]
+        dtype, itemsize, label = DTYPES[info.dtype], ITEMSIZE[info.dtype], self.checkpoint.label
+        begin = self._begin(info)
         try:
+            fd = os.open(info.file, os.O_RDONLY)
+        except OSError:
+            raise changed_error(info, label) from None
+        try:
+            if os.fstat(fd).st_size < begin + info.nbytes:
+                raise changed_error(info, label)
             if len(target) == 0:
-                with safe_open(str(info.file), framework="pt") as handle:
-                    self.stats.add(info.file, name, itemsize, True)
-                    yield handle.get_tensor(name)
+                out = self._buffer(dtype, 1)
+                read_into(fd, out, begin, info, label)
+                self.stats.add(info.file, name, itemsize, True)
+                yield out.reshape(())
                 return
+            stored_row = math.prod(info.shape[1:])
             row_elements = max(1, math.prod(target[1:]))
             rows = max(1, max_elements // row_elements)
-            tail = tuple(slice(0, d) for d in target[1:])
+            contiguous = tuple(target[1:]) == tuple(info.shape[1:])
             if target[0] == 0:
                 self.stats.add(info.file, name, 0, True)
             for start in range(0, target[0], rows):
                 stop = min(start + rows, target[0])
-                index = (slice(start, stop), *tail)
-                with safe_open(str(info.file), framework="pt") as handle:
-                    chunk = handle.get_slice(name)[index]
-                    self.stats.add(info.file, name, chunk.numel() * itemsize, start == 0)
-                    yield chunk
-        except (SafetensorError, OSError) as exc:
-            raise corrupt_error(info.file, self.checkpoint.label, str(exc)) from None
+                offset = begin + start * stored_row * itemsize
+                if contiguous:
+                    chunk = self._buffer(dtype, (stop - start) * row_elements).view(stop - start, *target[1:])
+                    read_into(fd, chunk, offset, info, label)
+                else:
+                    # Trailing dimensions sliced: read whole stored rows, keep their leading corner.
+                    whole = torch.empty((stop - start, *info.shape[1:]), dtype=dtype)
+                    read_into(fd, whole, offset, info, label)
+                    index = (slice(None), *(slice(0, d) for d in target[1:]))
+                    corner = whole[index]
+                    chunk = self._buffer(dtype, corner.numel()).view(corner.shape)
+                    chunk.copy_(corner)
+                    del whole, corner
+                self.stats.add(info.file, name, chunk.numel() * itemsize, start == 0)
+                yield chunk
+        finally:
+            os.close(fd)

@@ -260,8 +260,8 @@ def partial_moments(
     """
     n = len(readers) - 1
     tensor_headers = [r.tensors() for r in readers]
-    # Reads: each chunk is a memory-mapped slice of at most chunk_bytes / (n + 1) bytes per checkpoint.
-    itemsize = max(ITEMSIZE[h[t.name].dtype] for h in tensor_headers for t in tensors)
+    # Reads: chunk_bytes / (n + 1) bytes per checkpoint per chunk, into each reader's reusable buffer.
+    itemsize = max((ITEMSIZE[h[t.name].dtype] for h in tensor_headers for t in tensors), default=1)
     read_elements = max(256, chunk_bytes // ((n + 1) * itemsize))
     moments: dict[str, PairwiseMoments] = {}
     tensors_by_group: dict[str, int] = {}
@@ -279,6 +279,8 @@ def partial_moments(
                 check_cancelled()
         if sketch is not None:
             sketch.finish(moments)
+        return PassPartial(moments, tensors_by_group)
+    if not tensors:
         return PassPartial(moments, tensors_by_group)
     # Math: float64 blocks small enough to stay in the CPU cache between the ops that use them.
     block = COMPUTE_BLOCK_ELEMENTS if device.type == "cpu" else max(256, chunk_bytes // (8 * (n + 1)))
