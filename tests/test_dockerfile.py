@@ -215,7 +215,8 @@ def test_lock_file_matches_pyproject(pyproject):
         if line:
             name, _, version = line.partition("==")
             lock[re.sub(r"[-_.]+", "-", name.lower())] = version
-    pins = pyproject["project"]["dependencies"] + pyproject["project"]["optional-dependencies"]["server"]
+    extras = pyproject["project"]["optional-dependencies"]
+    pins = pyproject["project"]["dependencies"] + extras["server"] + extras["postgres"]
     for pin in pins:
         name, _, version = pin.partition("==")
         name = re.sub(r"[-_.]+", "-", name.lower())
