@@ -21,6 +21,7 @@ LOCKED`) with a lease of `KINSHIP_JOB_LEASE_SECONDS`, renewed every third of it:
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -42,6 +43,19 @@ WATCH_POLL_SECONDS = 0.5
 """How often WatchMergeJob reads a job that another replica runs."""
 
 
+def _normal_priority() -> None:
+    """Give the calling thread normal scheduling, where allowed (root, CAP_SYS_NICE; best effort).
+
+    The heavy-work process runs at SCHED_IDLE (server.main._yield_cpu_to_the_front), which a node
+    kept busy by other processes starves: a starved lease renewal would hand a healthy job to
+    another replica. Linux schedules threads one by one, so this thread alone leaves SCHED_IDLE.
+    """
+    try:
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+    except (OSError, AttributeError):
+        pass
+
+
 class ClusterJobManager(MergeJobManager):
     """Merge jobs in PostgreSQL, run by whichever replica claims them; see the module docstring."""
 
@@ -50,6 +64,7 @@ class ClusterJobManager(MergeJobManager):
         self.database = database
         self.jobs = PgJobStore(database)
         self._wake = threading.Event()
+        self._claim_failing = False
         self._lost: set[str] = set()
         """Jobs whose lease another replica took over: stopped here without writing."""
 
@@ -142,8 +157,13 @@ class ClusterJobManager(MergeJobManager):
                 return
             try:
                 claimed = self.jobs.claim(self.owner, self.settings.job_lease_seconds, self.settings.job_max_attempts)
-            except KinshipError as exc:  # the database is unreachable: try again later
-                log.warning("cannot claim merge jobs", extra={"error": exc.message})
+                if self._claim_failing:
+                    self._claim_failing = False
+                    log.info("claiming merge jobs again")
+            except KinshipError as exc:  # the database is unreachable: try again later (logged once per outage)
+                if not self._claim_failing:
+                    self._claim_failing = True
+                    log.warning("cannot claim merge jobs until the database is back", extra={"error": exc.message})
                 claimed = None
             except Exception:  # a bug: keep the worker alive
                 log.exception("claiming merge jobs failed")
@@ -177,6 +197,7 @@ class ClusterJobManager(MergeJobManager):
                     self._lost.discard(live.record.job_id)
 
     def _lease_loop(self) -> None:
+        _normal_priority()
         interval = self.settings.job_lease_seconds / 3
         while not self._stop.wait(interval):
             with self._cond:

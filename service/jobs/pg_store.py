@@ -26,8 +26,6 @@ from kinship_service.state.database import Database
 
 Connection = psycopg.Connection[tuple[object, ...]]
 
-ATTEMPTS_EXHAUSTED = "JOB_ATTEMPTS_EXHAUSTED"
-
 
 @dataclass(frozen=True)
 class Claimed:
@@ -161,7 +159,7 @@ class PgJobStore:
                         status_code_number(grpc.StatusCode.ABORTED),
                         f"the replicas running this job stopped {attempts} times (crash, kill or lost database) before it "
                         f"finished (KINSHIP_JOB_MAX_ATTEMPTS={max_attempts}); its partial output was removed; start the merge again",
-                        ATTEMPTS_EXHAUSTED,
+                        "JOB_ATTEMPTS_EXHAUSTED",
                     )
                 ended = replace(record, state=CANCELLED if cancel_requested else FAILED, end_time=now, eta_seconds=0.0, error=error)
                 conn.execute(
