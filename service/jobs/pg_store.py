@@ -141,9 +141,11 @@ class PgJobStore:
         def work(conn: Connection) -> Claimed | Abandoned | None:
             row = conn.execute(
                 "SELECT state, attempts, cancel_requested, record FROM merge_jobs"
-                " WHERE state = %s OR (state = %s AND lease_until < now())"
+                # Never our own running jobs: their leases lapse only while the database was away, and our
+                # renewal picks them up again (another replica may take them over meanwhile).
+                " WHERE state = %s OR (state = %s AND lease_until < now() AND owner <> %s)"
                 " ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED",
-                (QUEUED, RUNNING),
+                (QUEUED, RUNNING, owner),
             ).fetchone()
             if row is None:
                 return None

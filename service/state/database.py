@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable
 from importlib import resources
 from typing import TypeVar
@@ -29,6 +30,7 @@ from psycopg import conninfo
 
 from kinship_service.config import ConfigError
 from kinship_service.errors import Unavailable
+from kinship_service.server import metrics
 
 log = logging.getLogger("kinship.state")
 
@@ -111,27 +113,42 @@ class Database:
     def run(self, work: Callable[[psycopg.Connection[tuple[object, ...]]], T]) -> T:
         """`work(connection)` in one transaction; StateUnavailable when the database cannot be reached.
 
-        A reused connection that turns out dead is replaced and the work retried once, so a
-        database restart costs no failed call when it is already back. Other errors (the work's
+        A reused connection that turns out dead is replaced (with every idle one) and the work
+        retried once on a new connection, so a database restart costs no failed call when it is
+        already back. Other errors (the work's
         own, constraint violations) pass through after the transaction was rolled back.
         """
-        for attempt in (1, 2):
-            conn, reused = self._take()
-            try:
-                with conn.transaction():
-                    result = work(conn)
-            except LOST_CONNECTION_ERRORS as exc:
-                conn.close()
-                if reused and attempt == 1:
-                    continue
-                log.warning("shared state database unreachable", extra={"database": self.where, "error": str(exc)})
-                raise self.unavailable(exc) from None
-            except BaseException:
+        started = time.perf_counter()
+        outcome = "error"
+        try:
+            for attempt in (1, 2):
+                try:
+                    conn, reused = self._take()
+                except StateUnavailable:
+                    outcome = "unavailable"
+                    raise
+                try:
+                    with conn.transaction():
+                        result = work(conn)
+                except LOST_CONNECTION_ERRORS as exc:
+                    conn.close()
+                    self.close()  # the other idle connections are most likely dead too: the retry opens a new one
+                    if reused and attempt == 1:
+                        continue
+                    outcome = "unavailable"
+                    log.warning("shared state database unreachable", extra={"database": self.where, "error": str(exc)})
+                    raise self.unavailable(exc) from None
+                except BaseException:
+                    self._give_back(conn)
+                    raise
                 self._give_back(conn)
-                raise
-            self._give_back(conn)
-            return result
-        raise AssertionError("unreachable")  # the loop returns or raises
+                outcome = "ok"
+                return result
+            raise AssertionError("unreachable")  # the loop returns or raises
+        finally:
+            metrics.STATE_SECONDS.labels(outcome).observe(time.perf_counter() - started)
+            if outcome == "unavailable":
+                metrics.STATE_UNAVAILABLE.inc()
 
     def close(self) -> None:
         """Close every idle connection; later calls open new ones."""
