@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
@@ -30,7 +30,12 @@ import torch
 from safetensors import safe_open
 
 from kinship_client import KinshipClient, KinshipRpcError
+from kinship_service.checkpoints.sources import LocalPath
 from kinship_service.checkpoints.synthetic import LlamaShape, make_base, make_family, save_checkpoint
+from kinship_service.jobs.pg_store import Abandoned, Claimed, PgJobStore
+from kinship_service.jobs.records import QUEUED, JobRecord, MergeRequest
+from kinship_service.merge.output import temp_dir_for
+from kinship_service.merge.slerp import InterpolationSpec
 from kinship_service.state.database import Database, latest_version, migrate
 
 from .conftest import InProcessSplit
@@ -371,3 +376,55 @@ def test_replicas_starting_together_apply_each_migration_once(postgres: Postgres
     with psycopg.connect(url) as conn:
         rows = conn.execute("SELECT version FROM schema_version ORDER BY version").fetchall()
     assert [v for (v,) in rows] == list(range(1, latest_version() + 1))
+
+
+# --------------------------------------------------------------------------------------------
+# The PostgreSQL job registry itself: claims, leases, attempts, cancel flags, owner-guarded writes
+# --------------------------------------------------------------------------------------------
+
+
+def _migrated(postgres: PostgresServer) -> Database:
+    database = Database(postgres.new_database())
+    migrate(database)
+    return database
+
+
+def _queued_record(tmp_path: Path, name: str) -> JobRecord:
+    request = MergeRequest(LocalPath("/m/a"), LocalPath("/m/b"), InterpolationSpec.constant(0.5), name, request_id=f"r-{name}")
+    out = tmp_path / name
+    return JobRecord(f"job-{name}", request, QUEUED, str(out), str(temp_dir_for(out, f"job-{name}")), time.time())
+
+
+def test_lease_expiry_reruns_then_fails_after_max_attempts(postgres: PostgresServer, tmp_path: Path) -> None:
+    store = PgJobStore(_migrated(postgres))
+    record = _queued_record(tmp_path, "out")
+    assert store.insert(record) is None
+    assert store.insert(replace(record, job_id="job-again")) == record  # the same request_id: the existing job
+    first = store.claim("host:1:x", 0.0, 2)  # a lease of 0 s: expired for the next transaction
+    assert isinstance(first, Claimed) and first.attempt == 1 and first.stale_tmp_dir is None
+    second = store.claim("host:2:y", 0.0, 2)  # the first runner "died": run again in a directory of its own
+    assert isinstance(second, Claimed) and second.attempt == 2
+    assert second.stale_tmp_dir == Path(first.record.tmp_dir) and second.record.tmp_dir != first.record.tmp_dir
+    store.save(replace(first.record, tensors_done=99))  # the old owner's write no longer reaches the job
+    stored = store.get(record.job_id)
+    assert stored is not None and stored.owner == "host:2:y" and stored.tensors_done == 0
+    third = store.claim("host:3:z", 30.0, 2)
+    assert isinstance(third, Abandoned) and third.record.state == "FAILED"
+    assert third.record.error is not None and third.record.error.reason == "JOB_ATTEMPTS_EXHAUSTED"
+    assert third.stale_tmp_dir == Path(second.record.tmp_dir)
+    assert store.claim("host:3:z", 30.0, 2) is None
+
+
+def test_cancel_flag_reaches_the_runner_through_its_lease_renewal(postgres: PostgresServer, tmp_path: Path) -> None:
+    store = PgJobStore(_migrated(postgres))
+    running, queued = _queued_record(tmp_path, "run"), _queued_record(tmp_path, "wait")
+    store.insert(running)
+    store.insert(queued)
+    claimed = store.claim("host:1:x", 30.0, 3)
+    assert isinstance(claimed, Claimed) and claimed.record.job_id == running.job_id
+    assert store.renew("host:1:x", 30.0) == {running.job_id: False}
+    assert store.request_cancel(queued.job_id).state == "CANCELLED"  # queued: cancelled at once
+    assert store.request_cancel(running.job_id).state == "RUNNING"  # running: flagged for its runner
+    assert store.renew("host:1:x", 30.0) == {running.job_id: True}
+    assert store.claim("host:2:y", 30.0, 3) is None  # the lease holds; the cancelled one is not claimable
+    assert store.queued() == 0

@@ -70,9 +70,9 @@ class PgJobStore:
                         (record.job_id, record.request_id, record.state, record.output_dir, record.to_json()),
                     )
                 return None
-            except pg_errors.UniqueViolation as exc:
-                constraint = exc.diag.constraint_name
-            if constraint == "merge_jobs_request_id":
+            except pg_errors.UniqueViolation:
+                pass  # which index reported it depends on the order PostgreSQL checks them: look at both
+            if record.request_id:
                 row = conn.execute("SELECT record FROM merge_jobs WHERE request_id = %s", (record.request_id,)).fetchone()
                 if row is not None:
                     return _record(row[0])

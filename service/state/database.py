@@ -39,7 +39,9 @@ T = TypeVar("T")
 LOST_CONNECTION_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError)
 """What psycopg raises when the database cannot be reached or the connection broke."""
 MIGRATION_LOCK = 0x6B696E73  # "kins": the advisory lock key held while migrating
-MAX_IDLE_CONNECTIONS = 8
+MAX_CONNECTIONS = 10
+"""Connections one process opens at most (a replica: front + heavy-work process, 20); callers beyond wait."""
+MAX_IDLE_CONNECTIONS = MAX_CONNECTIONS
 _MIGRATION_FILE = re.compile(r"(\d{4})_[a-z0-9_]+\.sql")
 
 
@@ -74,6 +76,7 @@ class Database:
         self.connect_timeout = connect_timeout
         self._idle: list[psycopg.Connection[tuple[object, ...]]] = []
         self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._closed = False
 
     def _connect(self) -> psycopg.Connection[tuple[object, ...]]:
@@ -120,6 +123,14 @@ class Database:
         """
         started = time.perf_counter()
         outcome = "error"
+        if not self._slots.acquire(timeout=self.connect_timeout):
+            metrics.STATE_UNAVAILABLE.inc()
+            error = StateUnavailable(
+                f"all {MAX_CONNECTIONS} connections of this process to the shared state database ({self.where}) stayed "
+                f"busy for {self.connect_timeout:g} s; retry with backoff"
+            )
+            error.detail = "every connection busy"
+            raise error
         try:
             for attempt in (1, 2):
                 try:
@@ -146,6 +157,7 @@ class Database:
                 return result
             raise AssertionError("unreachable")  # the loop returns or raises
         finally:
+            self._slots.release()
             metrics.STATE_SECONDS.labels(outcome).observe(time.perf_counter() - started)
             if outcome == "unavailable":
                 metrics.STATE_UNAVAILABLE.inc()
