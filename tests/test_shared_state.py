@@ -345,12 +345,14 @@ def _start_fails(url: str, tmp_path: Path) -> tuple[int, str]:
 
 
 def test_unreachable_or_wrong_database_url_stops_the_server(postgres: PostgresServer, tmp_path: Path) -> None:
-    closed = f"postgresql://kinship@127.0.0.1:{postgres.port + 1 if postgres.port < 65535 else 1}/postgres"
+    closed = f"postgresql://kinship:s3cret@127.0.0.1:{postgres.port + 1 if postgres.port < 65535 else 1}/postgres"
     wrong_db = postgres.url("no_such_database")
     for url in (closed, wrong_db):
         code, text = _start_fails(url, tmp_path)
         assert code != 0 and "KINSHIP_STATE_URL" in text and "Traceback" not in text, text
-        assert "listening" not in text
+        assert "listening" not in text and "s3cret" not in text
+    code, text = _start_fails("postgresql://kinship:s3cret@[::1/x", tmp_path)
+    assert code != 0 and "KINSHIP_STATE_URL is not a URL libpq can parse" in text and "s3cret" not in text, text
     code, text = _start_fails("mysql://kinship@127.0.0.1/x", tmp_path)
     assert code == 2 and "KINSHIP_STATE_URL must be a postgresql://" in text and "Traceback" not in text, text
 

@@ -232,6 +232,13 @@ def open_database(url: str, connect_timeout: float = 5.0) -> Database:
         database = _DATABASES.get(url)
         if database is not None:
             return database
+        try:
+            conninfo.conninfo_to_dict(url)
+        except psycopg.ProgrammingError:  # libpq's message quotes the URL, password included: not repeated here
+            raise StateStartupError(
+                "KINSHIP_STATE_URL is not a URL libpq can parse; use postgresql://user:password@host:port/dbname "
+                "(percent-encode special characters in the password)"
+            ) from None
         database = Database(url, connect_timeout=connect_timeout)
         try:
             migrate(database)
