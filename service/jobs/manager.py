@@ -4,7 +4,8 @@
 `KINSHIP_MAX_MERGE_JOBS` at once with at most `KINSHIP_MAX_QUEUED_MERGE_JOBS` waiting (beyond that
 RESOURCE_EXHAUSTED with a retry hint), and lets callers get, list (paginated, newest first),
 cancel and watch them. The registry is `store.JobStore` (SQLite under `KINSHIP_CACHE_DIR/jobs`);
-the records are `records`.
+the records are `records`. With `KINSHIP_STATE_URL`, `cluster.ClusterJobManager` runs this pool
+over the PostgreSQL registry shared by every replica (state/backend.py chooses).
 
 Each job row records its owner (host, pid and a per-start nonce) and a heartbeat. On start-up, and
 periodically, jobs still QUEUED or RUNNING whose owner is gone (same host and the process is dead,
