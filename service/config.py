@@ -108,6 +108,16 @@ class Settings:
     """Server private key (PEM)."""
     tls_client_ca_file: Path | None = None
     """CA bundle (PEM) for client certificates; when set, clients must present one (mutual TLS)."""
+    state_url: str = ""
+    """`postgresql://user:password@host:port/dbname`: merge jobs, fingerprints, pair results and Hub records live in
+    this database, shared by every replica (docs/operations.md); empty: the embedded SQLite and diskcache."""
+    state_timeout_seconds: float = 5.0
+    """Connecting to the KINSHIP_STATE_URL database gives up after this long (then UNAVAILABLE, or no start-up)."""
+    job_lease_seconds: float = 30.0
+    """With KINSHIP_STATE_URL: a replica running a merge renews its lease every third of this; a job whose lease
+    expired (its replica died) is run again by another replica."""
+    job_max_attempts: int = 3
+    """With KINSHIP_STATE_URL: a merge whose replicas died this many times ends FAILED (JOB_ATTEMPTS_EXHAUSTED)."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -152,6 +162,13 @@ class Settings:
             raise ConfigError("set both KINSHIP_TLS_CERT_FILE and KINSHIP_TLS_KEY_FILE, or neither")
         if self.ray_pass_tasks < 0 or self.ray_gpus_per_merge < 0 or self.ray_timeout_seconds <= 0:
             raise ConfigError("KINSHIP_RAY_PASS_TASKS and KINSHIP_RAY_GPUS_PER_MERGE must be >= 0, KINSHIP_RAY_TIMEOUT_SECONDS > 0")
+        if self.state_url and not self.state_url.startswith(("postgresql://", "postgres://")):
+            scheme = self.state_url.split("://", 1)[0] if "://" in self.state_url else "no scheme"
+            raise ConfigError(f"KINSHIP_STATE_URL must be a postgresql://user:password@host:port/dbname URL (got {scheme})")
+        if self.state_timeout_seconds <= 0 or self.job_lease_seconds <= 0:
+            raise ConfigError("KINSHIP_STATE_TIMEOUT_SECONDS and KINSHIP_JOB_LEASE_SECONDS must be > 0")
+        if self.job_max_attempts < 1:
+            raise ConfigError("KINSHIP_JOB_MAX_ATTEMPTS must be at least 1")
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
             raise ConfigError("KINSHIP_TLS_CLIENT_CA_FILE needs KINSHIP_TLS_CERT_FILE and KINSHIP_TLS_KEY_FILE")
 
@@ -168,11 +185,11 @@ def _parse_bool(raw: str) -> bool:
 
 def _convert(name: str, raw: str) -> int | float | bool | str | Path | tuple[Path, ...]:
     """The value of field `name` from its variable's text; ValueError when it does not parse."""
-    if name in ("port", "metrics_port", "max_merge_jobs", "max_queued_merge_jobs", "max_workers", "max_concurrent_rpcs", "heavy_workers", "heavy_queue", "ray_pass_tasks"):
+    if name in ("port", "metrics_port", "max_merge_jobs", "max_queued_merge_jobs", "max_workers", "max_concurrent_rpcs", "heavy_workers", "heavy_queue", "ray_pass_tasks", "job_max_attempts"):
         return int(raw)
     if name in ("cache_size_limit", "max_message_bytes", "chunk_bytes"):
         return parse_bytes(raw)
-    if name in ("grace_seconds", "drain_seconds", "ray_gpus_per_merge", "ray_timeout_seconds"):
+    if name in ("grace_seconds", "drain_seconds", "ray_gpus_per_merge", "ray_timeout_seconds", "state_timeout_seconds", "job_lease_seconds"):
         return float(raw)
     if name == "health_port":
         return int(raw)

@@ -32,9 +32,6 @@ CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
 KUBE_VERSION = "1.30.0"
 MONITORING = "monitoring.coreos.com/v1"
 RAY_API = "ray.io/v1"
-# Read by the server once issue 15's shared state and Ray land (KINSHIP_STATE_URL=postgresql://...,
-# KINSHIP_RAY_ADDRESS); accepted here until config.Settings has them.
-SCALE_OUT_VARIABLES = {"KINSHIP_STATE_URL", "KINSHIP_RAY_ADDRESS"}
 
 
 def _load_get_helm() -> Any:
@@ -190,7 +187,7 @@ def test_environment_is_valid_server_configuration(helm):
     for values in CI_VALUES:
         env = env_of(server_container(render(helm, values)))
         kinship = {k: v for k, v in env.items() if k.startswith("KINSHIP_")}
-        known = {f"KINSHIP_{f.name.upper()}" for f in dataclasses.fields(Settings)} | SCALE_OUT_VARIABLES
+        known = {f"KINSHIP_{f.name.upper()}" for f in dataclasses.fields(Settings)}
         assert set(kinship) <= known, f"{values.name}: unknown {set(kinship) - known}"
         settings = Settings.from_env({k: v for k, v in kinship.items() if isinstance(v, str)})  # raises on bad values
         assert settings.health_port and settings.port != settings.health_port

@@ -57,6 +57,7 @@ from kinship_service.kinship.fingerprint import Fingerprint, build_fingerprints,
 from kinship_service.kinship.modes import AUTO, EXACT, FINGERPRINT, MODES, KinshipMode, ModeUsed
 from kinship_service.kinship.similarity import PairwiseMoments, similarities
 from kinship_service.server import metrics
+from kinship_service.state.backend import open_cache_store
 
 log = logging.getLogger("kinship.registry")
 
@@ -117,7 +118,7 @@ class KinshipCache:
         self.settings = settings
         self.device = torch.device(device)
         try:
-            self.store = store if store is not None else CacheStore(settings.cache_dir, settings.cache_size_limit)
+            self.store = store if store is not None else open_cache_store(settings)
         except (OSError, sqlite3.Error) as exc:
             raise RuntimeError(
                 f"cannot open the cache in {settings.cache_dir} ({exc}); set KINSHIP_CACHE_DIR to a writable directory"

@@ -4,7 +4,8 @@
 `KINSHIP_MAX_MERGE_JOBS` at once with at most `KINSHIP_MAX_QUEUED_MERGE_JOBS` waiting (beyond that
 RESOURCE_EXHAUSTED with a retry hint), and lets callers get, list (paginated, newest first),
 cancel and watch them. The registry is `store.JobStore` (SQLite under `KINSHIP_CACHE_DIR/jobs`);
-the records are `records`.
+the records are `records`. With `KINSHIP_STATE_URL`, `cluster.ClusterJobManager` runs this pool
+over the PostgreSQL registry shared by every replica (state/backend.py chooses).
 
 Each job row records its owner (host, pid and a per-start nonce) and a heartbeat. On start-up, and
 periodically, jobs still QUEUED or RUNNING whose owner is gone (same host and the process is dead,
@@ -60,7 +61,7 @@ from kinship_service.jobs.records import (
     input_fields,
     job_error_from_os,
 )
-from kinship_service.jobs.store import JobStore
+from kinship_service.jobs.store import JobRegistry, JobStore
 from kinship_service.merge.model_card import ModelCard
 from kinship_service.merge.output import remove_tree, resolve_output_dir, temp_dir_for
 from kinship_service.merge.plan import MergeSettings
@@ -126,7 +127,7 @@ class MergeJobManager:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.output_registrar: Callable[[CheckpointSpec, CheckpointSpec], None] | None = None
         """Set by the server wiring: `registrar(output, base)` caches a finished output's fingerprint and delta."""
-        self._store: JobStore | None = None
+        self._store: JobRegistry | None = None
         self._cond = threading.Condition()
         self._live: dict[str, _Live] = {}
         self._queue: deque[str] = deque()
@@ -151,7 +152,7 @@ class MergeJobManager:
 
     # -- life cycle ----------------------------------------------------------------------------
     @property
-    def store(self) -> JobStore:
+    def store(self) -> JobRegistry:
         """The open registry; UNAVAILABLE saying why when it could not be opened."""
         if self._store is None:
             raise Unavailable(
@@ -215,8 +216,10 @@ class MergeJobManager:
         self._store = None
 
     def _recover(self, startup: bool) -> None:
+        store = self.store
+        assert isinstance(store, JobStore)  # the SQLite registry; across replicas leases do this (cluster.py)
         now = time.time()
-        for owner, heartbeat, record in self.store.active_rows():
+        for owner, heartbeat, record in store.active_rows():
             if owner == self.owner:
                 continue
             stale = now - heartbeat > STALE_SECONDS
@@ -241,7 +244,9 @@ class MergeJobManager:
     def _heartbeat_loop(self) -> None:
         while not self._stop.wait(HEARTBEAT_SECONDS):
             try:
-                self.store.heartbeat(self.owner)
+                store = self.store
+                assert isinstance(store, JobStore)
+                store.heartbeat(self.owner)
                 self._recover(startup=False)
             except Exception:  # any failure: keep beating; the next round retries
                 log.exception("merge job heartbeat failed")
@@ -249,34 +254,10 @@ class MergeJobManager:
     # -- requests ------------------------------------------------------------------------------
     def submit(self, request: MergeRequest) -> JobRecord:
         """Queue a merge; the same request_id returns the existing job (ALREADY_EXISTS if the request differs)."""
-        roots = self.settings.allowed_roots
-        if request.request_id:
-            existing = self.store.by_request_id(request.request_id)
-            if existing is not None:
-                return self._same_request(existing, request)
-        for spec, name in zip(request.inputs, input_fields(request), strict=True):
-            if isinstance(spec, LocalPath):
-                # NOT_FOUND / PERMISSION_DENIED / CORRUPT_SAFETENSORS now, not later as the job's failure.
-                read_checkpoint_headers(resolve(spec, roots, name))
-        root = Path(self.settings.output_root)
-        root.mkdir(parents=True, exist_ok=True)
-        final_dir = resolve_output_dir(root, request.output_path)
-        if final_dir.exists() and not request.overwrite:
-            raise AlreadyExists(
-                f"output {request.output_path} already exists under the output root; choose another path or set overwrite",
-                reason="OUTPUT_EXISTS",
-                field="output_path",
-            )
-        job_id = uuid.uuid4().hex
-        record = JobRecord(
-            job_id=job_id,
-            request=request,
-            state=QUEUED,
-            output_dir=str(final_dir),
-            tmp_dir=str(temp_dir_for(final_dir, job_id)),
-            create_time=time.time(),
-            owner=self.owner,
-        )
+        existing, record = self._new_record(request)
+        if existing is not None:
+            return existing
+        job_id = record.job_id
         with self._cond:
             if self._closing:
                 raise Unavailable("the server is shutting down; retry on another replica", reason="SHUTTING_DOWN")
@@ -302,6 +283,41 @@ class MergeJobManager:
             self._cond.notify_all()
         log.info("merge job queued", extra={"job_id": job_id, "output": record.output_dir})
         return record
+
+    def _new_record(self, request: MergeRequest) -> tuple[JobRecord | None, JobRecord]:
+        """(the job already started with this request id, or None; else the new QUEUED record, validated).
+
+        Checks what can be checked now, so a bad request fails the call, not later as the job's
+        failure: the inputs' headers (NOT_FOUND, PERMISSION_DENIED, CORRUPT_SAFETENSORS), the output path.
+        """
+        roots = self.settings.allowed_roots
+        if request.request_id:
+            existing = self.store.by_request_id(request.request_id)
+            if existing is not None:
+                return self._same_request(existing, request), existing
+        for spec, name in zip(request.inputs, input_fields(request), strict=True):
+            if isinstance(spec, LocalPath):
+                read_checkpoint_headers(resolve(spec, roots, name))
+        root = Path(self.settings.output_root)
+        root.mkdir(parents=True, exist_ok=True)
+        final_dir = resolve_output_dir(root, request.output_path)
+        if final_dir.exists() and not request.overwrite:
+            raise AlreadyExists(
+                f"output {request.output_path} already exists under the output root; choose another path or set overwrite",
+                reason="OUTPUT_EXISTS",
+                field="output_path",
+            )
+        job_id = uuid.uuid4().hex
+        record = JobRecord(
+            job_id=job_id,
+            request=request,
+            state=QUEUED,
+            output_dir=str(final_dir),
+            tmp_dir=str(temp_dir_for(final_dir, job_id)),
+            create_time=time.time(),
+            owner=self.owner,
+        )
+        return None, record
 
     @staticmethod
     def _same_request(existing: JobRecord, request: MergeRequest) -> JobRecord:
@@ -538,15 +554,7 @@ class MergeJobManager:
             if live.cancel.is_set():
                 self._finish(live, CANCELLED, None)
             else:
-                self._finish(
-                    live,
-                    FAILED,
-                    JobError(
-                        status_code_number(grpc.StatusCode.UNAVAILABLE),
-                        "the server shut down while this job was running; its partial output was removed; start it again",
-                        "SERVER_SHUTDOWN",
-                    ),
-                )
+                self._interrupted(live)
         except KinshipError as exc:
             remove_tree(Path(live.record.tmp_dir))
             self._finish(live, FAILED, JobError(status_code_number(exc.code), exc.message, exc.reason))
@@ -566,3 +574,15 @@ class MergeJobManager:
                     "INTERNAL",
                 ),
             )
+
+    def _interrupted(self, live: _Live) -> None:
+        """A running job stopped because this server shuts down: it fails (the cluster manager requeues it)."""
+        self._finish(
+            live,
+            FAILED,
+            JobError(
+                status_code_number(grpc.StatusCode.UNAVAILABLE),
+                "the server shut down while this job was running; its partial output was removed; start it again",
+                "SERVER_SHUTDOWN",
+            ),
+        )

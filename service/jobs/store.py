@@ -12,9 +12,20 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from kinship_service.jobs.records import ACTIVE, JobRecord
+
+
+class JobRegistry(Protocol):
+    """What the job manager needs of a registry: this SQLite one, or PostgreSQL's (pg_store.py) across replicas."""
+
+    def insert(self, record: JobRecord) -> JobRecord | None: ...
+    def save(self, record: JobRecord) -> None: ...
+    def get(self, job_id: str) -> JobRecord | None: ...
+    def by_request_id(self, request_id: str) -> JobRecord | None: ...
+    def page(self, before_seq: int | None, state: str | None, limit: int) -> list[tuple[int, JobRecord]]: ...
+    def close(self) -> None: ...
 
 
 class JobStore:

@@ -289,7 +289,8 @@ class Front:
         except Exception:  # malformed bytes from a client
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the {name} request could not be parsed")
         try:
-            if _memory_only(request):
+            # With KINSHIP_STATE_URL a fingerprint not yet in memory comes over the network: never on the loop.
+            if _memory_only(request) and not self.settings.state_url:
                 response = light.answer(request)
             else:
                 # May read the cache (pair results, delta manifests: SQLite, whose locks the heavy-work

@@ -262,6 +262,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     role = "heavy" if backend_socket else ("front" if settings.heavy_process else "server")
     configure_logging(settings, role)
+    if settings.state_url:
+        from kinship_service.state.backend import shared_database
+
+        try:  # connect and migrate now: a wrong KINSHIP_STATE_URL stops the server here, not at its first call
+            shared_database(settings)
+        except ConfigError as exc:
+            log.error("cannot start: %s", exc)
+            return 1
     if backend_socket is None and settings.heavy_process:
         from kinship_service.server import front
 

@@ -68,6 +68,16 @@ HEAVY_PROCESS_UP = Gauge(
 HEAVY_PROCESS_RESTARTS = Counter(
     "kinship_heavy_process_restarts_total", "Times the front restarted a heavy-work process that had exited unexpectedly.", registry=REGISTRY
 )
+STATE_SECONDS = Histogram(
+    "kinship_state_seconds",
+    "Transactions on the shared PostgreSQL state (KINSHIP_STATE_URL), by outcome (ok, error, unavailable).",
+    ["outcome"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+STATE_UNAVAILABLE = Counter(
+    "kinship_state_unavailable_total", "Calls that found the shared PostgreSQL state unreachable (answered UNAVAILABLE).", registry=REGISTRY
+)
 KINSHIP_MODE_USED = Counter("kinship_mode_used_total", "Kinship requests by the mode actually used.", ["mode"], registry=REGISTRY)
 
 

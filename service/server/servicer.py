@@ -24,7 +24,6 @@ from kinship_service.checkpoints.sources import CheckpointSpec, resolve
 from kinship_service.config import Settings
 from kinship_service.errors import Cancelled, DeadlineExceeded, Internal, InvalidArgument, KinshipError, to_rpc_status
 from kinship_service.guidance.population import Pair
-from kinship_service.jobs.manager import MergeJobManager
 from kinship_service.kinship.exact import resolve_device
 from kinship_service.kinship.modes import FINGERPRINT, ModeUsed
 from kinship_service.kinship.population import pairwise_kinship
@@ -32,6 +31,7 @@ from kinship_service.server import kinship_rpc, merge_rpc, metrics, recommend_rp
 from kinship_service.server.admission import Admission
 from kinship_service.server.recommend_rpc import PopulationQuery
 from kinship_service.server.refs import spec_from_ref
+from kinship_service.state.backend import open_job_manager
 
 log = logging.getLogger("kinship.api")
 
@@ -106,7 +106,7 @@ class KinshipServicer(service_pb2_grpc.KinshipServiceServicer):
         self.settings = settings
         self.device = resolve_device(settings.device)
         self.kinship_cache = KinshipCache(settings, self.device)  # fingerprints, deltas and pair results
-        self.jobs = MergeJobManager(settings)
+        self.jobs = open_job_manager(settings)  # this server's SQLite registry, or the cluster's (KINSHIP_STATE_URL)
         self.jobs.start()
         # Heavy work (exact passes, registrations) runs on a bounded executor with coalescing
         # (admission.py); half the handler threads at most may wait on it, so light calls always run.

@@ -1,0 +1,1 @@
+"""Shared state for several replicas (`KINSHIP_STATE_URL`): PostgreSQL connections, migrations, the routed cache store."""
