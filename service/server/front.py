@@ -10,8 +10,8 @@
   None where heavy work is needed: then the call is forwarded;
 - the **heavy-work process** (`kinship-server --backend SOCKET`, the monolithic server of
   server.py on a Unix socket in a private directory), which runs everything else: exact passes,
-  registrations, merge jobs and merge-job queries, with admission control (admission.py), in
-  the CPU's idle time (SCHED_IDLE).
+  registrations, merge jobs and merge-job queries, with admission control (admission.py),
+  at a lower priority (nice +5, its heavy threads +15; never SCHED_IDLE, which starved it).
 
 Why: heavy work (reading gigabytes, SLERP kernels, safetensors writes) sharing a process with the
 light calls took the GIL and the handler threads from them; a single process topped out near 600
