@@ -75,12 +75,16 @@ def rank_candidates(
     *,
     metric: str = PCC,
     merged_pairs: Iterable[Pair] = (),
+    validated: bool = False,
 ) -> Ranking:
     """Which pairs to merge next: greedy pairs among the top-k and one exploration merge.
 
     `kinship` must answer for every pair of top-k members (`top_k_pairs(select_top_k(...))`).
+    `validated`: the caller has checked `members` and `top_k` with `validate_population` already
+    (recommend_rpc's queries do, before gathering kinship), so they are not checked twice.
     """
-    validate_population(members, top_k)
+    if not validated:
+        validate_population(members, top_k)
     scores = {m.name: float(m.score) for m in members if m.score is not None}  # all of them, once validated
     top = select_top_k(members, top_k)
     rank = {name: i for i, name in enumerate(top)}

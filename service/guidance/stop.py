@@ -129,23 +129,30 @@ def should_stop(
     aggregation: str = MEAN,
     gain_window: int = 0,
     gain_threshold: float | None = None,
+    validated: bool = False,
 ) -> StopDecision:
     """Whether a merging loop should stop, with every reason that fired and its evidence.
 
     `kinship` must answer for every pair of top-k members. `previous_top_k` empty disables
     TOPK_UNCHANGED; `gain_window` 0 disables GAIN_PLATEAU, which needs at least
-    `gain_window` merged members to fire.
+    `gain_window` merged members to fire. `validated`: the caller has checked the population
+    (`validate_population`) and these options (`validate_stop_options`) already, as
+    recommend_rpc's queries do, so they are not checked twice.
     """
-    validate_population(members, top_k)
-    threshold, gain_limit = validate_stop_options(
-        members,
-        metric=metric,
-        previous_top_k=previous_top_k,
-        kinship_threshold=kinship_threshold,
-        aggregation=aggregation,
-        gain_window=gain_window,
-        gain_threshold=gain_threshold,
-    )
+    if validated:
+        threshold = resolve_threshold(kinship_threshold, metric)
+        gain_limit = DEFAULT_GAIN_THRESHOLD if gain_threshold is None else gain_threshold
+    else:
+        validate_population(members, top_k)
+        threshold, gain_limit = validate_stop_options(
+            members,
+            metric=metric,
+            previous_top_k=previous_top_k,
+            kinship_threshold=kinship_threshold,
+            aggregation=aggregation,
+            gain_window=gain_window,
+            gain_threshold=gain_threshold,
+        )
 
     top = select_top_k(members, top_k)
     matrix = KinshipMatrix.build(top, kinship, metric)

@@ -223,7 +223,8 @@ class RankQuery:
     def response(self, values: dict[Pair, float], mode_used: ModeUsed) -> recommend_pb2.RankCandidatesResponse:
         """The response, given the kinship of every top-k pair."""
         ranking = rank.rank_candidates(
-            self.members, self.top_k, population.lookup(values), metric=self.kinship.metric, merged_pairs=self.merged
+            self.members, self.top_k, population.lookup(values), metric=self.kinship.metric, merged_pairs=self.merged,
+            validated=True,  # by rank_query
         )
         return rank_response(ranking, mode_used)
 
@@ -265,6 +266,7 @@ class StopQuery:
             aggregation=self.aggregation,
             gain_window=self.gain_window,
             gain_threshold=self.gain_threshold,
+            validated=True,  # by stop_query
         )
         return stop_response(decision, mode_used)
 
