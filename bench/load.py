@@ -15,9 +15,11 @@ A warm-up (`--warmup`, 3 s) runs the light load unrecorded while the heavy work 
 connect, the server loads fingerprints); then the recorded window opens. Bounded in time
 (`--duration`) and in count (`--max-requests` light calls). Prints throughput,
 p50/p99 latency per RPC, errors by status code (light and heavy separately), how much heavy work
-ran during the window, and the server's CPU time and peak RSS (VmHWM), per process when it runs
-a heavy-work process. Targets (issue 7): light calls >= 1,000 req/s in total with p99 < 50 ms,
-and no errors other than RESOURCE_EXHAUSTED on the heavy path. The default offered rate, 1,100
+ran during the window, the server's CPU time and peak RSS (VmHWM), per process when it runs
+a heavy-work process, light calls per CPU-second of the front (its CPU time over the recorded
+window: the figure that decides how many calls one front can take, whatever else loads the
+machine), the processor's model name and the load average before and after. Targets (issue 7):
+light calls >= 1,000 req/s in total with p99 < 50 ms, and no errors other than RESOURCE_EXHAUSTED on the heavy path. The default offered rate, 1,100
 calls/s, is 10% above the target so that the achieved rate shows it with room (an open-loop
 window always ends a few calls short of rate x duration).
 
@@ -49,6 +51,19 @@ import grpc
 from _server import cpu_seconds, proc_status, server_pids, start_server  # bench/ is the script's directory
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def processor_name() -> str:
+    """The processor's model name (/proc/cpuinfo), or the platform's description elsewhere."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -236,7 +251,9 @@ async def merge_loop(stub, pb, a: Path, b: Path, recorder: Recorder, stop_at: fl
             recorder.heavy_seconds["StartMerge"].append(time.perf_counter() - started)
 
 
-async def run_load(address: str, data: dict[str, object], args: argparse.Namespace, recorder: Recorder) -> dict[str, float]:
+async def run_load(
+    address: str, data: dict[str, object], args: argparse.Namespace, recorder: Recorder, front_pid: int
+) -> dict[str, float]:
     from kinship_client.v1 import common_pb2, kinship_pb2, recommend_pb2, service_pb2_grpc
 
     pb = (common_pb2, kinship_pb2, recommend_pb2)
@@ -292,6 +309,7 @@ async def run_load(address: str, data: dict[str, object], args: argparse.Namespa
         print(f"  sweep: offered {rate:6.0f}/s -> {sweep_rows[-1]['achieved_rps']:7.1f}/s, p50 {sweep_rows[-1]['p50_ms']:8.2f} ms, "
               f"p99 {sweep_rows[-1]['p99_ms']:8.2f} ms, errors {errors}", flush=True)
     light_start = time.monotonic()
+    front_cpu_start = cpu_seconds(front_pid)  # the recorded window only: warm-up and sweep calls are not counted
     stop_at = light_start + args.duration
     await asyncio.gather(
         *(
@@ -301,12 +319,16 @@ async def run_load(address: str, data: dict[str, object], args: argparse.Namespa
         )
     )
     light_seconds = time.monotonic() - light_start
+    front_cpu = cpu_seconds(front_pid) - front_cpu_start
     for task in heavy:
         task.cancel()
     await asyncio.gather(*heavy, return_exceptions=True)
     for channel in channels:
         await channel.close()
-    return {"light_seconds": light_seconds, "total_seconds": time.monotonic() - window_start, "sweep": sweep_rows}  # type: ignore[dict-item]
+    return {  # type: ignore[dict-item]
+        "light_seconds": light_seconds, "total_seconds": time.monotonic() - window_start, "sweep": sweep_rows,
+        "front_cpu_window_s": front_cpu,
+    }
 
 
 def main() -> int:
@@ -335,7 +357,9 @@ def main() -> int:
 
     work = args.dir or Path(tempfile.mkdtemp(prefix="kinship-load-"))
     work.mkdir(parents=True, exist_ok=True)
-    print(f"work directory {work}; load average before: {os.getloadavg()}", flush=True)
+    load_before = Path("/proc/loadavg").read_text().strip() if Path("/proc/loadavg").exists() else str(os.getloadavg())
+    print(f"processor: {processor_name()}, {os.cpu_count()} cores; work directory {work}", flush=True)
+    print(f"load average before (/proc/loadavg): {load_before}", flush=True)
     started = time.perf_counter()
     data = make_data(work, args.light_models, args.heavy_params)
     print(f"generated {args.light_models} light checkpoints and 7 heavy ones ({data['heavy_params'] / 1e6:.0f}M parameters, bf16) "
@@ -365,7 +389,7 @@ def main() -> int:
         baseline_rss = sum(proc_status(p, "VmRSS") for p in pids)
         recorder = Recorder()
         cpu0, own_cpu0 = [cpu_seconds(p) for p in pids], time.process_time()
-        timing = asyncio.run(run_load(address, data, args, recorder))
+        timing = asyncio.run(run_load(address, data, args, recorder, pids[0]))
         process_cpu = [cpu_seconds(p) - c for p, c in zip(pids, cpu0, strict=False)]
         server_cpu = sum(process_cpu)
         own_cpu = time.process_time() - own_cpu0
@@ -389,6 +413,9 @@ def main() -> int:
         for m, codes in recorder.heavy_codes.items()
     }
     p99_all = percentile(all_light, 99) * 1000
+    front_cpu = timing["front_cpu_window_s"]
+    per_front_cpu_second = light_total / front_cpu if front_cpu > 0 else float("nan")
+    load_after = Path("/proc/loadavg").read_text().strip() if Path("/proc/loadavg").exists() else str(os.getloadavg())
     results = {
         "clients": args.clients,
         "offered_rate": args.rate,
@@ -430,7 +457,12 @@ def main() -> int:
         "loadgen_cpu_s": round(own_cpu, 1),
         "server_rss_before_load_mib": round(baseline_rss, 1),
         "server_peak_rss_mib": round(peak_rss, 1),
-        "load_average_after": os.getloadavg(),
+        "front_cpu_s_in_window": round(front_cpu, 2),
+        "light_calls_per_front_cpu_s": round(per_front_cpu_second, 1),
+        "front_cpu_us_per_light_call": round(1e6 / per_front_cpu_second, 1) if front_cpu > 0 else None,
+        "load_average_before": load_before,
+        "load_average_after": load_after,
+        "processor": processor_name(),
         "cpus": os.cpu_count(),
     }
     meets = throughput >= 1000 and p99_all < 50 and not any(light_errors.values()) and not any(heavy_bad.values())
@@ -456,7 +488,11 @@ def main() -> int:
           f"(wall {timing['total_seconds']:.1f} s, {os.cpu_count()} cores)")
     peaks = f" (front {process_peaks[0]:.0f} MiB + heavy-work process {sum(process_peaks[1:]):.0f} MiB)" if len(pids) > 1 else ""
     print(f"server RSS: {baseline_rss:.0f} MiB before the load, peak (VmHWM) {peak_rss:.0f} MiB{peaks}")
-    print(f"load average after: {os.getloadavg()}")
+    who = "front" if len(pids) > 1 else "server (one process, heavy work included)"
+    print(f"{who} CPU in the recorded window: {front_cpu:.2f} s for {light_total} light calls: "
+          f"{per_front_cpu_second:.0f} light calls per CPU-second ({1e6 / per_front_cpu_second:.0f} us each"
+          + (", forwarding the heavy loops' calls included)" if not args.no_heavy else ")"))
+    print(f"processor: {processor_name()}, {os.cpu_count()} cores; load average before: {load_before}; after: {load_after}")
     print(f"targets (>= 1000 req/s light, p99 < 50 ms, no errors but RESOURCE_EXHAUSTED on heavy): {'MET' if meets else 'NOT MET'}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

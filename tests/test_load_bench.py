@@ -36,4 +36,6 @@ def test_load_bench_smoke(tmp_path: Path) -> None:
     heavy_codes = {code for row in figures["heavy"].values() for code in row["codes"]}
     assert heavy_codes <= {"OK", "RESOURCE_EXHAUSTED", "JOB_SUCCEEDED", "CANCELLED_AT_END"}, figures["heavy"]
     assert figures["server_peak_rss_mib"] > 0
+    assert figures["light_calls_per_front_cpu_s"] > 0 and figures["processor"]
+    assert "light calls per CPU-second" in done.stdout and "load average before" in done.stdout
     assert "light load" in done.stdout and "server RSS" in done.stdout

@@ -21,6 +21,10 @@ MEMORY_FINGERPRINT_BYTES = 512 * 2**20
 """In-process copies of verified fingerprints (1 MiB each), so hot FINGERPRINT queries skip the disk."""
 
 
+_MEMORY_HITS = metrics.CACHE_HITS.labels("mem")
+"""Bound once: the FINGERPRINT hot path counts two or more of these per call."""
+
+
 class FingerprintCache:
     """Fingerprints by (base identity, checkpoint identity) (thread-safe)."""
 
@@ -38,7 +42,7 @@ class FingerprintCache:
             if fp is not None:
                 self._memory.move_to_end(key)
         if fp is not None:
-            metrics.CACHE_HITS.labels("mem").inc()
+            _MEMORY_HITS.inc()
             return fp
         payload = self.store.get(key)
         if payload is None:

@@ -101,6 +101,10 @@ class _Query:
         return [r.ident for r in self.models]
 
 
+_MODE_USED: dict[str, Any] = {}
+"""kinship_mode_used_total's series by mode, each bound on first use (counted on every Kinship call)."""
+
+
 def record_exact_pass(result: ExactKinship) -> None:
     """Count a pass over weights in the metrics (bytes read, tensors and elements compared, seconds)."""
     metrics.BYTES_READ.inc(result.bytes_read)
@@ -165,7 +169,10 @@ class KinshipCache:
 
     def _outcome(self, query: _Query, result: ExactKinship, mode_used: ModeUsed, source: str) -> KinshipOutcome:
         result.seconds = time.perf_counter() - query.started
-        metrics.KINSHIP_MODE_USED.labels(mode_used).inc()
+        series = _MODE_USED.get(mode_used)
+        if series is None:
+            series = _MODE_USED[mode_used] = metrics.KINSHIP_MODE_USED.labels(mode_used)
+        series.inc()
         if source == "pass":  # weights were read (counted once, however many callers share the pass)
             record_exact_pass(result)
         return KinshipOutcome(result, mode_used, source, query.ids, query.base.ident.identity)

@@ -158,10 +158,13 @@ def _too_long(path: str, field_name: str) -> InvalidArgument:
     )
 
 
+@functools.lru_cache(maxsize=4096)
 def _check_path_text(path: str, field_name: str) -> None:
     """INVALID_ARGUMENT for a path no file system could hold: empty, with a NUL byte, or over NAME_MAX / PATH_MAX.
 
     Checked on the text alone, before the allowed roots: it says nothing about the server's files.
+    Memoised (the text is all it reads; errors are raised afresh each time, never cached): light
+    calls name the same few checkpoints over and over.
     """
     if not path:
         raise InvalidArgument("the checkpoint path is empty", field=field_name)

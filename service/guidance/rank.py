@@ -144,14 +144,18 @@ def rank_candidates(
     merged_pairs: Iterable[Pair] = (),
     options: RankOptions | None = None,
     history_kinship: Mapping[Pair, float] | None = None,
+    validated: bool = False,
 ) -> Ranking:
     """Which pairs to merge next: greedy pairs among the top-k and one exploration merge.
 
     `kinship` must answer for every pair of top-k members and for the best model with each
     member of the exploration pool. `history_kinship` (known values, e.g. of earlier
-    merges' parents) feeds the gain model beside those.
+    merges' parents) feeds the gain model beside those. `validated`: the caller has checked
+    `members` and `top_k` with `validate_population` already (recommend_rpc's queries do,
+    before gathering kinship), so they are not checked twice.
     """
-    validate_population(members, top_k)
+    if not validated:
+        validate_population(members, top_k)
     options = options or RankOptions()
     prior = options.validate(members, top_k)
     scores = {m.name: float(m.score) for m in members if m.score is not None}  # all of them, once validated

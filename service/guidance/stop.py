@@ -162,6 +162,7 @@ def should_stop(
     min_gain_history: int = 0,
     gain_prior_strength: float | None = None,
     history_kinship: Mapping[Pair, float] | None = None,
+    validated: bool = False,
 ) -> StopDecision:
     """Whether a merging loop should stop, with every reason that fired and its evidence.
 
@@ -169,8 +170,11 @@ def should_stop(
     TOPK_UNCHANGED; `gain_window` 0 disables GAIN_PLATEAU, which needs at least
     `gain_window` merged members to fire. `min_expected_gain` None disables NO_EXPECTED_GAIN;
     `history_kinship` (known values, e.g. of earlier merges' parents) feeds its gain model.
+    `validated`: the caller has checked the population (`validate_population`) already, as
+    recommend_rpc's queries do, so it is not checked twice.
     """
-    validate_population(members, top_k)
+    if not validated:
+        validate_population(members, top_k)
     threshold, gain_limit = validate_stop_options(
         members,
         metric=metric,

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import grpc.aio
 
 from kinship_service.config import ConfigError, Settings
 from kinship_service.errors import KinshipError, to_rpc_status
@@ -116,7 +115,7 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         service = method.split("/")[1] if method.count("/") >= 2 else ""
         if service in OPEN_SERVICES:
             return continuation(handler_call_details)
-        error = _token_error(handler_call_details.invocation_metadata, self._tokens)
+        error = token_error(handler_call_details.invocation_metadata, self._tokens)
         if error is None:
             return continuation(handler_call_details)
         log.info("unauthenticated call refused", extra={"rpc": method, "reason": error.reason})
@@ -128,40 +127,7 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         return _deny_stream(error, handler.request_deserializer, handler.response_serializer, handler.stream_stream is not None)
 
 
-class AioBearerTokenInterceptor(grpc.aio.ServerInterceptor):
-    """BearerTokenInterceptor for the grpc.aio server of the front process (front.py): the same rules and errors."""
-
-    def __init__(self, tokens: TokenSource) -> None:
-        self._tokens = tokens
-
-    async def intercept_service(self, continuation: Callable[..., Any], handler_call_details: grpc.HandlerCallDetails) -> Any:
-        method: str = handler_call_details.method
-        service = method.split("/")[1] if method.count("/") >= 2 else ""
-        if service in OPEN_SERVICES:
-            return await continuation(handler_call_details)
-        error = _token_error(handler_call_details.invocation_metadata, self._tokens)
-        if error is None:
-            return await continuation(handler_call_details)
-        log.info("unauthenticated call refused", extra={"rpc": method, "reason": error.reason})
-        handler = await continuation(handler_call_details)
-        status = to_rpc_status(error)
-
-        async def deny(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            await context.abort_with_status(status)
-
-        async def deny_stream(_request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            await context.abort_with_status(status)
-            yield  # pragma: no cover - makes this an async generator; abort raises first
-
-        if handler is None or handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(deny, handler and handler.request_deserializer, handler and handler.response_serializer)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(deny, handler.request_deserializer, handler.response_serializer)
-        factory = grpc.stream_stream_rpc_method_handler if handler.stream_stream else grpc.unary_stream_rpc_method_handler
-        return factory(deny_stream, handler.request_deserializer, handler.response_serializer)
-
-
-def _token_error(metadata: Any, tokens: TokenSource) -> KinshipError | None:
+def token_error(metadata: Any, tokens: TokenSource) -> KinshipError | None:
     """The UNAUTHENTICATED error for a call's metadata, or None when it carries the valid token."""
     presented = _presented_token(metadata)
     if presented is None:

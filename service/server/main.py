@@ -208,8 +208,8 @@ def start_kernel_warm_up(settings: Settings, device: torch.device | None = None)
 
     Every exact pass on CPU waits for these kernels (numba compiles under one process-wide
     lock): a cold compile is about 15 s of CPU. The heavy-work process starts this thread
-    before it lowers its own priority, so the compile is not left to the CPU's idle time,
-    where a busy machine starved it for minutes and every first pass with it.
+    before it lowers its own priority, so the compile keeps normal priority (it once ran in
+    the CPU's idle time, where a busy machine starved it for minutes and every first pass with it).
     """
     if device is None:
         try:
@@ -346,20 +346,20 @@ HEAVY_PROCESS_NICE = 5
 
 
 def _yield_cpu_to_the_front() -> None:
-    """The heavy-work process runs in the CPU's idle time: SCHED_IDLE (Linux), inherited by every thread it starts.
+    """The heavy-work process runs at a lower priority: nice +HEAVY_PROCESS_NICE, inherited by every thread it starts.
 
-    A normal-priority thread (the front's event loop) then preempts it at once; with nice values
-    alone the light p99 under load was 15-29 ms, with SCHED_IDLE 7-11 ms (docs/reliability.md).
-    Elsewhere, or where refused, a nice value is the fallback. Best effort: failures are ignored.
+    Nice values only, no SCHED_IDLE: a SCHED_IDLE process gets CPU only when nothing else wants
+    it, so with two busy loops of other processes on a 2-core machine heavy work starved (the
+    demo ran past 300 s). A nice value lowers its share without ever starving it: its heavy
+    threads (admission.HEAVY_NICE more, nice 15 in all) get about 3% of a core that the front's
+    event loop also wants, and everything the front leaves (docs/reliability.md, Priority).
+    Best effort: failures (not Linux, not allowed) are ignored.
     """
     try:
         os.nice(HEAVY_PROCESS_NICE)
     except (OSError, AttributeError):
         pass
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except (OSError, AttributeError):
-        pass
+
 
 EXIT_WAIT_SECONDS = 5.0
 """After the grace period, how long cancelled work may take to reach its next cancellation check."""

@@ -2,19 +2,18 @@
 
 The request metrics use the names and label values of go-grpc-prometheus
 (`grpc_type="unary"`, `grpc_code="InvalidArgument"`), so stock gRPC dashboards and
-alerts work unchanged. They are recorded by `MetricsInterceptor`, which sees every
-RPC including server-streaming ones.
+alerts work unchanged. They are recorded by `MetricsInterceptor` in the threaded server,
+which sees every RPC including server-streaming ones, and by the front's own method handlers
+(`front_calls.py`) in the front process.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
-import grpc.aio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -194,73 +193,3 @@ class MetricsInterceptor(grpc.ServerInterceptor):
                 GRPC_HANDLED.labels(*labels, go_code_name(code)).inc()
 
         return wrapped
-
-
-class AioMetricsInterceptor(grpc.aio.ServerInterceptor):
-    """MetricsInterceptor for the grpc.aio server of the front process (front.py): the same series."""
-
-    async def intercept_service(self, continuation: Callable[..., Any], handler_call_details: grpc.HandlerCallDetails) -> Any:
-        handler = await continuation(handler_call_details)
-        return _instrumented(handler, handler_call_details, self._wrap_unary, self._wrap_stream)
-
-    @staticmethod
-    def _wrap_unary(behavior: Callable[..., Any], service: str, method: str) -> Callable[..., Any]:
-        labels = ("unary", service, method)
-
-        async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            GRPC_STARTED.labels(*labels).inc()
-            IN_FLIGHT.labels(method).inc()
-            started = time.perf_counter()
-            code = grpc.StatusCode.OK
-            try:
-                response = await behavior(request, context)
-                GRPC_MSG_SENT.labels(*labels).inc()
-                return response
-            except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
-                raise
-            except BaseException:
-                code = _aio_code_of(context)
-                raise
-            finally:
-                IN_FLIGHT.labels(method).dec()
-                GRPC_HANDLING_SECONDS.labels(*labels).observe(time.perf_counter() - started)
-                GRPC_HANDLED.labels(*labels, go_code_name(code)).inc()
-
-        return wrapped
-
-    @staticmethod
-    def _wrap_stream(behavior: Callable[..., Any], service: str, method: str) -> Callable[..., Any]:
-        labels = ("server_stream", service, method)
-
-        async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-            GRPC_STARTED.labels(*labels).inc()
-            IN_FLIGHT.labels(method).inc()
-            started = time.perf_counter()
-            code = grpc.StatusCode.OK
-            try:
-                async for response in behavior(request, context):
-                    GRPC_MSG_SENT.labels(*labels).inc()
-                    yield response
-            except (asyncio.CancelledError, GeneratorExit):
-                code = grpc.StatusCode.CANCELLED
-                raise
-            except BaseException:
-                code = _aio_code_of(context)
-                raise
-            finally:
-                IN_FLIGHT.labels(method).dec()
-                GRPC_HANDLING_SECONDS.labels(*labels).observe(time.perf_counter() - started)
-                GRPC_HANDLED.labels(*labels, go_code_name(code)).inc()
-
-        return wrapped
-
-
-def _aio_code_of(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
-    """The status an aborted aio call ends with (UNKNOWN when the handler raised without aborting)."""
-    code = context.code()
-    if isinstance(code, grpc.StatusCode) and code != grpc.StatusCode.OK:
-        return code
-    if isinstance(code, int) and code:
-        return next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
-    return grpc.StatusCode.UNKNOWN

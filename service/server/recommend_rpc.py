@@ -338,6 +338,7 @@ class RankQuery:
             merged_pairs=self.merged,
             options=self.options,
             history_kinship={**self.kinship.known, **values},
+            validated=True,  # by rank_query
         )
         return rank_response(ranking, mode_used)
 
@@ -392,6 +393,7 @@ class StopQuery:
             min_gain_history=self.min_gain_history,
             gain_prior_strength=self.gain_prior_strength,
             history_kinship={**self.kinship.known, **values},
+            validated=True,  # by stop_query
         )
         return stop_response(decision, mode_used)
 
