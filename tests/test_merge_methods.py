@@ -13,14 +13,17 @@ from kinship_service.merge.plan import KIND_COPY_A, KIND_MERGE, MergeSettings, p
 from kinship_service.merge.slerp import FactorEntry, InterpolationSpec
 
 
-def test_slerp_is_registered_with_its_shape() -> None:
-    assert get_method("slerp") is SLERP and set(METHODS) == {"slerp"}
-    assert (SLERP.min_models, SLERP.max_models, SLERP.needs_base, SLERP.parameters) == (2, 2, False, ("t",))
+def test_methods_are_registered_with_their_shapes() -> None:
+    assert get_method("slerp") is SLERP
+    assert set(METHODS) == {"slerp", "linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "model_stock"}
+    assert (SLERP.min_models, SLERP.max_models, SLERP.needs_base, SLERP.parameter_names) == (2, 2, False, ("t",))
+    shapes = {name: (m.min_models, m.max_models, m.needs_base) for name, m in METHODS.items()}
+    assert shapes["linear"] == (2, None, False) and shapes["model_stock"] == (2, None, True) and shapes["ties"] == (1, None, True)
 
 
 def test_unknown_method_lists_the_known_ones() -> None:
-    with pytest.raises(InvalidArgument, match="unknown merge method 'ties'; use one of: slerp"):
-        get_method("ties")
+    with pytest.raises(InvalidArgument, match="unknown merge method 'nuslerp'; use one of: dare_linear, dare_ties, linear"):
+        get_method("nuslerp")
 
 
 def test_invalid_parameter_is_refused_naming_it() -> None:

@@ -16,7 +16,6 @@ import yaml
 
 from kinship_service.checkpoints.sources import CheckpointSpec, HubRepo, LocalPath
 from kinship_service.errors import InvalidArgument
-from kinship_service.merge.methods import METHODS
 from kinship_service.merge.slerp import FactorEntry, InterpolationSpec, validate_spec
 
 _DTYPE_NAMES = {
@@ -144,9 +143,9 @@ def parse_mergekit_yaml(text: str) -> MergekitConfig:
     if not isinstance(doc, dict):
         raise InvalidArgument("mergekit_yaml must be a mapping with merge_method, base_model and models or slices", field="mergekit_yaml")
     method = str(doc.get("merge_method", "")).lower()
-    if method not in METHODS:
+    if method != "slerp":
         raise InvalidArgument(
-            f"mergekit_yaml: merge_method must be {' or '.join(sorted(METHODS))}, got {doc.get('merge_method')!r}",
+            f"mergekit_yaml: merge_method must be slerp, got {doc.get('merge_method')!r}",
             field="mergekit_yaml",
         )
     unsupported = {"tokenizer_source", "tokenizer", "modules", "chat_template"} & {k for k, v in doc.items() if v}

@@ -18,6 +18,7 @@ from kinship_service.checkpoints.sources import SINGLE_FILE, Checkpoint
 from kinship_service.errors import FailedPrecondition, InvalidArgument
 from kinship_service.kinship.similarity import EMBEDDING_NAME, layer_index
 from kinship_service.merge.methods import get_method
+from kinship_service.merge.parameters import MethodParameters
 from kinship_service.merge.slerp import InterpolationSpec
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
@@ -27,9 +28,11 @@ DTYPE_CONFIG_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F
 KIND_MERGE = "merge"
 """Made by the merge method from the models' tensors."""
 KIND_COPY_A = "copy_a"
+"""In the first input only (or not in every input): copied from it."""
 KIND_COPY_B = "copy_b"
+"""In a later input only: copied from that input (`PlannedTensor.source`)."""
 KIND_EQUAL = "equal"
-"""Non-floating and identical in both models: copied once both are checked equal."""
+"""Non-floating and identical in every input: copied once all are checked equal."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,8 @@ class PlannedTensor:
     """The method's parameters resolved for this tensor (slerp: `t`); empty for copies."""
     sliced: bool = False
     """Built from the common leading slice of differently shaped inputs."""
+    source: int = 0
+    """The input a copied tensor comes from (0: the first)."""
 
     @property
     def nbytes(self) -> int:
@@ -60,22 +65,30 @@ class PlannedTensor:
 class MergeSettings:
     """What to merge and how, as resolved by the job layer."""
 
-    t: InterpolationSpec
+    t: InterpolationSpec | None = None
+    """SLERP's interpolation factor (other methods: None)."""
     out_dtype: str | None = None
-    """Output dtype of floating tensors (safetensors name); None keeps model A's (per tensor)."""
+    """Output dtype of floating tensors (safetensors name); None keeps the first input's (per tensor)."""
     compute_cast: str | None = None
     """mergekit's `dtype`: round inputs to this dtype before merging (YAML configs only)."""
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
     leading_slice: bool = False
     num_layers: int | None = None
-    """Layer count for t gradients; None reads config.json, else the tensor names."""
+    """Layer count for parameter gradients; None reads config.json, else the tensor names."""
     method: str = "slerp"
     """The merge method's name in `methods.METHODS`."""
+    method_parameters: MethodParameters = field(default_factory=MethodParameters)
+    """Every method's parameter settings but SLERP's t (global and per model), switches and seed."""
+    model_count: int = 2
+    """Merged models (the base not counted): the runner's inputs are the base, when the method takes one, then these."""
 
     @property
     def parameters(self) -> dict[str, InterpolationSpec]:
         """The method's global parameters by name, each a mergekit parameter setting (filters, gradients)."""
-        return {"t": self.t}
+        given = dict(self.method_parameters.global_settings)
+        if self.t is not None:
+            given["t"] = self.t
+        return given
 
 
 @dataclass
@@ -128,74 +141,97 @@ def count_layers(names: Sequence[str], config: dict[str, object] | None) -> int:
     return from_names
 
 
+def _check_dtype(name: str, info: TensorInfo) -> None:
+    if info.dtype not in DTYPES:  # F4, F6_*: valid safetensors, but no torch dtype
+        raise FailedPrecondition(
+            f"tensor {name} has dtype {info.dtype}, which torch cannot hold, so this server cannot copy or merge it; "
+            "convert the checkpoint to a byte-sized dtype first",
+            reason="UNSUPPORTED_DTYPE",
+        )
+
+
+def _label(index: int, count: int) -> str:
+    return ("model A", "model B")[index] if count == 2 else f"input {index}"
+
+
 def plan_merge(
-    infos_a: dict[str, TensorInfo], infos_b: dict[str, TensorInfo], settings: MergeSettings, config_a: dict[str, object] | None
+    infos_a: dict[str, TensorInfo],
+    infos_b: dict[str, TensorInfo],
+    settings: MergeSettings,
+    config_a: dict[str, object] | None,
+    more: Sequence[dict[str, TensorInfo]] = (),
 ) -> MergePlan:
     """Decide every output tensor, its dtype, parameters and shard; raise before anything is written.
 
-    Floating tensors in both models are merged by the method (shapes must match unless
-    `leading_slice`); non-floating ones must be identical and are copied; a tensor in one model
-    only passes through.
+    The inputs are A and B, then `more` (the method's order: for task-vector methods the base
+    first). Floating tensors in every input are merged by the method (shapes must match unless
+    `leading_slice`); non-floating ones must be identical and are copied; a tensor missing from
+    some input passes through from the first input that has it.
     """
     method = get_method(settings.method)
     method.check(settings)
-    names = sorted(set(infos_a) | set(infos_b), key=_order_key)
+    inputs = [infos_a, infos_b, *more]
+    count = len(inputs)
+    names = sorted(set().union(*inputs), key=_order_key)
     num_layers = settings.num_layers if settings.num_layers is not None else count_layers(names, config_a)
     if settings.num_layers is not None:
         found = count_layers(names, None)
         if found and found != settings.num_layers:
             raise InvalidArgument(
                 f"the mergekit layer_range covers {settings.num_layers} layers but the models have {found}; "
-                "only full-range slerp merges are supported",
+                "only full-range merges are supported",
                 field="mergekit_yaml",
             )
     planned: list[PlannedTensor] = []
     for name in names:
-        a, b = infos_a.get(name), infos_b.get(name)
-        for info in (a, b):
-            if info is not None and info.dtype not in DTYPES:  # F4, F6_*: valid safetensors, but no torch dtype
-                raise FailedPrecondition(
-                    f"tensor {name} has dtype {info.dtype}, which torch cannot hold, so this server cannot copy or merge it; "
-                    "convert the checkpoint to a byte-sized dtype first",
-                    reason="UNSUPPORTED_DTYPE",
-                )
-        if a is not None and b is not None:
-            if a.is_floating != b.is_floating:
-                raise FailedPrecondition(
-                    f"tensor {name} is {a.dtype} in model A but {b.dtype} in model B; they cannot be merged",
-                    reason="DTYPE_MISMATCH",
-                )
-            if not a.is_floating:
-                if a.shape != b.shape or a.dtype != b.dtype:
+        present = [infos.get(name) for infos in inputs]
+        for info in present:
+            if info is not None:
+                _check_dtype(name, info)
+        found_infos = [info for info in present if info is not None]
+        first = found_infos[0]
+        if len(found_infos) == count:
+            a = first
+            for index, other in enumerate(found_infos[1:], start=1):
+                if a.is_floating != other.is_floating:
+                    raise FailedPrecondition(
+                        f"tensor {name} is {a.dtype} in {_label(0, count)} but {other.dtype} in {_label(index, count)}; "
+                        "they cannot be merged",
+                        reason="DTYPE_MISMATCH",
+                    )
+                if not a.is_floating and (a.shape != other.shape or a.dtype != other.dtype):
                     raise FailedPrecondition(
                         f"non-floating tensor {name} differs between the models ({a.dtype}{list(a.shape)} vs "
-                        f"{b.dtype}{list(b.shape)}); it can only be copied when identical",
+                        f"{other.dtype}{list(other.shape)}); it can only be copied when identical",
                         reason="NON_FLOATING_MISMATCH",
                     )
+            if not a.is_floating:
                 planned.append(PlannedTensor(name, KIND_EQUAL, a.shape, a.dtype))
                 continue
             shape, sliced = a.shape, False
-            if a.shape != b.shape:
-                if not settings.leading_slice or len(a.shape) != len(b.shape):
+            for index, other in enumerate(found_infos[1:], start=1):
+                if other.shape == a.shape:
+                    continue
+                if not settings.leading_slice or len(a.shape) != len(other.shape):
                     hint = (
                         "; the ranks differ, so no common slice exists"
-                        if len(a.shape) != len(b.shape)
+                        if len(a.shape) != len(other.shape)
                         else "; set shape_mismatch_policy to LEADING_SLICE to merge the common leading slice"
                     )
                     raise FailedPrecondition(
-                        f"tensor {name} has shape {list(a.shape)} in model A but {list(b.shape)} in model B{hint}",
+                        f"tensor {name} has shape {list(a.shape)} in {_label(0, count)} but {list(other.shape)} "
+                        f"in {_label(index, count)}{hint}",
                         reason="SHAPE_MISMATCH",
                     )
-                shape, sliced = tuple(min(x, y) for x, y in zip(a.shape, b.shape, strict=False)), True
+                shape, sliced = tuple(min(x, y) for x, y in zip(shape, other.shape, strict=False)), True
             parameters = method.tensor_parameters(settings, name, num_layers)
             planned.append(PlannedTensor(name, KIND_MERGE, shape, settings.out_dtype or a.dtype, parameters, sliced))
         else:
-            only = a if a is not None else b
-            assert only is not None
+            source = next(i for i, info in enumerate(present) if info is not None)
+            only = first
             dtype = settings.out_dtype if (settings.out_dtype and only.is_floating) else only.dtype
-            if only.dtype not in DTYPES and dtype != only.dtype:
-                raise FailedPrecondition(f"tensor {name} has dtype {only.dtype}, which this server cannot convert", reason="UNSUPPORTED_DTYPE")
-            planned.append(PlannedTensor(name, KIND_COPY_A if a is not None else KIND_COPY_B, only.shape, dtype))
+            kind = KIND_COPY_A if source == 0 else KIND_COPY_B
+            planned.append(PlannedTensor(name, kind, only.shape, dtype, source=source))
     if not planned:
         raise FailedPrecondition("the models hold no tensors", reason="EMPTY_CHECKPOINT")
     limit = settings.max_shard_bytes if settings.max_shard_bytes > 0 else DEFAULT_MAX_SHARD_BYTES

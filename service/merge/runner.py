@@ -33,7 +33,6 @@ from kinship_service.merge.methods import MergeMethod, get_method
 from kinship_service.merge.model_card import ModelCard
 from kinship_service.merge.output import fsync_dir, publish, remove_tree, write_json_file
 from kinship_service.merge.plan import (
-    KIND_COPY_A,
     KIND_EQUAL,
     KIND_MERGE,
     MergePlan,
@@ -101,13 +100,18 @@ class MergeRunner:
         on_tensor: TensorObserver | None = None,
         threads: int = 2,
         use_cpu_kernel: bool = True,
+        more_checkpoints: Sequence[Checkpoint] = (),
     ) -> None:
         """`threads`: math workers. `chunk_elements`: elements per range (cache-sized works best).
         `on_tensor(name, tensor)` sees every output tensor, whole, in the output dtype.
         `use_cpu_kernel` (Settings.cpu_kernel): SLERP chunks go through the fused numba kernels of
-        `slerp_kernel` when numba is available and the dtypes have one; else torch."""
+        `slerp_kernel` when numba is available and the dtypes have one; else torch.
+        `more_checkpoints`: inputs after A and B for methods of more models; the inputs are in the
+        method's order (`methods`: the base first for task-vector methods), and the first one's
+        config.json and side files go with the output."""
         self.a = checkpoint_a
         self.b = checkpoint_b
+        self.checkpoints = [checkpoint_a, checkpoint_b, *more_checkpoints]
         self.settings = settings
         self.method: MergeMethod = get_method(settings.method)
         self.chunk = max(ROW_ALIGN, chunk_elements // ROW_ALIGN * ROW_ALIGN)
@@ -117,8 +121,8 @@ class MergeRunner:
         self.on_tensor = on_tensor
         self.threads = max(1, threads)
         self.use_cpu_kernel = use_cpu_kernel
-        self.reader_a = CheckpointReader(checkpoint_a)
-        self.reader_b = CheckpointReader(checkpoint_b)
+        self.readers = [CheckpointReader(c) for c in self.checkpoints]
+        self.reader_a, self.reader_b = self.readers[0], self.readers[1]
         self._headers: dict[Path, SafetensorsHeader] = {}
         self._fds: dict[Path, int] = {}
         self._buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
@@ -145,7 +149,8 @@ class MergeRunner:
     def plan(self) -> MergePlan:
         """Read both checkpoints' headers and plan the merge (raises on any incompatibility)."""
         if self._plan is None:
-            self._plan = plan_merge(self.reader_a.tensors(), self.reader_b.tensors(), self.settings, read_config(self.a))
+            infos = [reader.tensors() for reader in self.readers]
+            self._plan = plan_merge(infos[0], infos[1], self.settings, read_config(self.a), infos[2:])
         return self._plan
 
     # -- the MergeContext a method's kernel uses ------------------------------------------------
@@ -173,8 +178,8 @@ class MergeRunner:
         return buffers
 
     def sources(self, name: str) -> list[TensorSource]:
-        """Where tensor `name` lives in model A and in model B."""
-        return [self._source(self.reader_a, name), self._source(self.reader_b, name)]
+        """Where tensor `name` lives in each input, in input order (A, B, ...)."""
+        return [self._source(reader, name) for reader in self.readers]
 
     def _source(self, reader: CheckpointReader, name: str) -> TensorSource:
         info = reader.tensors()[name]
@@ -263,18 +268,20 @@ class MergeRunner:
         self.observe(tensor, sink)
 
     def _equal(self, writer: SafetensorsWriter, base: int, tensor: PlannedTensor) -> None:
-        source_a, source_b = self.sources(tensor.name)
+        sources = self.sources(tensor.name)
         sink = self.sink(tensor)
         element = 0
-        for chunk_a, chunk_b in zip(self.chunks(source_a, "a", tensor.shape, False), self.chunks(source_b, "b", tensor.shape, False), strict=False):
+        streams = [self.chunks(source, f"in{i}", tensor.shape, False) for i, source in enumerate(sources)]
+        for chunks in zip(*streams, strict=False):
             self.check_cancelled()
-            if not torch.equal(chunk_a, chunk_b):
+            if not all(torch.equal(chunks[0], other) for other in chunks[1:]):
+                between = "model A and model B" if len(sources) == 2 else "the inputs"
                 raise FailedPrecondition(
-                    f"non-floating tensor {tensor.name} differs between model A and model B; it can only be copied when identical",
+                    f"non-floating tensor {tensor.name} differs between {between}; it can only be copied when identical",
                     reason="NON_FLOATING_MISMATCH",
                 )
-            self.write(writer, base + element * ITEMSIZE[tensor.dtype], chunk_a, sink, element)
-            element += chunk_a.numel()
+            self.write(writer, base + element * ITEMSIZE[tensor.dtype], chunks[0], sink, element)
+            element += chunks[0].numel()
         self.observe(tensor, sink)
 
     # -- the whole run -------------------------------------------------------------------------
@@ -341,7 +348,7 @@ class MergeRunner:
                     elif tensor.kind == KIND_EQUAL:
                         self._equal(writer, base, tensor)
                     else:
-                        self._copy(writer, base, tensor, self.reader_a if tensor.kind == KIND_COPY_A else self.reader_b)
+                        self._copy(writer, base, tensor, self.readers[tensor.source])
                     weight_map[tensor.name] = file_name
                     base += tensor.nbytes
                 finishing.append(self._pool.submit(writer.finish))  # fsync while the next shard is computed
