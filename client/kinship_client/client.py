@@ -283,12 +283,14 @@ class KinshipClient:
         mode: Mode = "auto",
         per_layer: bool = False,
         shape_mismatch: KinshipShapeMismatch = "skip",
+        sign_conflict: bool = False,
         timeout: float | None = None,
     ) -> KinshipResult:
         """Kinship between the task vectors of `models` (at least two) against `base`.
 
         `mode` is `auto`, `exact` or `fingerprint`; `shape_mismatch` is `skip` or
-        `leading_slice`; `per_layer` adds a per-layer-group breakdown.
+        `leading_slice`; `per_layer` adds a per-layer-group breakdown; `sign_conflict`
+        adds every pair's sign conflict (`Pair.sign_conflict`; exact pass, not with `fingerprint`).
 
         Raises:
             ValueError: a bad `mode` or `shape_mismatch` (the message lists the allowed values),
@@ -301,6 +303,7 @@ class KinshipClient:
             mode=mode_value(mode),
             shape_mismatch_policy=kinship_shape_mismatch_value(shape_mismatch),
             per_layer=per_layer,
+            sign_conflict=sign_conflict,
         )
         response: kinship_pb2.KinshipResponse = self._call(self.stub.Kinship, request, timeout)
         return KinshipResult(
@@ -319,6 +322,7 @@ class KinshipClient:
             device=response.device,
             seconds=response.seconds,
             raw=response,
+            mean_sign_conflict=response.mean_sign_conflict if response.HasField("mean_sign_conflict") else None,
         )
 
     # -- RankCandidates and ShouldStop --------------------------------------------------

@@ -56,7 +56,12 @@ class LightAnswers:
         """Kinship from fingerprints (FINGERPRINT) or stored results (EXACT, AUTO), or None: forward."""
         query = kinship_rpc.kinship_query(request)
         outcome = self.cache.cached_kinship(
-            query.base, query.models, mode=query.mode, leading_slice=query.leading_slice, per_layer=query.per_layer
+            query.base,
+            query.models,
+            mode=query.mode,
+            leading_slice=query.leading_slice,
+            per_layer=query.per_layer,
+            sign_conflict=query.sign_conflict,
         )
         return kinship_rpc.kinship_response(outcome, per_layer=query.per_layer) if outcome is not None else None
 

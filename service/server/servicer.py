@@ -134,6 +134,7 @@ class KinshipServicer(service_pb2_grpc.KinshipServiceServicer):
                 mode=query.mode,
                 leading_slice=query.leading_slice,
                 per_layer=query.per_layer,
+                sign_conflict=query.sign_conflict,
                 check_cancelled=check,
             )
 
