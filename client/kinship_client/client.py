@@ -14,7 +14,7 @@ request field at fault.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import TypeVar
 
@@ -51,6 +51,10 @@ DEFAULT_MAX_MESSAGE_BYTES = 16 * 2**20
 
 _Response = TypeVar("_Response")
 
+
+
+METHOD_OPTIONS = ("linear_kinship_threshold", "ties_sign_conflict_threshold", "ties_density", "slerp_t")
+"""The method-advice options of `rank_candidates(method_options=...)`."""
 
 
 class KinshipClient:
@@ -356,12 +360,17 @@ class KinshipClient:
         metric: Metric = "pcc",
         mode: Mode = "auto",
         known_kinship: KnownKinshipLike = (),
+        suggest_method: bool = False,
+        method_options: Mapping[str, float] | None = None,
         timeout: float | None = None,
     ) -> RankResult:
         """Which pairs of the population to merge next (greedy pairs among the top-k, then one exploration merge).
 
         `base` is needed unless every kinship value among the top-k is in `known_kinship`
         (`{(a, b): value}` or `[(a, b, value)]`). `metric`: pcc, cosine or euclidean.
+        `suggest_method` adds `Recommendation.method_advice`; `method_options` sets its
+        thresholds (`linear_kinship_threshold`, `ties_sign_conflict_threshold`, `ties_density`,
+        `slerp_t`; docs/merge-methods.md).
 
         Raises:
             ValueError: a bad `metric` or `mode` (the message lists the allowed values), or a
@@ -377,7 +386,12 @@ class KinshipClient:
             metric=metric_value(metric),
             mode=mode_value(mode),
             known_kinship=known,
+            suggest_method=suggest_method,
         )
+        for name, value in (method_options or {}).items():
+            if name not in METHOD_OPTIONS:
+                raise ValueError(f"unknown method option {name!r}; use one of {', '.join(METHOD_OPTIONS)}")
+            setattr(request, name, value)
         if base is not None:
             request.base.CopyFrom(checkpoint_ref(base, "base"))
         response: recommend_pb2.RankCandidatesResponse = self._call(self.stub.RankCandidates, request, timeout)

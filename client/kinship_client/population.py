@@ -112,6 +112,22 @@ class MemberGain:
 
 
 @dataclass(frozen=True)
+class MethodAdvice:
+    """A suggested merge method (`linear`, `ties` or `slerp`), its mergekit parameters and why."""
+
+    method: str
+    parameters: dict[str, float]
+    reason: str
+    sign_conflict: float | None
+
+    @classmethod
+    def from_proto(cls, message: recommend_pb2.MethodAdvice) -> MethodAdvice:
+        """The MethodAdvice of a proto."""
+        conflict = message.sign_conflict if message.HasField("sign_conflict") else None
+        return cls(message.method, dict(message.parameters), message.reason, conflict)
+
+
+@dataclass(frozen=True)
 class Recommendation:
     """A recommended merge: `kind` is `greedy` or `exploration`."""
 
@@ -121,6 +137,8 @@ class Recommendation:
     kinship: float
     mean_score: float
     reason: str
+    method_advice: MethodAdvice | None = None
+    """The suggested method, when the request asked (`suggest_method=True`)."""
 
     @classmethod
     def from_proto(cls, message: recommend_pb2.Recommendation) -> Recommendation:
@@ -132,6 +150,7 @@ class Recommendation:
             message.kinship,
             message.mean_score,
             message.reason,
+            MethodAdvice.from_proto(message.method_advice) if message.HasField("method_advice") else None,
         )
 
 

@@ -73,6 +73,8 @@ class LightAnswers:
     def rank_candidates(self, request: recommend_pb2.RankCandidatesRequest) -> recommend_pb2.RankCandidatesResponse | None:
         """RankCandidates when its kinship values are given or cached, or None: forward."""
         query = recommend_rpc.rank_query(request)
+        if query.can_measure_sign_conflict:
+            return None  # method advice measures sign conflict: the heavy process answers (from the cache when stored)
         found = self._top_k_kinship(query.kinship)
         return query.response(*found) if found is not None else None
 

@@ -90,21 +90,42 @@ class MemberGain(_message.Message):
     def __init__(self, name: _Optional[str] = ..., gain: _Optional[float] = ..., generation: _Optional[int] = ...) -> None: ...
 
 class Recommendation(_message.Message):
-    __slots__ = ("pair", "kind", "kinship", "mean_score", "reason")
+    __slots__ = ("pair", "kind", "kinship", "mean_score", "reason", "method_advice")
     PAIR_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     KINSHIP_FIELD_NUMBER: _ClassVar[int]
     MEAN_SCORE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    METHOD_ADVICE_FIELD_NUMBER: _ClassVar[int]
     pair: MemberPair
     kind: RecommendationKind
     kinship: float
     mean_score: float
     reason: str
-    def __init__(self, pair: _Optional[_Union[MemberPair, _Mapping]] = ..., kind: _Optional[_Union[RecommendationKind, str]] = ..., kinship: _Optional[float] = ..., mean_score: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
+    method_advice: MethodAdvice
+    def __init__(self, pair: _Optional[_Union[MemberPair, _Mapping]] = ..., kind: _Optional[_Union[RecommendationKind, str]] = ..., kinship: _Optional[float] = ..., mean_score: _Optional[float] = ..., reason: _Optional[str] = ..., method_advice: _Optional[_Union[MethodAdvice, _Mapping]] = ...) -> None: ...
+
+class MethodAdvice(_message.Message):
+    __slots__ = ("method", "parameters", "reason", "sign_conflict")
+    class ParametersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    SIGN_CONFLICT_FIELD_NUMBER: _ClassVar[int]
+    method: str
+    parameters: _containers.ScalarMap[str, float]
+    reason: str
+    sign_conflict: float
+    def __init__(self, method: _Optional[str] = ..., parameters: _Optional[_Mapping[str, float]] = ..., reason: _Optional[str] = ..., sign_conflict: _Optional[float] = ...) -> None: ...
 
 class RankCandidatesRequest(_message.Message):
-    __slots__ = ("base", "members", "merged_pairs", "top_k", "metric", "mode", "known_kinship")
+    __slots__ = ("base", "members", "merged_pairs", "top_k", "metric", "mode", "known_kinship", "suggest_method", "linear_kinship_threshold", "ties_sign_conflict_threshold", "ties_density", "slerp_t")
     BASE_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
     MERGED_PAIRS_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +133,11 @@ class RankCandidatesRequest(_message.Message):
     METRIC_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     KNOWN_KINSHIP_FIELD_NUMBER: _ClassVar[int]
+    SUGGEST_METHOD_FIELD_NUMBER: _ClassVar[int]
+    LINEAR_KINSHIP_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    TIES_SIGN_CONFLICT_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    TIES_DENSITY_FIELD_NUMBER: _ClassVar[int]
+    SLERP_T_FIELD_NUMBER: _ClassVar[int]
     base: _common_pb2.CheckpointRef
     members: _containers.RepeatedCompositeFieldContainer[PopulationMember]
     merged_pairs: _containers.RepeatedCompositeFieldContainer[MemberPair]
@@ -119,7 +145,12 @@ class RankCandidatesRequest(_message.Message):
     metric: _common_pb2.Metric
     mode: _common_pb2.KinshipMode
     known_kinship: _containers.RepeatedCompositeFieldContainer[KnownKinship]
-    def __init__(self, base: _Optional[_Union[_common_pb2.CheckpointRef, _Mapping]] = ..., members: _Optional[_Iterable[_Union[PopulationMember, _Mapping]]] = ..., merged_pairs: _Optional[_Iterable[_Union[MemberPair, _Mapping]]] = ..., top_k: _Optional[int] = ..., metric: _Optional[_Union[_common_pb2.Metric, str]] = ..., mode: _Optional[_Union[_common_pb2.KinshipMode, str]] = ..., known_kinship: _Optional[_Iterable[_Union[KnownKinship, _Mapping]]] = ...) -> None: ...
+    suggest_method: bool
+    linear_kinship_threshold: float
+    ties_sign_conflict_threshold: float
+    ties_density: float
+    slerp_t: float
+    def __init__(self, base: _Optional[_Union[_common_pb2.CheckpointRef, _Mapping]] = ..., members: _Optional[_Iterable[_Union[PopulationMember, _Mapping]]] = ..., merged_pairs: _Optional[_Iterable[_Union[MemberPair, _Mapping]]] = ..., top_k: _Optional[int] = ..., metric: _Optional[_Union[_common_pb2.Metric, str]] = ..., mode: _Optional[_Union[_common_pb2.KinshipMode, str]] = ..., known_kinship: _Optional[_Iterable[_Union[KnownKinship, _Mapping]]] = ..., suggest_method: _Optional[bool] = ..., linear_kinship_threshold: _Optional[float] = ..., ties_sign_conflict_threshold: _Optional[float] = ..., ties_density: _Optional[float] = ..., slerp_t: _Optional[float] = ...) -> None: ...
 
 class RankCandidatesResponse(_message.Message):
     __slots__ = ("recommendations", "top_k", "matrix", "gains", "mode_used")
