@@ -284,13 +284,14 @@ def main() -> int:
         print(json.dumps(row), flush=True)
         shutil.rmtree(out_ours, ignore_errors=True)
         shutil.rmtree(out_theirs, ignore_errors=True)
-    print("\n| method | models | ours s | mergekit s | time ratio | ours peak RSS MiB | mergekit MiB | RSS ratio | check | load |")
+    print("\n| method | models | ours s (CPU s) | mergekit s (CPU s) | time ratio | ours peak RSS MiB | mergekit MiB | RSS ratio | check | load |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         c = r["check"]
         check = (f"max {c['max_ulps']:.2f} ulp, {100 * c['over_one_ulp_fraction']:.4f}% over 1 ulp" if "max_ulps" in c
                  else f"changed {c['changed_fraction_ours']:.3f} vs {c['changed_fraction_mergekit']:.3f}")
-        print(f"| {r['method']} | {r['models']} | {r['ours']['seconds']:.1f} | {r['mergekit']['seconds']:.1f} | "
+        print(f"| {r['method']} | {r['models']} | {r['ours']['seconds']:.1f} ({r['ours']['cpu_seconds']:.1f}) | "
+              f"{r['mergekit']['seconds']:.1f} ({r['mergekit']['cpu_seconds']:.1f}) | "
               f"{r['time_ratio']:.2f} | {r['ours']['peak_rss_mib']:.0f} | {r['mergekit']['peak_rss_mib']:.0f} | "
               f"{r['rss_ratio']:.2f} | {check} | {r['load_average']:.1f} |")
     if not args.keep:

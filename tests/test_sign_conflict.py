@@ -52,6 +52,7 @@ def test_identities() -> None:
         moments.update(d[:2])
 
 
+@pytest.mark.both_layouts
 def test_kinship_rpc_returns_and_caches_sign_conflict(client, model_root) -> None:
     base = make_base(SMALL, seed=11)
     models = make_family(base, 3, rho=0.4, seed=12)
