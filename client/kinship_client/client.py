@@ -14,7 +14,7 @@ request field at fault.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import TypeVar
 
@@ -56,6 +56,11 @@ DEFAULT_TIMEOUT = 600.0
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 2**20
 
 _Response = TypeVar("_Response")
+
+
+
+METHOD_OPTIONS = ("linear_kinship_threshold", "ties_sign_conflict_threshold", "ties_density", "slerp_t")
+"""The method-advice options of `rank_candidates(method_options=...)`."""
 
 
 class KinshipClient:
@@ -359,12 +364,14 @@ class KinshipClient:
         mode: Mode = "auto",
         per_layer: bool = False,
         shape_mismatch: KinshipShapeMismatch = "skip",
+        sign_conflict: bool = False,
         timeout: float | None = None,
     ) -> KinshipResult:
         """Kinship between the task vectors of `models` (at least two) against `base`.
 
         `mode` is `auto`, `exact` or `fingerprint`; `shape_mismatch` is `skip` or
-        `leading_slice`; `per_layer` adds a per-layer-group breakdown.
+        `leading_slice`; `per_layer` adds a per-layer-group breakdown; `sign_conflict`
+        adds every pair's sign conflict (`Pair.sign_conflict`; exact pass, not with `fingerprint`).
 
         Raises:
             ValueError: a bad `mode` or `shape_mismatch` (the message lists the allowed values),
@@ -377,6 +384,7 @@ class KinshipClient:
             mode=mode_value(mode),
             shape_mismatch_policy=kinship_shape_mismatch_value(shape_mismatch),
             per_layer=per_layer,
+            sign_conflict=sign_conflict,
         )
         response: kinship_pb2.KinshipResponse = self._call(self.stub.Kinship, request, timeout)
         return KinshipResult(
@@ -398,6 +406,7 @@ class KinshipClient:
             device=response.device,
             seconds=response.seconds,
             raw=response,
+            mean_sign_conflict=response.mean_sign_conflict if response.HasField("mean_sign_conflict") else None,
         )
 
     # -- RankCandidates and ShouldStop --------------------------------------------------
@@ -440,6 +449,8 @@ class KinshipClient:
         gain_prior_strength: float | None = None,
         slerp_factor: SlerpFactor = "none",
         kinship_weight: float = 0.0,
+        suggest_method: bool = False,
+        method_options: Mapping[str, float] | None = None,
         timeout: float | None = None,
     ) -> RankResult:
         """Which pairs of the population to merge next (greedy pairs among the top-k, then one exploration merge).
@@ -455,6 +466,10 @@ class KinshipClient:
         pseudo-observations, default 2); `slerp_factor` (none, even, score_weighted)
         fills `suggested_t`; `kinship_weight` (score points per unit of kinship) subtracts
         weight x kinship from the greedy order's value, favouring less related pairs.
+
+        `suggest_method` adds `Recommendation.method_advice`; `method_options` sets its
+        thresholds (`linear_kinship_threshold`, `ties_sign_conflict_threshold`, `ties_density`,
+        `slerp_t`; docs/merge-methods.md).
 
         Raises:
             ValueError: a bad `metric`, `mode`, `greedy_order`, `exploration` or `slerp_factor`
@@ -477,7 +492,12 @@ class KinshipClient:
             estimate_gain=estimate_gain,
             slerp_factor=slerp_factor_value(slerp_factor),
             kinship_weight=kinship_weight,
+            suggest_method=suggest_method,
         )
+        for name, value in (method_options or {}).items():
+            if name not in METHOD_OPTIONS:
+                raise ValueError(f"unknown method option {name!r}; use one of {', '.join(METHOD_OPTIONS)}")
+            setattr(request, name, value)
         if base is not None:
             request.base.CopyFrom(checkpoint_ref(base, "base"))
         if greedy_fraction is not None:

@@ -150,6 +150,22 @@ def _optional(message: Any, name: str) -> float | None:
 
 
 @dataclass(frozen=True)
+class MethodAdvice:
+    """A suggested merge method (`linear`, `ties` or `slerp`), its mergekit parameters and why."""
+
+    method: str
+    parameters: dict[str, float]
+    reason: str
+    sign_conflict: float | None
+
+    @classmethod
+    def from_proto(cls, message: recommend_pb2.MethodAdvice) -> MethodAdvice:
+        """The MethodAdvice of a proto."""
+        conflict = message.sign_conflict if message.HasField("sign_conflict") else None
+        return cls(message.method, dict(message.parameters), message.reason, conflict)
+
+
+@dataclass(frozen=True)
 class Recommendation:
     """A recommended merge: `kind` is `greedy` or `exploration`.
 
@@ -170,6 +186,8 @@ class Recommendation:
     complementarity: float | None = None
     task_ceiling: float | None = None
     suggested_t: float | None = None
+    method_advice: MethodAdvice | None = None
+    """The suggested method, when the request asked (`suggest_method=True`)."""
 
     @classmethod
     def from_proto(cls, message: recommend_pb2.Recommendation) -> Recommendation:
@@ -186,6 +204,7 @@ class Recommendation:
             _optional(message, "complementarity"),
             _optional(message, "task_ceiling"),
             _optional(message, "suggested_t"),
+            MethodAdvice.from_proto(message.method_advice) if message.HasField("method_advice") else None,
         )
 
 

@@ -36,6 +36,8 @@ class Pair:
     first: int
     second: int
     values: Values
+    sign_conflict: float | None = None
+    """Magnitude-weighted fraction of coordinates where the task vectors disagree in sign, when asked for."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,8 @@ class KinshipResult:
     device: str
     seconds: float
     raw: kinship_pb2.KinshipResponse = field(repr=False)
+    mean_sign_conflict: float | None = None
+    """The mean sign conflict over pairs, when asked for (`sign_conflict=True`)."""
 
     def matrix(self, metric: Metric = "pcc") -> list[list[float]]:
         """The n x n matrix of one metric (`pcc`, `cosine` or `euclidean`).
@@ -105,4 +109,7 @@ class Registration:
 
 def pairs_from_proto(messages: Sequence[kinship_pb2.PairKinship]) -> list[Pair]:
     """The pairs of a response, as `Pair`s."""
-    return [Pair(p.first, p.second, Values.from_proto(p.values)) for p in messages]
+    return [
+        Pair(p.first, p.second, Values.from_proto(p.values), p.sign_conflict if p.HasField("sign_conflict") else None)
+        for p in messages
+    ]

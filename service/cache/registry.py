@@ -46,6 +46,7 @@ from kinship_service.cache.observer import FingerprintObserver
 from kinship_service.cache.plans import PlanMemo, skipped_tuples, tensor_list
 from kinship_service.cache.registration import Registration, RegistrationStores, register_pass, registration
 from kinship_service.cache.resolution import CheckpointLike, Resolved, Resolver
+from kinship_service.cache.sign_conflicts import SignConflicts
 from kinship_service.cache.store import CacheStore
 from kinship_service.checkpoints.identity import CheckpointIdentity, IdentityResolver
 from kinship_service.checkpoints.sources import Checkpoint
@@ -55,6 +56,7 @@ from kinship_service.errors import FailedPrecondition, InvalidArgument, KinshipE
 from kinship_service.kinship.exact import ComparisonPlan, ExactKinship, exact_kinship, no_common_tensors
 from kinship_service.kinship.fingerprint import Fingerprint, build_fingerprints, estimate
 from kinship_service.kinship.modes import AUTO, EXACT, FINGERPRINT, MODES, KinshipMode, ModeUsed
+from kinship_service.kinship.sign_conflict import SignConflictObserver
 from kinship_service.kinship.similarity import PairwiseMoments, similarities
 from kinship_service.server import metrics
 from kinship_service.state.backend import open_cache_store
@@ -91,6 +93,7 @@ class _Query:
     models: list[Resolved]
     plan: ComparisonPlan
     started: float
+    sign_conflict: bool = False
 
     @property
     def ids(self) -> list[str]:
@@ -132,6 +135,7 @@ class KinshipCache:
         self.fingerprints = FingerprintCache(self.store)
         self.deltas = DeltaStore(self.store)
         self.pairs = PairResults(self.store)
+        self.sign_conflicts = SignConflicts(self.store)
         self.plans = PlanMemo()
 
     def close(self) -> None:
@@ -151,12 +155,24 @@ class KinshipCache:
 
     # -- Kinship ---------------------------------------------------------------------------
     def _query(
-        self, base: CheckpointLike, models: Sequence[CheckpointLike], mode: KinshipMode, leading_slice: bool, per_layer: bool
+        self,
+        base: CheckpointLike,
+        models: Sequence[CheckpointLike],
+        mode: KinshipMode,
+        leading_slice: bool,
+        per_layer: bool,
+        sign_conflict: bool = False,
     ) -> _Query:
         """Validate, resolve and plan a kinship request (InvalidArgument, NotFound, PermissionDenied, ...)."""
         started = time.perf_counter()
         if mode not in MODES:
             raise InvalidArgument(f"unknown mode {mode!r}; use one of {', '.join(MODES)}", field="mode")
+        if sign_conflict and mode == FINGERPRINT:
+            raise InvalidArgument(
+                "sign conflict is measured by the exact pass (a fingerprint does not keep the signs of single "
+                "coordinates); use mode EXACT or AUTO with sign_conflict",
+                field="sign_conflict",
+            )
         if len(models) < 2:
             raise InvalidArgument(f"kinship needs at least two models, got {len(models)}", field="models")
         base_r = self.resolver.resolve(base, "base")
@@ -165,7 +181,7 @@ class KinshipCache:
         plan = self.plans.plan([base_r.ident, *(r.ident for r in model_rs)], labels, leading_slice)
         if not plan.tensors:
             raise no_common_tensors()  # the exact pass's error, without reading any weights
-        return _Query(mode, per_layer, leading_slice, base_r, model_rs, plan, started)
+        return _Query(mode, per_layer, leading_slice, base_r, model_rs, plan, started, sign_conflict)
 
     def _outcome(self, query: _Query, result: ExactKinship, mode_used: ModeUsed, source: str) -> KinshipOutcome:
         result.seconds = time.perf_counter() - query.started
@@ -217,12 +233,32 @@ class KinshipCache:
         mode: KinshipMode = AUTO,
         leading_slice: bool = False,
         per_layer: bool = False,
+        sign_conflict: bool = False,
         check_cancelled: Callable[[], None] = lambda: None,
     ) -> KinshipOutcome:
-        """Kinship of `models` against `base` in `mode` (exact, fingerprint or auto); see the module docstring."""
-        query = self._query(base, models, mode, leading_slice, per_layer)
+        """Kinship of `models` against `base` in `mode` (exact, fingerprint or auto); see the module docstring.
+
+        `sign_conflict`: also the pairs' sign conflict (`kinship/sign_conflict.py`), from the cache
+        when stored for every pair, else from a full pass over the weights (EXACT or AUTO only).
+        """
+        query = self._query(base, models, mode, leading_slice, per_layer, sign_conflict)
         if mode == FINGERPRINT:
             return self._fingerprint_answer(query)
+        if sign_conflict:
+            stored = self._stored_sign_conflict(query)
+            if stored is None:
+                return self._outcome(query, self._full_pass(query, check_cancelled), EXACT, "pass")
+            outcome = self._exact_chain(query, check_cancelled)
+            outcome.result.sign_conflict = stored
+            return outcome
+        return self._exact_chain(query, check_cancelled)
+
+    def _stored_sign_conflict(self, query: _Query) -> list[list[float]] | None:
+        return self.sign_conflicts.get(query.base.ident.identity, query.ids, query.plan)
+
+    def _exact_chain(self, query: _Query, check_cancelled: Callable[[], None]) -> KinshipOutcome:
+        """EXACT/AUTO: stored pair results, else stored deltas, else (AUTO) fingerprints, else a full pass."""
+        mode, per_layer = query.mode, query.per_layer
         cached = self._from_pairs(query)
         if cached is not None:
             return cached
@@ -231,7 +267,7 @@ class KinshipCache:
             from_deltas = self._from_deltas(query, manifests, check_cancelled)
             if from_deltas is not None:
                 return self._outcome(query, from_deltas, EXACT, "deltas")
-        if mode == AUTO and not per_layer:
+        if mode == AUTO and not per_layer and not query.sign_conflict:  # sign conflict: exact values throughout
             estimated = self._from_fingerprints(query)
             if estimated is not None:
                 return estimated
@@ -246,6 +282,7 @@ class KinshipCache:
         mode: KinshipMode = AUTO,
         leading_slice: bool = False,
         per_layer: bool = False,
+        sign_conflict: bool = False,
     ) -> KinshipOutcome | None:
         """`kinship` as far as the cache answers without a pass: the outcome, or None where a pass is needed.
 
@@ -254,15 +291,19 @@ class KinshipCache:
         AUTO does not settle for fingerprints then) or over the weights. Errors are the
         ones `kinship` raises for the same request.
         """
-        query = self._query(base, models, mode, leading_slice, per_layer)
+        query = self._query(base, models, mode, leading_slice, per_layer, sign_conflict)
         if mode == FINGERPRINT:
             return self._fingerprint_answer(query)
+        stored = self._stored_sign_conflict(query) if sign_conflict else None
+        if sign_conflict and stored is None:
+            return None  # a full pass over the weights
         cached = self._from_pairs(query)
         if cached is not None:
+            cached.result.sign_conflict = stored
             return cached
         if self._manifests(query) is not None:
             return None  # a pass over the stored deltas
-        if mode == AUTO and not per_layer:
+        if mode == AUTO and not per_layer and not sign_conflict:
             return self._from_fingerprints(query)
         return None  # a pass over the weights
 
@@ -308,6 +349,8 @@ class KinshipCache:
             for ident in idents
         ]
         observer = FingerprintObserver(len(idents), self.device) if any(eligible) else None
+        signs = SignConflictObserver(len(idents), self.device) if query.sign_conflict else None
+        observers: list[FingerprintObserver | SignConflictObserver] = [o for o in (observer, signs) if o is not None]
         try:
             result = self._exact_pass(
                 base_ckpt,
@@ -315,7 +358,7 @@ class KinshipCache:
                 leading_slice=query.leading_slice,
                 chunk_bytes=self.settings.chunk_bytes,
                 check_cancelled=check_cancelled,
-                observers=[observer] if observer is not None else [],
+                observers=observers,
                 stats=ReadStats(),
                 use_cpu_kernel=self.settings.cpu_kernel,
                 headers=[base_ident.headers, *(ident.headers for ident in idents)],
@@ -326,7 +369,11 @@ class KinshipCache:
             raise
         # A file rewritten or truncated during the pass: the numbers mix two versions; say so.
         self.resolver.raise_if_changed([base_ckpt, *model_ckpts], [base_ident, *idents])
+        if signs is not None:
+            result.sign_conflict = signs.fractions()
         try:
+            if signs is not None and result.sign_conflict is not None:
+                self.sign_conflicts.put(base_ident.identity, query.ids, plan, result.sign_conflict)
             if observer is not None:
                 observer.flush()
                 skipped = [skipped_tuples(self.plans.pair_plan(base_ident, ident).skipped) for ident in idents]

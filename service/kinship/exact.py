@@ -121,6 +121,8 @@ class ExactKinship:
     device: str
     seconds: float
     stats: ReadStats = field(repr=False, default_factory=ReadStats)
+    sign_conflict: list[list[float]] | None = None
+    """The n x n sign-conflict matrix (`sign_conflict.py`) when it was asked for, else None."""
 
 
 def resolve_device(setting: str) -> torch.device:

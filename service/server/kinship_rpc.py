@@ -15,6 +15,7 @@ from kinship_service.checkpoints.sources import CheckpointSpec
 from kinship_service.errors import InvalidArgument
 from kinship_service.kinship.exact import SKIP_MISSING, SKIP_NOT_FLOATING, SKIP_SHAPE, ExactKinship
 from kinship_service.kinship.modes import AUTO, EXACT, FINGERPRINT, KinshipMode
+from kinship_service.kinship.sign_conflict import mean_sign_conflict
 from kinship_service.kinship.similarity import Similarities
 from kinship_service.server.refs import spec_from_ref
 
@@ -42,6 +43,7 @@ class KinshipQuery:
     mode: KinshipMode
     leading_slice: bool
     per_layer: bool
+    sign_conflict: bool = False
 
 
 def kinship_query(request: kinship_pb2.KinshipRequest) -> KinshipQuery:
@@ -60,7 +62,14 @@ def kinship_query(request: kinship_pb2.KinshipRequest) -> KinshipQuery:
     policy = request.shape_mismatch_policy
     if policy == common_pb2.SHAPE_MISMATCH_POLICY_ERROR:
         raise InvalidArgument("kinship takes SKIP or LEADING_SLICE, not ERROR", field="shape_mismatch_policy")
-    return KinshipQuery(base, models, mode, policy == common_pb2.SHAPE_MISMATCH_POLICY_LEADING_SLICE, request.per_layer)
+    if request.sign_conflict and mode == FINGERPRINT:
+        raise InvalidArgument(
+            "sign conflict is measured by the exact pass (a fingerprint keeps no coordinate's sign); "
+            "use mode EXACT or AUTO with sign_conflict",
+            field="sign_conflict",
+        )
+    leading = policy == common_pb2.SHAPE_MISMATCH_POLICY_LEADING_SLICE
+    return KinshipQuery(base, models, mode, leading, request.per_layer, request.sign_conflict)
 
 
 def values_proto(pcc: float, cosine: float, euclidean: float) -> common_pb2.KinshipValues:
@@ -104,6 +113,10 @@ def exact_response(result: ExactKinship, *, per_layer: bool) -> kinship_pb2.Kins
         device=result.device,
         seconds=result.seconds,
     )
+    if result.sign_conflict is not None:
+        for pair in response.pairs:
+            pair.sign_conflict = result.sign_conflict[pair.first][pair.second]
+        response.mean_sign_conflict = mean_sign_conflict(result.sign_conflict)
     if per_layer:
         for group, group_sims in result.by_group.items():
             response.layers.append(

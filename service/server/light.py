@@ -56,7 +56,12 @@ class LightAnswers:
         """Kinship from fingerprints (FINGERPRINT) or stored results (EXACT, AUTO), or None: forward."""
         query = kinship_rpc.kinship_query(request)
         outcome = self.cache.cached_kinship(
-            query.base, query.models, mode=query.mode, leading_slice=query.leading_slice, per_layer=query.per_layer
+            query.base,
+            query.models,
+            mode=query.mode,
+            leading_slice=query.leading_slice,
+            per_layer=query.per_layer,
+            sign_conflict=query.sign_conflict,
         )
         return kinship_rpc.kinship_response(outcome, per_layer=query.per_layer) if outcome is not None else None
 
@@ -75,6 +80,8 @@ class LightAnswers:
     def rank_candidates(self, request: recommend_pb2.RankCandidatesRequest) -> recommend_pb2.RankCandidatesResponse | None:
         """RankCandidates when its kinship values are given or cached, or None: forward."""
         query = recommend_rpc.rank_query(request)
+        if query.can_measure_sign_conflict:
+            return None  # method advice measures sign conflict: the heavy process answers (from the cache when stored)
         found = self._top_k_kinship(query.kinship)
         return query.response(*found) if found is not None else None
 

@@ -19,6 +19,12 @@ from kinship_service.errors import InvalidArgument
 from kinship_service.guidance import advice, population, rank, stop
 from kinship_service.guidance.advice import RankOptions
 from kinship_service.guidance.gain_model import GainModel
+from kinship_service.guidance.method_advice import (
+    MethodAdvice,
+    MethodAdviceOptions,
+    advise_method,
+    method_advice_options,
+)
 from kinship_service.guidance.population import KinshipMatrix, Member, MemberGain, Pair
 from kinship_service.guidance.rank import Ranking
 from kinship_service.guidance.stop import StopDecision
@@ -230,6 +236,14 @@ def _recommendation_proto(r: rank.Recommendation) -> recommend_pb2.Recommendatio
     return message
 
 
+def advice_proto(advice: MethodAdvice) -> recommend_pb2.MethodAdvice:
+    """The MethodAdvice proto of an advice."""
+    message = recommend_pb2.MethodAdvice(method=advice.method, parameters=advice.parameters, reason=advice.reason)
+    if advice.sign_conflict is not None:
+        message.sign_conflict = advice.sign_conflict
+    return message
+
+
 def rank_response(ranking: Ranking, mode_used: ModeUsed) -> recommend_pb2.RankCandidatesResponse:
     """The RankCandidatesResponse of a ranking."""
     response = recommend_pb2.RankCandidatesResponse(
@@ -327,9 +341,13 @@ class RankQuery:
     top_k: int
     merged: set[Pair]
     options: RankOptions = RankOptions()
+    advice: MethodAdviceOptions | None = None
+    """The method-advice options when the request set `suggest_method`, else None."""
 
-    def response(self, values: dict[Pair, float], mode_used: ModeUsed) -> recommend_pb2.RankCandidatesResponse:
-        """The response, given the kinship of every top-k (and exploration pool) pair."""
+    def response(
+        self, values: dict[Pair, float], mode_used: ModeUsed, sign_conflicts: dict[Pair, float] | None = None
+    ) -> recommend_pb2.RankCandidatesResponse:
+        """The response, given the kinship of every top-k (and exploration pool) pair, and, for method advice, their sign conflict."""
         ranking = rank.rank_candidates(
             self.members,
             self.top_k,
@@ -340,7 +358,18 @@ class RankQuery:
             history_kinship={**self.kinship.known, **values},
             validated=True,  # by rank_query
         )
-        return rank_response(ranking, mode_used)
+        response = rank_response(ranking, mode_used)
+        if self.advice is not None:
+            for proto, rec in zip(response.recommendations, ranking.recommendations, strict=True):
+                conflict = None if sign_conflicts is None else sign_conflicts.get(population.pair_key(rec.first, rec.second))
+                advice = advise_method(rec.kinship, self.kinship.metric, conflict, self.advice)
+                proto.method_advice.CopyFrom(advice_proto(advice))
+        return response
+
+    @property
+    def can_measure_sign_conflict(self) -> bool:
+        """Whether advice was asked and the base and every top-k checkpoint are given (a pass can measure it)."""
+        return self.advice is not None and self.kinship.base is not None and all(m.spec is not None for m in self.kinship.members)
 
 
 def rank_query(request: recommend_pb2.RankCandidatesRequest) -> RankQuery:
@@ -356,7 +385,19 @@ def rank_query(request: recommend_pb2.RankCandidatesRequest) -> RankQuery:
     top = population.select_top_k(members, request.top_k)
     pool = options.pool_size(request.top_k) if options.exploration != "none" else request.top_k
     extra = population.select_top_k(members, pool)[request.top_k :]
-    return RankQuery(_population_query(request, top, metric, known, extra), members, request.top_k, merged, options)
+    advice = None
+    if request.suggest_method:
+        advice = method_advice_options(
+            request.linear_kinship_threshold if request.HasField("linear_kinship_threshold") else None,
+            request.ties_sign_conflict_threshold if request.HasField("ties_sign_conflict_threshold") else None,
+            request.ties_density if request.HasField("ties_density") else None,
+            request.slerp_t if request.HasField("slerp_t") else None,
+        )
+    else:
+        for name in ("linear_kinship_threshold", "ties_sign_conflict_threshold", "ties_density", "slerp_t"):
+            if request.HasField(name):
+                raise InvalidArgument(f"{name} applies only with suggest_method=true", field=name)
+    return RankQuery(_population_query(request, top, metric, known, extra), members, request.top_k, merged, options, advice)
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,10 @@ from kinship_service.cache.registry import KinshipCache, KinshipOutcome
 from kinship_service.checkpoints.sources import CheckpointSpec, resolve
 from kinship_service.config import Settings
 from kinship_service.errors import Cancelled, DeadlineExceeded, Internal, InvalidArgument, KinshipError, to_rpc_status
-from kinship_service.guidance.population import Pair
+from kinship_service.guidance.population import Pair, pair_key
+from kinship_service.jobs.manager import MergeJobManager
 from kinship_service.kinship.exact import resolve_device
-from kinship_service.kinship.modes import FINGERPRINT, ModeUsed
+from kinship_service.kinship.modes import EXACT, FINGERPRINT, ModeUsed
 from kinship_service.kinship.population import pairwise_kinship
 from kinship_service.server import kinship_rpc, merge_rpc, metrics, recommend_rpc
 from kinship_service.server.admission import Admission
@@ -134,6 +135,7 @@ class KinshipServicer(service_pb2_grpc.KinshipServiceServicer):
                 mode=query.mode,
                 leading_slice=query.leading_slice,
                 per_layer=query.per_layer,
+                sign_conflict=query.sign_conflict,
                 check_cancelled=check,
             )
 
@@ -170,7 +172,28 @@ class KinshipServicer(service_pb2_grpc.KinshipServiceServicer):
         self, request: recommend_pb2.RankCandidatesRequest, context: grpc.ServicerContext
     ) -> recommend_pb2.RankCandidatesResponse:
         query = recommend_rpc.rank_query(request)
-        return query.response(*self._top_k_kinship(query.kinship, context))
+        values, mode_used = self._top_k_kinship(query.kinship, context)
+        conflicts = self._top_k_sign_conflict(query, context) if query.can_measure_sign_conflict else None
+        return query.response(values, mode_used, conflicts)
+
+    def _top_k_sign_conflict(self, query: recommend_rpc.RankQuery, context: grpc.ServicerContext) -> dict[Pair, float]:
+        """The sign conflict of every top-k pair, for method advice (one exact pass, or the cache)."""
+        members = query.kinship.members
+        base = query.kinship.base
+        assert base is not None  # can_measure_sign_conflict
+
+        def compute(check: Callable[[], None]) -> dict[Pair, float]:
+            outcome = self.kinship_cache.kinship(
+                base, [m.spec for m in members if m.spec is not None], mode=EXACT, sign_conflict=True, check_cancelled=check
+            )
+            matrix = outcome.result.sign_conflict or []
+            return {
+                pair_key(members[i].name, members[j].name): matrix[i][j]
+                for i in range(len(members))
+                for j in range(i + 1, len(members))
+            }
+
+        return self._run_heavy(("SignConflict", *query.kinship.key()), compute, context, "population")
 
     @rpc_method
     def ShouldStop(self, request: recommend_pb2.ShouldStopRequest, context: grpc.ServicerContext) -> recommend_pb2.ShouldStopResponse:

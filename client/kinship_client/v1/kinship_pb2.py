@@ -25,31 +25,31 @@ _sym_db = _symbol_database.Default()
 from . import common_pb2 as kinship_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kinship/v1/kinship.proto\x12\nkinship.v1\x1a\x17kinship/v1/common.proto\"\xde\x01\n\x0eKinshipRequest\x12\'\n\x04\x62\x61se\x18\x01 \x01(\x0b\x32\x19.kinship.v1.CheckpointRef\x12)\n\x06models\x18\x02 \x03(\x0b\x32\x19.kinship.v1.CheckpointRef\x12%\n\x04mode\x18\x03 \x01(\x0e\x32\x17.kinship.v1.KinshipMode\x12>\n\x15shape_mismatch_policy\x18\x04 \x01(\x0e\x32\x1f.kinship.v1.ShapeMismatchPolicy\x12\x11\n\tper_layer\x18\x05 \x01(\x08\"U\n\rSkippedTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x06reason\x18\x02 \x01(\x0e\x32\x16.kinship.v1.SkipReason\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"W\n\x0bPairKinship\x12\r\n\x05\x66irst\x18\x01 \x01(\x05\x12\x0e\n\x06second\x18\x02 \x01(\x05\x12)\n\x06values\x18\x03 \x01(\x0b\x32\x19.kinship.v1.KinshipValues\"\x91\x01\n\x0cLayerKinship\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0f\n\x07tensors\x18\x02 \x01(\x03\x12\x10\n\x08\x65lements\x18\x03 \x01(\x03\x12&\n\x05pairs\x18\x04 \x03(\x0b\x32\x17.kinship.v1.PairKinship\x12\'\n\x04mean\x18\x05 \x01(\x0b\x32\x19.kinship.v1.KinshipValues\"W\n\x0cModelSummary\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x10\n\x08identity\x18\x02 \x01(\t\x12\x12\n\ndelta_norm\x18\x03 \x01(\x01\x12\x12\n\ndelta_mean\x18\x04 \x01(\x01\"\x90\x03\n\x0fKinshipResponse\x12&\n\x05pairs\x18\x01 \x03(\x0b\x32\x17.kinship.v1.PairKinship\x12\'\n\x04mean\x18\x02 \x01(\x0b\x32\x19.kinship.v1.KinshipValues\x12*\n\tmode_used\x18\x03 \x01(\x0e\x32\x17.kinship.v1.KinshipMode\x12\x18\n\x10tensors_compared\x18\x04 \x01(\x03\x12\x19\n\x11\x65lements_compared\x18\x05 \x01(\x03\x12\x16\n\x0esliced_tensors\x18\x06 \x03(\t\x12*\n\x07skipped\x18\x07 \x03(\x0b\x32\x19.kinship.v1.SkippedTensor\x12(\n\x06layers\x18\x08 \x03(\x0b\x32\x18.kinship.v1.LayerKinship\x12(\n\x06models\x18\t \x03(\x0b\x32\x18.kinship.v1.ModelSummary\x12\x12\n\nbytes_read\x18\n \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x0b \x01(\t\x12\x0f\n\x07seconds\x18\x0c \x01(\x01\"s\n\x19RegisterCheckpointRequest\x12-\n\ncheckpoint\x18\x01 \x01(\x0b\x32\x19.kinship.v1.CheckpointRef\x12\'\n\x04\x62\x61se\x18\x02 \x01(\x0b\x32\x19.kinship.v1.CheckpointRef\"(\n\tLayerNorm\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0c\n\x04norm\x18\x02 \x01(\x01\"\xb3\x02\n\x1aRegisterCheckpointResponse\x12\x10\n\x08identity\x18\x01 \x01(\t\x12\x15\n\rbase_identity\x18\x02 \x01(\t\x12\x1a\n\x12\x61lready_registered\x18\x03 \x01(\x08\x12\x0f\n\x07tensors\x18\x04 \x01(\x03\x12\x10\n\x08\x65lements\x18\x05 \x01(\x03\x12\x12\n\nsize_bytes\x18\x06 \x01(\x03\x12\x11\n\tdelta_sum\x18\x07 \x01(\x01\x12\x19\n\x11\x64\x65lta_sum_squares\x18\x08 \x01(\x01\x12*\n\x0blayer_norms\x18\t \x03(\x0b\x32\x15.kinship.v1.LayerNorm\x12\x19\n\x11\x66ingerprint_bytes\x18\n \x01(\x03\x12\x13\n\x0b\x64\x65lta_bytes\x18\x0b \x01(\x03\x12\x0f\n\x07seconds\x18\x0c \x01(\x01*\x80\x01\n\nSkipReason\x12\x1b\n\x17SKIP_REASON_UNSPECIFIED\x10\x00\x12\x17\n\x13SKIP_REASON_MISSING\x10\x01\x12\x1e\n\x1aSKIP_REASON_SHAPE_MISMATCH\x10\x02\x12\x1c\n\x18SKIP_REASON_NOT_FLOATING\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kinship/v1/kinship.proto\x12\nkinship.v1\x1a\x17kinship/v1/common.proto\"\xf5\x01\n\x0eKinshipRequest\x12\'\n\x04\x62\x61se\x18\x01 \x01(\x0b\x32\x19.kinship.v1.CheckpointRef\x12)\n\x06models\x18\x02 \x03(\x0b\x32\x19.kinship.v1.CheckpointRef\x12%\n\x04mode\x18\x03 \x01(\x0e\x32\x17.kinship.v1.KinshipMode\x12>\n\x15shape_mismatch_policy\x18\x04 \x01(\x0e\x32\x1f.kinship.v1.ShapeMismatchPolicy\x12\x11\n\tper_layer\x18\x05 \x01(\x08\x12\x15\n\rsign_conflict\x18\x06 \x01(\x08\"U\n\rSkippedTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x06reason\x18\x02 \x01(\x0e\x32\x16.kinship.v1.SkipReason\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"\x85\x01\n\x0bPairKinship\x12\r\n\x05\x66irst\x18\x01 \x01(\x05\x12\x0e\n\x06second\x18\x02 \x01(\x05\x12)\n\x06values\x18\x03 \x01(\x0b\x32\x19.kinship.v1.KinshipValues\x12\x1a\n\rsign_conflict\x18\x04 \x01(\x01H\x00\x88\x01\x01\x42\x10\n\x0e_sign_conflict\"\x91\x01\n\x0cLayerKinship\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0f\n\x07tensors\x18\x02 \x01(\x03\x12\x10\n\x08\x65lements\x18\x03 \x01(\x03\x12&\n\x05pairs\x18\x04 \x03(\x0b\x32\x17.kinship.v1.PairKinship\x12\'\n\x04mean\x18\x05 \x01(\x0b\x32\x19.kinship.v1.KinshipValues\"W\n\x0cModelSummary\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x10\n\x08identity\x18\x02 \x01(\t\x12\x12\n\ndelta_norm\x18\x03 \x01(\x01\x12\x12\n\ndelta_mean\x18\x04 \x01(\x01\"\xc8\x03\n\x0fKinshipResponse\x12&\n\x05pairs\x18\x01 \x03(\x0b\x32\x17.kinship.v1.PairKinship\x12\'\n\x04mean\x18\x02 \x01(\x0b\x32\x19.kinship.v1.KinshipValues\x12*\n\tmode_used\x18\x03 \x01(\x0e\x32\x17.kinship.v1.KinshipMode\x12\x18\n\x10tensors_compared\x18\x04 \x01(\x03\x12\x19\n\x11\x65lements_compared\x18\x05 \x01(\x03\x12\x16\n\x0esliced_tensors\x18\x06 \x03(\t\x12*\n\x07skipped\x18\x07 \x03(\x0b\x32\x19.kinship.v1.SkippedTensor\x12(\n\x06layers\x18\x08 \x03(\x0b\x32\x18.kinship.v1.LayerKinship\x12(\n\x06models\x18\t \x03(\x0b\x32\x18.kinship.v1.ModelSummary\x12\x12\n\nbytes_read\x18\n \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x0b \x01(\t\x12\x0f\n\x07seconds\x18\x0c \x01(\x01\x12\x1f\n\x12mean_sign_conflict\x18\r \x01(\x01H\x00\x88\x01\x01\x42\x15\n\x13_mean_sign_conflict\"s\n\x19RegisterCheckpointRequest\x12-\n\ncheckpoint\x18\x01 \x01(\x0b\x32\x19.kinship.v1.CheckpointRef\x12\'\n\x04\x62\x61se\x18\x02 \x01(\x0b\x32\x19.kinship.v1.CheckpointRef\"(\n\tLayerNorm\x12\r\n\x05group\x18\x01 \x01(\t\x12\x0c\n\x04norm\x18\x02 \x01(\x01\"\xb3\x02\n\x1aRegisterCheckpointResponse\x12\x10\n\x08identity\x18\x01 \x01(\t\x12\x15\n\rbase_identity\x18\x02 \x01(\t\x12\x1a\n\x12\x61lready_registered\x18\x03 \x01(\x08\x12\x0f\n\x07tensors\x18\x04 \x01(\x03\x12\x10\n\x08\x65lements\x18\x05 \x01(\x03\x12\x12\n\nsize_bytes\x18\x06 \x01(\x03\x12\x11\n\tdelta_sum\x18\x07 \x01(\x01\x12\x19\n\x11\x64\x65lta_sum_squares\x18\x08 \x01(\x01\x12*\n\x0blayer_norms\x18\t \x03(\x0b\x32\x15.kinship.v1.LayerNorm\x12\x19\n\x11\x66ingerprint_bytes\x18\n \x01(\x03\x12\x13\n\x0b\x64\x65lta_bytes\x18\x0b \x01(\x03\x12\x0f\n\x07seconds\x18\x0c \x01(\x01*\x80\x01\n\nSkipReason\x12\x1b\n\x17SKIP_REASON_UNSPECIFIED\x10\x00\x12\x17\n\x13SKIP_REASON_MISSING\x10\x01\x12\x1e\n\x1aSKIP_REASON_SHAPE_MISMATCH\x10\x02\x12\x1c\n\x18SKIP_REASON_NOT_FLOATING\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kinship.v1.kinship_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SKIPREASON']._serialized_start=1576
-  _globals['_SKIPREASON']._serialized_end=1704
+  _globals['_SKIPREASON']._serialized_start=1702
+  _globals['_SKIPREASON']._serialized_end=1830
   _globals['_KINSHIPREQUEST']._serialized_start=66
-  _globals['_KINSHIPREQUEST']._serialized_end=288
-  _globals['_SKIPPEDTENSOR']._serialized_start=290
-  _globals['_SKIPPEDTENSOR']._serialized_end=375
-  _globals['_PAIRKINSHIP']._serialized_start=377
-  _globals['_PAIRKINSHIP']._serialized_end=464
-  _globals['_LAYERKINSHIP']._serialized_start=467
-  _globals['_LAYERKINSHIP']._serialized_end=612
-  _globals['_MODELSUMMARY']._serialized_start=614
-  _globals['_MODELSUMMARY']._serialized_end=701
-  _globals['_KINSHIPRESPONSE']._serialized_start=704
-  _globals['_KINSHIPRESPONSE']._serialized_end=1104
-  _globals['_REGISTERCHECKPOINTREQUEST']._serialized_start=1106
-  _globals['_REGISTERCHECKPOINTREQUEST']._serialized_end=1221
-  _globals['_LAYERNORM']._serialized_start=1223
-  _globals['_LAYERNORM']._serialized_end=1263
-  _globals['_REGISTERCHECKPOINTRESPONSE']._serialized_start=1266
-  _globals['_REGISTERCHECKPOINTRESPONSE']._serialized_end=1573
+  _globals['_KINSHIPREQUEST']._serialized_end=311
+  _globals['_SKIPPEDTENSOR']._serialized_start=313
+  _globals['_SKIPPEDTENSOR']._serialized_end=398
+  _globals['_PAIRKINSHIP']._serialized_start=401
+  _globals['_PAIRKINSHIP']._serialized_end=534
+  _globals['_LAYERKINSHIP']._serialized_start=537
+  _globals['_LAYERKINSHIP']._serialized_end=682
+  _globals['_MODELSUMMARY']._serialized_start=684
+  _globals['_MODELSUMMARY']._serialized_end=771
+  _globals['_KINSHIPRESPONSE']._serialized_start=774
+  _globals['_KINSHIPRESPONSE']._serialized_end=1230
+  _globals['_REGISTERCHECKPOINTREQUEST']._serialized_start=1232
+  _globals['_REGISTERCHECKPOINTREQUEST']._serialized_end=1347
+  _globals['_LAYERNORM']._serialized_start=1349
+  _globals['_LAYERNORM']._serialized_end=1389
+  _globals['_REGISTERCHECKPOINTRESPONSE']._serialized_start=1392
+  _globals['_REGISTERCHECKPOINTRESPONSE']._serialized_end=1699
 # @@protoc_insertion_point(module_scope)

@@ -20,18 +20,20 @@ SKIP_REASON_SHAPE_MISMATCH: SkipReason
 SKIP_REASON_NOT_FLOATING: SkipReason
 
 class KinshipRequest(_message.Message):
-    __slots__ = ("base", "models", "mode", "shape_mismatch_policy", "per_layer")
+    __slots__ = ("base", "models", "mode", "shape_mismatch_policy", "per_layer", "sign_conflict")
     BASE_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_MISMATCH_POLICY_FIELD_NUMBER: _ClassVar[int]
     PER_LAYER_FIELD_NUMBER: _ClassVar[int]
+    SIGN_CONFLICT_FIELD_NUMBER: _ClassVar[int]
     base: _common_pb2.CheckpointRef
     models: _containers.RepeatedCompositeFieldContainer[_common_pb2.CheckpointRef]
     mode: _common_pb2.KinshipMode
     shape_mismatch_policy: _common_pb2.ShapeMismatchPolicy
     per_layer: bool
-    def __init__(self, base: _Optional[_Union[_common_pb2.CheckpointRef, _Mapping]] = ..., models: _Optional[_Iterable[_Union[_common_pb2.CheckpointRef, _Mapping]]] = ..., mode: _Optional[_Union[_common_pb2.KinshipMode, str]] = ..., shape_mismatch_policy: _Optional[_Union[_common_pb2.ShapeMismatchPolicy, str]] = ..., per_layer: _Optional[bool] = ...) -> None: ...
+    sign_conflict: bool
+    def __init__(self, base: _Optional[_Union[_common_pb2.CheckpointRef, _Mapping]] = ..., models: _Optional[_Iterable[_Union[_common_pb2.CheckpointRef, _Mapping]]] = ..., mode: _Optional[_Union[_common_pb2.KinshipMode, str]] = ..., shape_mismatch_policy: _Optional[_Union[_common_pb2.ShapeMismatchPolicy, str]] = ..., per_layer: _Optional[bool] = ..., sign_conflict: _Optional[bool] = ...) -> None: ...
 
 class SkippedTensor(_message.Message):
     __slots__ = ("name", "reason", "detail")
@@ -44,14 +46,16 @@ class SkippedTensor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., reason: _Optional[_Union[SkipReason, str]] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class PairKinship(_message.Message):
-    __slots__ = ("first", "second", "values")
+    __slots__ = ("first", "second", "values", "sign_conflict")
     FIRST_FIELD_NUMBER: _ClassVar[int]
     SECOND_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
+    SIGN_CONFLICT_FIELD_NUMBER: _ClassVar[int]
     first: int
     second: int
     values: _common_pb2.KinshipValues
-    def __init__(self, first: _Optional[int] = ..., second: _Optional[int] = ..., values: _Optional[_Union[_common_pb2.KinshipValues, _Mapping]] = ...) -> None: ...
+    sign_conflict: float
+    def __init__(self, first: _Optional[int] = ..., second: _Optional[int] = ..., values: _Optional[_Union[_common_pb2.KinshipValues, _Mapping]] = ..., sign_conflict: _Optional[float] = ...) -> None: ...
 
 class LayerKinship(_message.Message):
     __slots__ = ("group", "tensors", "elements", "pairs", "mean")
@@ -80,7 +84,7 @@ class ModelSummary(_message.Message):
     def __init__(self, index: _Optional[int] = ..., identity: _Optional[str] = ..., delta_norm: _Optional[float] = ..., delta_mean: _Optional[float] = ...) -> None: ...
 
 class KinshipResponse(_message.Message):
-    __slots__ = ("pairs", "mean", "mode_used", "tensors_compared", "elements_compared", "sliced_tensors", "skipped", "layers", "models", "bytes_read", "device", "seconds")
+    __slots__ = ("pairs", "mean", "mode_used", "tensors_compared", "elements_compared", "sliced_tensors", "skipped", "layers", "models", "bytes_read", "device", "seconds", "mean_sign_conflict")
     PAIRS_FIELD_NUMBER: _ClassVar[int]
     MEAN_FIELD_NUMBER: _ClassVar[int]
     MODE_USED_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +97,7 @@ class KinshipResponse(_message.Message):
     BYTES_READ_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MEAN_SIGN_CONFLICT_FIELD_NUMBER: _ClassVar[int]
     pairs: _containers.RepeatedCompositeFieldContainer[PairKinship]
     mean: _common_pb2.KinshipValues
     mode_used: _common_pb2.KinshipMode
@@ -105,7 +110,8 @@ class KinshipResponse(_message.Message):
     bytes_read: int
     device: str
     seconds: float
-    def __init__(self, pairs: _Optional[_Iterable[_Union[PairKinship, _Mapping]]] = ..., mean: _Optional[_Union[_common_pb2.KinshipValues, _Mapping]] = ..., mode_used: _Optional[_Union[_common_pb2.KinshipMode, str]] = ..., tensors_compared: _Optional[int] = ..., elements_compared: _Optional[int] = ..., sliced_tensors: _Optional[_Iterable[str]] = ..., skipped: _Optional[_Iterable[_Union[SkippedTensor, _Mapping]]] = ..., layers: _Optional[_Iterable[_Union[LayerKinship, _Mapping]]] = ..., models: _Optional[_Iterable[_Union[ModelSummary, _Mapping]]] = ..., bytes_read: _Optional[int] = ..., device: _Optional[str] = ..., seconds: _Optional[float] = ...) -> None: ...
+    mean_sign_conflict: float
+    def __init__(self, pairs: _Optional[_Iterable[_Union[PairKinship, _Mapping]]] = ..., mean: _Optional[_Union[_common_pb2.KinshipValues, _Mapping]] = ..., mode_used: _Optional[_Union[_common_pb2.KinshipMode, str]] = ..., tensors_compared: _Optional[int] = ..., elements_compared: _Optional[int] = ..., sliced_tensors: _Optional[_Iterable[str]] = ..., skipped: _Optional[_Iterable[_Union[SkippedTensor, _Mapping]]] = ..., layers: _Optional[_Iterable[_Union[LayerKinship, _Mapping]]] = ..., models: _Optional[_Iterable[_Union[ModelSummary, _Mapping]]] = ..., bytes_read: _Optional[int] = ..., device: _Optional[str] = ..., seconds: _Optional[float] = ..., mean_sign_conflict: _Optional[float] = ...) -> None: ...
 
 class RegisterCheckpointRequest(_message.Message):
     __slots__ = ("checkpoint", "base")

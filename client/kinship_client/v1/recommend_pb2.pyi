@@ -147,7 +147,7 @@ class GainModel(_message.Message):
     def __init__(self, history: _Optional[int] = ..., skipped: _Optional[int] = ..., intercept: _Optional[float] = ..., kinship_slope: _Optional[float] = ..., score_gap_slope: _Optional[float] = ..., kinship_center: _Optional[float] = ..., score_gap_center: _Optional[float] = ..., prior_strength: _Optional[float] = ...) -> None: ...
 
 class Recommendation(_message.Message):
-    __slots__ = ("pair", "kind", "kinship", "mean_score", "reason", "expected_gain", "expected_score", "complementarity", "task_ceiling", "suggested_t")
+    __slots__ = ("pair", "kind", "kinship", "mean_score", "reason", "expected_gain", "expected_score", "complementarity", "task_ceiling", "suggested_t", "method_advice")
     PAIR_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     KINSHIP_FIELD_NUMBER: _ClassVar[int]
@@ -158,6 +158,7 @@ class Recommendation(_message.Message):
     COMPLEMENTARITY_FIELD_NUMBER: _ClassVar[int]
     TASK_CEILING_FIELD_NUMBER: _ClassVar[int]
     SUGGESTED_T_FIELD_NUMBER: _ClassVar[int]
+    METHOD_ADVICE_FIELD_NUMBER: _ClassVar[int]
     pair: MemberPair
     kind: RecommendationKind
     kinship: float
@@ -168,10 +169,30 @@ class Recommendation(_message.Message):
     complementarity: float
     task_ceiling: float
     suggested_t: float
-    def __init__(self, pair: _Optional[_Union[MemberPair, _Mapping]] = ..., kind: _Optional[_Union[RecommendationKind, str]] = ..., kinship: _Optional[float] = ..., mean_score: _Optional[float] = ..., reason: _Optional[str] = ..., expected_gain: _Optional[float] = ..., expected_score: _Optional[float] = ..., complementarity: _Optional[float] = ..., task_ceiling: _Optional[float] = ..., suggested_t: _Optional[float] = ...) -> None: ...
+    method_advice: MethodAdvice
+    def __init__(self, pair: _Optional[_Union[MemberPair, _Mapping]] = ..., kind: _Optional[_Union[RecommendationKind, str]] = ..., kinship: _Optional[float] = ..., mean_score: _Optional[float] = ..., reason: _Optional[str] = ..., expected_gain: _Optional[float] = ..., expected_score: _Optional[float] = ..., complementarity: _Optional[float] = ..., task_ceiling: _Optional[float] = ..., suggested_t: _Optional[float] = ..., method_advice: _Optional[_Union[MethodAdvice, _Mapping]] = ...) -> None: ...
+
+class MethodAdvice(_message.Message):
+    __slots__ = ("method", "parameters", "reason", "sign_conflict")
+    class ParametersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    SIGN_CONFLICT_FIELD_NUMBER: _ClassVar[int]
+    method: str
+    parameters: _containers.ScalarMap[str, float]
+    reason: str
+    sign_conflict: float
+    def __init__(self, method: _Optional[str] = ..., parameters: _Optional[_Mapping[str, float]] = ..., reason: _Optional[str] = ..., sign_conflict: _Optional[float] = ...) -> None: ...
 
 class RankCandidatesRequest(_message.Message):
-    __slots__ = ("base", "members", "merged_pairs", "top_k", "metric", "mode", "known_kinship", "greedy_order", "max_greedy", "greedy_fraction", "exploration", "exploration_pool", "estimate_gain", "gain_prior_strength", "slerp_factor", "kinship_weight")
+    __slots__ = ("base", "members", "merged_pairs", "top_k", "metric", "mode", "known_kinship", "greedy_order", "max_greedy", "greedy_fraction", "exploration", "exploration_pool", "estimate_gain", "gain_prior_strength", "slerp_factor", "kinship_weight", "suggest_method", "linear_kinship_threshold", "ties_sign_conflict_threshold", "ties_density", "slerp_t")
     BASE_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
     MERGED_PAIRS_FIELD_NUMBER: _ClassVar[int]
@@ -188,6 +209,11 @@ class RankCandidatesRequest(_message.Message):
     GAIN_PRIOR_STRENGTH_FIELD_NUMBER: _ClassVar[int]
     SLERP_FACTOR_FIELD_NUMBER: _ClassVar[int]
     KINSHIP_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    SUGGEST_METHOD_FIELD_NUMBER: _ClassVar[int]
+    LINEAR_KINSHIP_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    TIES_SIGN_CONFLICT_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    TIES_DENSITY_FIELD_NUMBER: _ClassVar[int]
+    SLERP_T_FIELD_NUMBER: _ClassVar[int]
     base: _common_pb2.CheckpointRef
     members: _containers.RepeatedCompositeFieldContainer[PopulationMember]
     merged_pairs: _containers.RepeatedCompositeFieldContainer[MemberPair]
@@ -204,7 +230,12 @@ class RankCandidatesRequest(_message.Message):
     gain_prior_strength: float
     slerp_factor: SlerpFactor
     kinship_weight: float
-    def __init__(self, base: _Optional[_Union[_common_pb2.CheckpointRef, _Mapping]] = ..., members: _Optional[_Iterable[_Union[PopulationMember, _Mapping]]] = ..., merged_pairs: _Optional[_Iterable[_Union[MemberPair, _Mapping]]] = ..., top_k: _Optional[int] = ..., metric: _Optional[_Union[_common_pb2.Metric, str]] = ..., mode: _Optional[_Union[_common_pb2.KinshipMode, str]] = ..., known_kinship: _Optional[_Iterable[_Union[KnownKinship, _Mapping]]] = ..., greedy_order: _Optional[_Union[GreedyOrder, str]] = ..., max_greedy: _Optional[int] = ..., greedy_fraction: _Optional[float] = ..., exploration: _Optional[_Union[ExplorationRule, str]] = ..., exploration_pool: _Optional[int] = ..., estimate_gain: _Optional[bool] = ..., gain_prior_strength: _Optional[float] = ..., slerp_factor: _Optional[_Union[SlerpFactor, str]] = ..., kinship_weight: _Optional[float] = ...) -> None: ...
+    suggest_method: bool
+    linear_kinship_threshold: float
+    ties_sign_conflict_threshold: float
+    ties_density: float
+    slerp_t: float
+    def __init__(self, base: _Optional[_Union[_common_pb2.CheckpointRef, _Mapping]] = ..., members: _Optional[_Iterable[_Union[PopulationMember, _Mapping]]] = ..., merged_pairs: _Optional[_Iterable[_Union[MemberPair, _Mapping]]] = ..., top_k: _Optional[int] = ..., metric: _Optional[_Union[_common_pb2.Metric, str]] = ..., mode: _Optional[_Union[_common_pb2.KinshipMode, str]] = ..., known_kinship: _Optional[_Iterable[_Union[KnownKinship, _Mapping]]] = ..., greedy_order: _Optional[_Union[GreedyOrder, str]] = ..., max_greedy: _Optional[int] = ..., greedy_fraction: _Optional[float] = ..., exploration: _Optional[_Union[ExplorationRule, str]] = ..., exploration_pool: _Optional[int] = ..., estimate_gain: _Optional[bool] = ..., gain_prior_strength: _Optional[float] = ..., slerp_factor: _Optional[_Union[SlerpFactor, str]] = ..., kinship_weight: _Optional[float] = ..., suggest_method: _Optional[bool] = ..., linear_kinship_threshold: _Optional[float] = ..., ties_sign_conflict_threshold: _Optional[float] = ..., ties_density: _Optional[float] = ..., slerp_t: _Optional[float] = ...) -> None: ...
 
 class RankCandidatesResponse(_message.Message):
     __slots__ = ("recommendations", "top_k", "matrix", "gains", "mode_used", "gain_model")
