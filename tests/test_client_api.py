@@ -100,6 +100,9 @@ def test_tables_cover_every_proto_enum_value() -> None:
     assert set(c.SHAPE_MISMATCH_VALUES.values()) == values(common_pb2.ShapeMismatchPolicy)
     assert set(c.DTYPE_VALUES.values()) == values(merge_pb2.Dtype)
     assert set(c.AGGREGATION_VALUES.values()) == values(recommend_pb2.Aggregation)
+    assert set(c.GREEDY_ORDER_VALUES.values()) == values(recommend_pb2.GreedyOrder)
+    assert set(c.EXPLORATION_RULE_VALUES.values()) == values(recommend_pb2.ExplorationRule)
+    assert set(c.SLERP_FACTOR_VALUES.values()) == values(recommend_pb2.SlerpFactor) | {0}
     assert set(c.JOB_STATE_VALUES.values()) == set(c.JOB_STATE_NAMES) == values(merge_pb2.MergeJobState)
     assert set(c.RECOMMENDATION_KIND_NAMES) == values(recommend_pb2.RecommendationKind)
     assert set(c.STOP_REASON_NAMES) == values(recommend_pb2.StopReason)
@@ -107,6 +110,8 @@ def test_tables_cover_every_proto_enum_value() -> None:
     for table, alias in [
         (c.MODE_VALUES, c.Mode), (c.METRIC_VALUES, c.Metric), (c.DTYPE_VALUES, c.Dtype),
         (c.AGGREGATION_VALUES, c.Aggregation), (c.JOB_STATE_VALUES, c.JobState),
+        (c.GREEDY_ORDER_VALUES, c.GreedyOrder), (c.EXPLORATION_RULE_VALUES, c.ExplorationRule),
+        (c.SLERP_FACTOR_VALUES, c.SlerpFactor),
     ]:
         assert set(table) == set(get_args(alias))
     assert set(get_args(c.KinshipShapeMismatch)) | set(get_args(c.MergeShapeMismatch)) == set(c.SHAPE_MISMATCH_VALUES)

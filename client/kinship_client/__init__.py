@@ -8,6 +8,8 @@ Every reason a server error can carry is in docs/errors.md.
 from .choices import (
     Aggregation,
     Dtype,
+    ExplorationRule,
+    GreedyOrder,
     JobState,
     KinshipShapeMismatch,
     MergeShapeMismatch,
@@ -16,12 +18,14 @@ from .choices import (
     ModeUsed,
     RecommendationKind,
     SkipReason,
+    SlerpFactor,
     StopReason,
 )
 from .client import KinshipClient
 from .errors import KinshipRpcError
 from .merge import MergeError, MergeJobInfo, MergeOperation, TLike
 from .population import (
+    GainModel,
     KinshipMatrix,
     KnownKinshipLike,
     Member,
@@ -47,6 +51,7 @@ __all__ = [
     "checkpoint_label",
     "checkpoint_ref",
     "CheckpointLike",
+    "GainModel",
     "KinshipMatrix",
     "KnownKinshipLike",
     "Member",
@@ -63,6 +68,8 @@ __all__ = [
     "TLike",
     "Aggregation",
     "Dtype",
+    "ExplorationRule",
+    "GreedyOrder",
     "JobState",
     "KinshipShapeMismatch",
     "MergeShapeMismatch",
@@ -71,5 +78,6 @@ __all__ = [
     "ModeUsed",
     "RecommendationKind",
     "SkipReason",
+    "SlerpFactor",
     "StopReason",
 ]

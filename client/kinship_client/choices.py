@@ -34,8 +34,14 @@ JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 """A merge job's state (run time accepts any letter case)."""
 RecommendationKind = Literal["greedy", "exploration"]
 """Why RankCandidates recommends a pair."""
-StopReason = Literal["kinship_saturated", "topk_unchanged", "gain_plateau"]
+StopReason = Literal["kinship_saturated", "topk_unchanged", "gain_plateau", "no_expected_gain"]
 """Why ShouldStop says stop."""
+GreedyOrder = Literal["mean_score", "expected_score", "task_ceiling"]
+"""How RankCandidates orders (and with `max_greedy` / `greedy_fraction` selects) the greedy pairs."""
+ExplorationRule = Literal["latest_generation", "outside_lineage", "complementary", "none"]
+"""How RankCandidates picks the best model's exploration partner (`none`: plain greedy)."""
+SlerpFactor = Literal["none", "even", "score_weighted"]
+"""Which SLERP factor RankCandidates suggests per pair (`none`: no suggestion)."""
 SkipReason = Literal["missing", "shape_mismatch", "not_floating"]
 """Why Kinship left a tensor out."""
 
@@ -45,6 +51,9 @@ KINSHIP_SHAPE_MISMATCHES: tuple[KinshipShapeMismatch, ...] = get_args(KinshipSha
 MERGE_SHAPE_MISMATCHES: tuple[MergeShapeMismatch, ...] = get_args(MergeShapeMismatch)
 DTYPES: tuple[Dtype, ...] = get_args(Dtype)
 AGGREGATIONS: tuple[Aggregation, ...] = get_args(Aggregation)
+GREEDY_ORDERS: tuple[GreedyOrder, ...] = get_args(GreedyOrder)
+EXPLORATION_RULES: tuple[ExplorationRule, ...] = get_args(ExplorationRule)
+SLERP_FACTORS: tuple[SlerpFactor, ...] = get_args(SlerpFactor)
 JOB_STATES: tuple[JobState, ...] = get_args(JobState)
 FINAL_JOB_STATES: frozenset[JobState] = frozenset({"succeeded", "failed", "cancelled"})
 
@@ -82,6 +91,22 @@ AGGREGATION_VALUES: Mapping[Aggregation, recommend_pb2.Aggregation] = {
     "min": recommend_pb2.AGGREGATION_MIN,
     "max": recommend_pb2.AGGREGATION_MAX,
 }
+GREEDY_ORDER_VALUES: Mapping[GreedyOrder, recommend_pb2.GreedyOrder] = {
+    "mean_score": recommend_pb2.GREEDY_ORDER_MEAN_SCORE,
+    "expected_score": recommend_pb2.GREEDY_ORDER_EXPECTED_SCORE,
+    "task_ceiling": recommend_pb2.GREEDY_ORDER_TASK_CEILING,
+}
+EXPLORATION_RULE_VALUES: Mapping[ExplorationRule, recommend_pb2.ExplorationRule] = {
+    "latest_generation": recommend_pb2.EXPLORATION_RULE_LATEST_GENERATION,
+    "outside_lineage": recommend_pb2.EXPLORATION_RULE_OUTSIDE_LINEAGE,
+    "complementary": recommend_pb2.EXPLORATION_RULE_COMPLEMENTARY,
+    "none": recommend_pb2.EXPLORATION_RULE_NONE,
+}
+SLERP_FACTOR_VALUES: Mapping[SlerpFactor, recommend_pb2.SlerpFactor] = {
+    "none": recommend_pb2.SLERP_FACTOR_UNSPECIFIED,
+    "even": recommend_pb2.SLERP_FACTOR_EVEN,
+    "score_weighted": recommend_pb2.SLERP_FACTOR_SCORE_WEIGHTED,
+}
 JOB_STATE_VALUES: Mapping[JobState, merge_pb2.MergeJobState] = {
     "queued": merge_pb2.MERGE_JOB_STATE_QUEUED,
     "running": merge_pb2.MERGE_JOB_STATE_RUNNING,
@@ -98,6 +123,7 @@ STOP_REASON_NAMES: Mapping[int, StopReason] = {
     recommend_pb2.STOP_REASON_KINSHIP_SATURATED: "kinship_saturated",
     recommend_pb2.STOP_REASON_TOPK_UNCHANGED: "topk_unchanged",
     recommend_pb2.STOP_REASON_GAIN_PLATEAU: "gain_plateau",
+    recommend_pb2.STOP_REASON_NO_EXPECTED_GAIN: "no_expected_gain",
 }
 SKIP_REASON_NAMES: Mapping[int, SkipReason] = {
     kinship_pb2.SKIP_REASON_MISSING: "missing",
@@ -143,6 +169,21 @@ def merge_shape_mismatch_value(policy: object, argument: str = "shape_mismatch")
 def aggregation_value(aggregation: object, argument: str = "aggregation") -> recommend_pb2.Aggregation:
     """The Aggregation of `aggregation` (mean, min or max). Raises ValueError for any other value."""
     return AGGREGATION_VALUES[choice(argument, aggregation, AGGREGATIONS)]
+
+
+def greedy_order_value(order: object, argument: str = "greedy_order") -> recommend_pb2.GreedyOrder:
+    """The GreedyOrder of `order` (mean_score, expected_score or task_ceiling). Raises ValueError for any other value."""
+    return GREEDY_ORDER_VALUES[choice(argument, order, GREEDY_ORDERS)]
+
+
+def exploration_rule_value(rule: object, argument: str = "exploration") -> recommend_pb2.ExplorationRule:
+    """The ExplorationRule of `rule` (latest_generation, outside_lineage, complementary or none). Raises ValueError otherwise."""
+    return EXPLORATION_RULE_VALUES[choice(argument, rule, EXPLORATION_RULES)]
+
+
+def slerp_factor_value(factor: object, argument: str = "slerp_factor") -> recommend_pb2.SlerpFactor:
+    """The SlerpFactor of `factor` (none, even or score_weighted). Raises ValueError for any other value."""
+    return SLERP_FACTOR_VALUES[choice(argument, factor, SLERP_FACTORS)]
 
 
 def dtype_value(dtype: object, argument: str = "dtype") -> merge_pb2.Dtype:

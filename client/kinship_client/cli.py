@@ -22,7 +22,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .choices import AGGREGATIONS, KINSHIP_SHAPE_MISMATCHES, METRICS, MODES
+from .choices import (
+    AGGREGATIONS,
+    EXPLORATION_RULES,
+    GREEDY_ORDERS,
+    KINSHIP_SHAPE_MISMATCHES,
+    METRICS,
+    MODES,
+    SLERP_FACTORS,
+)
 from .client import KinshipClient
 from .errors import KinshipRpcError
 from .merge_cli import NotUtf8, add_merge_commands, wire_text
@@ -212,9 +220,11 @@ def _gain_json(gain: MemberGain) -> dict[str, Any]:
 
 def rank_to_json(result: RankResult) -> dict[str, Any]:
     """A RankResult as the JSON document `kinship rank --json` prints."""
-    return {
+    optional = ("expected_gain", "expected_score", "complementarity", "task_ceiling", "suggested_t")
+    doc: dict[str, Any] = {
         "recommendations": [
             {k: getattr(r, k) for k in ("first", "second", "kind", "kinship", "mean_score", "reason")}
+            | {k: getattr(r, k) for k in optional if getattr(r, k) is not None}
             for r in result.recommendations
         ],
         "top_k": result.top_k,
@@ -222,11 +232,14 @@ def rank_to_json(result: RankResult) -> dict[str, Any]:
         "gains": [_gain_json(g) for g in result.gains],
         "mode": result.mode,
     }
+    if result.gain_model is not None:
+        doc["gain_model"] = vars(result.gain_model)
+    return doc
 
 
 def stop_to_json(result: StopResult) -> dict[str, Any]:
     """A StopResult as the JSON document `kinship should-stop --json` prints."""
-    return {
+    doc: dict[str, Any] = {
         "stop": result.stop,
         "reasons": result.reasons,
         "summary": result.summary,
@@ -237,6 +250,12 @@ def stop_to_json(result: StopResult) -> dict[str, Any]:
         "recent_gains": [_gain_json(g) for g in result.recent_gains],
         "mode": result.mode,
     }
+    if result.gain_model is not None:
+        doc["gain_model"] = vars(result.gain_model)
+    if result.best_candidate is not None:
+        doc["best_candidate"] = list(result.best_candidate)
+        doc["best_expected_gain"] = result.best_expected_gain
+    return doc
 
 
 def _load_population(args: argparse.Namespace) -> tuple[Population, int]:
@@ -263,6 +282,14 @@ def cmd_rank(client: KinshipClient, args: argparse.Namespace) -> int:
         metric=args.metric,
         mode=args.mode,
         known_kinship=population.known_kinship,
+        greedy_order=args.greedy_order,
+        max_greedy=args.max_greedy,
+        greedy_fraction=args.greedy_fraction,
+        exploration=args.exploration,
+        exploration_pool=args.exploration_pool,
+        estimate_gain=args.estimate_gain,
+        gain_prior_strength=args.gain_prior_strength,
+        slerp_factor=args.slerp_factor,
         timeout=args.timeout,
     )
     if args.json:
@@ -291,6 +318,10 @@ def cmd_should_stop(client: KinshipClient, args: argparse.Namespace) -> int:
         gain_threshold=args.gain_threshold,
         mode=args.mode,
         known_kinship=population.known_kinship,
+        merged_pairs=population.merged_pairs,
+        min_expected_gain=args.min_expected_gain,
+        min_gain_history=args.min_gain_history,
+        gain_prior_strength=args.gain_prior_strength,
         timeout=args.timeout,
     )
     if args.json:
@@ -346,7 +377,18 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--mode", choices=MODES, default="auto")
         p.add_argument("--json", action="store_true", help="print JSON instead of text")
         p.set_defaults(func=func)
+        p.add_argument("--gain-prior-strength", type=float, default=None, help="gain model prior in pseudo-merges (default 2)")
+        if name == "rank":
+            p.add_argument("--greedy-order", choices=GREEDY_ORDERS, default="mean_score")
+            p.add_argument("--max-greedy", type=int, default=0, help="keep only the N most promising greedy pairs (0: all)")
+            p.add_argument("--greedy-fraction", type=float, default=None, help="keep this fraction of the greedy pairs")
+            p.add_argument("--exploration", choices=EXPLORATION_RULES, default="latest_generation")
+            p.add_argument("--exploration-pool", type=int, default=0, help="exploration partner among the best N (0: top-k)")
+            p.add_argument("--estimate-gain", action="store_true", help="expected gain per pair from the population's history")
+            p.add_argument("--slerp-factor", choices=SLERP_FACTORS, default="none", help="suggest a SLERP t per pair")
         if name == "should-stop":
+            p.add_argument("--min-expected-gain", type=float, default=None, help="NO_EXPECTED_GAIN below this (default: off)")
+            p.add_argument("--min-gain-history", type=int, default=0, help="merges NO_EXPECTED_GAIN needs (0: 3)")
             p.add_argument("--threshold", type=float, default=None, help="kinship threshold (default 0.9; required for euclidean)")
             p.add_argument("--aggregation", choices=AGGREGATIONS, default="mean")
             p.add_argument("--gain-window", type=int, default=0, help="GAIN_PLATEAU over the last N merges (0: off)")

@@ -25,19 +25,25 @@ from .choices import (
     SKIP_REASON_NAMES,
     Aggregation,
     Dtype,
+    ExplorationRule,
+    GreedyOrder,
     JobState,
     KinshipShapeMismatch,
     MergeShapeMismatch,
     Metric,
     Mode,
+    SlerpFactor,
     aggregation_value,
     dtype_value,
+    exploration_rule_value,
+    greedy_order_value,
     job_state_value,
     kinship_shape_mismatch_value,
     merge_shape_mismatch_value,
     metric_value,
     mode_value,
     received,
+    slerp_factor_value,
 )
 from .errors import KinshipRpcError
 from .merge import MergeJobInfo, MergeOperation, TLike, interpolation_factor, iter_watch
@@ -328,7 +334,7 @@ class KinshipClient:
         """The members and known kinship as protos (raises ValueError for a checkpoint path that is not UTF-8)."""
         protos = []
         for i, m in enumerate(members):
-            message = recommend_pb2.PopulationMember(name=m.name, parents=list(m.parents))
+            message = recommend_pb2.PopulationMember(name=m.name, parents=list(m.parents), task_scores=list(m.task_scores))
             if m.checkpoint is not None:
                 message.checkpoint.CopyFrom(checkpoint_ref(m.checkpoint, f"members[{i}].checkpoint"))
             if m.score is not None:
@@ -352,16 +358,32 @@ class KinshipClient:
         metric: Metric = "pcc",
         mode: Mode = "auto",
         known_kinship: KnownKinshipLike = (),
+        greedy_order: GreedyOrder = "mean_score",
+        max_greedy: int = 0,
+        greedy_fraction: float | None = None,
+        exploration: ExplorationRule = "latest_generation",
+        exploration_pool: int = 0,
+        estimate_gain: bool = False,
+        gain_prior_strength: float | None = None,
+        slerp_factor: SlerpFactor = "none",
         timeout: float | None = None,
     ) -> RankResult:
         """Which pairs of the population to merge next (greedy pairs among the top-k, then one exploration merge).
 
         `base` is needed unless every kinship value among the top-k is in `known_kinship`
         (`{(a, b): value}` or `[(a, b, value)]`). `metric`: pcc, cosine or euclidean.
+        The advice options (defaults: Algorithm 1 as the paper has it; docs/population.md):
+        `greedy_order` (mean_score, expected_score, task_ceiling) with `max_greedy` /
+        `greedy_fraction` to keep only the most promising greedy pairs; `exploration`
+        (latest_generation, outside_lineage, complementary, none) among the best
+        `exploration_pool` members (0: top_k); `estimate_gain` fills each recommendation's
+        expected gain from a model fitted on the population's history (`gain_prior_strength`
+        pseudo-observations, default 2); `slerp_factor` (none, even, score_weighted)
+        fills `suggested_t`.
 
         Raises:
-            ValueError: a bad `metric` or `mode` (the message lists the allowed values), or a
-                checkpoint path that is not valid UTF-8.
+            ValueError: a bad `metric`, `mode`, `greedy_order`, `exploration` or `slerp_factor`
+                (the message lists the allowed values), or a checkpoint path that is not valid UTF-8.
             KinshipRpcError: the server answered with an error (population rules, missing
                 fingerprints, ...: see docs/errors.md).
         """
@@ -373,9 +395,19 @@ class KinshipClient:
             metric=metric_value(metric),
             mode=mode_value(mode),
             known_kinship=known,
+            greedy_order=greedy_order_value(greedy_order),
+            max_greedy=max_greedy,
+            exploration=exploration_rule_value(exploration),
+            exploration_pool=exploration_pool,
+            estimate_gain=estimate_gain,
+            slerp_factor=slerp_factor_value(slerp_factor),
         )
         if base is not None:
             request.base.CopyFrom(checkpoint_ref(base, "base"))
+        if greedy_fraction is not None:
+            request.greedy_fraction = greedy_fraction
+        if gain_prior_strength is not None:
+            request.gain_prior_strength = gain_prior_strength
         response: recommend_pb2.RankCandidatesResponse = self._call(self.stub.RankCandidates, request, timeout)
         return RankResult.from_proto(response)
 
@@ -393,6 +425,10 @@ class KinshipClient:
         gain_threshold: float | None = None,
         mode: Mode = "auto",
         known_kinship: KnownKinshipLike = (),
+        merged_pairs: Sequence[tuple[str, str]] = (),
+        min_expected_gain: float | None = None,
+        min_gain_history: int = 0,
+        gain_prior_strength: float | None = None,
         timeout: float | None = None,
     ) -> StopResult:
         """Whether the merging loop should stop, with every reason that fired and the evidence.
@@ -401,6 +437,9 @@ class KinshipClient:
         `kinship_threshold` (0.9 by default; required for euclidean, where it is a distance
         ceiling). TOPK_UNCHANGED: the top-k equals `previous_top_k` (when given).
         GAIN_PLATEAU: the last `gain_window` merged members all gained < `gain_threshold` (0).
+        NO_EXPECTED_GAIN (when `min_expected_gain` is given): no top-k pair left to merge (not in
+        `merged_pairs`, not the parents of a member) is expected to gain `min_expected_gain`
+        under the gain model fitted on the history, once it has `min_gain_history` points (0: 3).
 
         Raises:
             ValueError: a bad `aggregation`, `metric` or `mode` (the message lists the allowed
@@ -417,9 +456,15 @@ class KinshipClient:
             gain_window=gain_window,
             mode=mode_value(mode),
             known_kinship=known,
+            merged_pairs=[recommend_pb2.MemberPair(first=a, second=b) for a, b in merged_pairs],
+            min_gain_history=min_gain_history,
         )
         if base is not None:
             request.base.CopyFrom(checkpoint_ref(base, "base"))
+        if min_expected_gain is not None:
+            request.min_expected_gain = min_expected_gain
+        if gain_prior_strength is not None:
+            request.gain_prior_strength = gain_prior_strength
         if kinship_threshold is not None:
             request.kinship_threshold = kinship_threshold
         if gain_threshold is not None:

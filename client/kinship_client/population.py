@@ -47,7 +47,8 @@ class Member:
     `checkpoint` is a server path or `hf://owner/name[@revision]` (None when every kinship
     value it needs is sent as known kinship); `score` its evaluation score (the service
     never evaluates); `generation` 0 for foundation models; `parents` the members it was
-    merged from.
+    merged from; `task_scores` optional per-task scores (for complementarity: give them for
+    every member or none, all of one length).
     """
 
     name: str
@@ -55,6 +56,7 @@ class Member:
     checkpoint: str | None = None
     generation: int | None = None
     parents: tuple[str, ...] = ()
+    task_scores: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -112,8 +114,50 @@ class MemberGain:
 
 
 @dataclass(frozen=True)
+class GainModel:
+    """The merge-gain model fitted on the population's history (see docs/population.md).
+
+    expected gain = intercept + kinship_slope * (relatedness - kinship_center)
+                    + score_gap_slope * (score_gap - score_gap_center)
+    """
+
+    history: int
+    skipped: int
+    intercept: float
+    kinship_slope: float
+    score_gap_slope: float
+    kinship_center: float
+    score_gap_center: float
+    prior_strength: float
+
+    @classmethod
+    def from_proto(cls, message: recommend_pb2.GainModel) -> GainModel:
+        """The GainModel of a proto."""
+        return cls(
+            message.history,
+            message.skipped,
+            message.intercept,
+            message.kinship_slope,
+            message.score_gap_slope,
+            message.kinship_center,
+            message.score_gap_center,
+            message.prior_strength,
+        )
+
+
+def _optional(message: Any, name: str) -> float | None:
+    return float(getattr(message, name)) if message.HasField(name) else None
+
+
+@dataclass(frozen=True)
 class Recommendation:
-    """A recommended merge: `kind` is `greedy` or `exploration`."""
+    """A recommended merge: `kind` is `greedy` or `exploration`.
+
+    The optional numbers are set when the request asked for them: `expected_gain` and
+    `expected_score` (estimate_gain or the expected_score order), `complementarity` and
+    `task_ceiling` (members with task scores), `suggested_t` (slerp_factor: the weight of
+    `second`).
+    """
 
     first: str
     second: str
@@ -121,6 +165,11 @@ class Recommendation:
     kinship: float
     mean_score: float
     reason: str
+    expected_gain: float | None = None
+    expected_score: float | None = None
+    complementarity: float | None = None
+    task_ceiling: float | None = None
+    suggested_t: float | None = None
 
     @classmethod
     def from_proto(cls, message: recommend_pb2.Recommendation) -> Recommendation:
@@ -132,6 +181,11 @@ class Recommendation:
             message.kinship,
             message.mean_score,
             message.reason,
+            _optional(message, "expected_gain"),
+            _optional(message, "expected_score"),
+            _optional(message, "complementarity"),
+            _optional(message, "task_ceiling"),
+            _optional(message, "suggested_t"),
         )
 
 
@@ -145,6 +199,8 @@ class RankResult:
     gains: list[MemberGain]
     mode: ModeUsed
     raw: recommend_pb2.RankCandidatesResponse = field(repr=False)
+    gain_model: GainModel | None = None
+    """Set when the request asked for gain estimates."""
 
     @property
     def greedy(self) -> list[Recommendation]:
@@ -166,12 +222,13 @@ class RankResult:
             gains=[MemberGain.from_proto(g) for g in message.gains],
             mode=received(MODE_USED_NAMES, message.mode_used, "kinship mode"),
             raw=message,
+            gain_model=GainModel.from_proto(message.gain_model) if message.HasField("gain_model") else None,
         )
 
 
 @dataclass(frozen=True)
 class StopResult:
-    """The answer of ShouldStop. `reasons` are `kinship_saturated`, `topk_unchanged`, `gain_plateau`."""
+    """The answer of ShouldStop. `reasons` are `kinship_saturated`, `topk_unchanged`, `gain_plateau`, `no_expected_gain`."""
 
     stop: bool
     reasons: list[StopReason]
@@ -183,6 +240,12 @@ class StopResult:
     summary: str
     mode: ModeUsed
     raw: recommend_pb2.ShouldStopResponse = field(repr=False)
+    gain_model: GainModel | None = None
+    """Set when `min_expected_gain` was given."""
+    best_expected_gain: float | None = None
+    """The highest expected gain of a top-k pair left to merge (with `min_expected_gain`)."""
+    best_candidate: tuple[str, str] | None = None
+    """That pair."""
 
     @classmethod
     def from_proto(cls, message: recommend_pb2.ShouldStopResponse) -> StopResult:
@@ -198,6 +261,11 @@ class StopResult:
             summary=message.summary,
             mode=received(MODE_USED_NAMES, message.mode_used, "kinship mode"),
             raw=message,
+            gain_model=GainModel.from_proto(message.gain_model) if message.HasField("gain_model") else None,
+            best_expected_gain=_optional(message, "best_expected_gain"),
+            best_candidate=(
+                (message.best_candidate.first, message.best_candidate.second) if message.HasField("best_candidate") else None
+            ),
         )
 
 
@@ -300,7 +368,7 @@ def _list(data: Mapping[str, Any], key: str, source: str) -> list[Any]:
 def _member(raw: Any, where: str) -> Member:
     if not isinstance(raw, Mapping):
         raise PopulationFileError(f"{where}: must be a mapping with name, checkpoint and score")
-    unknown = sorted(set(raw) - {"name", "checkpoint", "score", "generation", "parents"})
+    unknown = sorted(set(raw) - {"name", "checkpoint", "score", "generation", "parents", "task_scores"})
     if unknown:
         raise PopulationFileError(f"{where}: unknown key(s) {', '.join(map(str, unknown))}")
     name = raw.get("name")
@@ -321,7 +389,17 @@ def _member(raw: Any, where: str) -> Member:
     parents = raw.get("parents") or []
     if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
         raise PopulationFileError(f"{where}: 'parents' must be a list of member names")
-    return Member(name=name, score=score, checkpoint=checkpoint, generation=generation, parents=tuple(parents))
+    task_scores = raw.get("task_scores") or []
+    if not isinstance(task_scores, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in task_scores):
+        raise PopulationFileError(f"{where}: 'task_scores' must be a list of numbers")
+    return Member(
+        name=name,
+        score=score,
+        checkpoint=checkpoint,
+        generation=generation,
+        parents=tuple(parents),
+        task_scores=tuple(float(v) for v in task_scores),
+    )
 
 
 def _pair(raw: Any, where: str) -> tuple[str, str]:
@@ -361,6 +439,8 @@ def population_to_json(population: Population) -> dict[str, Any]:
             out["generation"] = m.generation
         if m.parents:
             out["parents"] = list(m.parents)
+        if m.task_scores:
+            out["task_scores"] = list(m.task_scores)
         return out
 
     doc: dict[str, Any] = {}

@@ -73,6 +73,8 @@ class Member:
     checkpoint: str | None = None
     """A comparable description of its checkpoint (e.g. `path:/m/a`), used to reject the same
     checkpoint listed twice; None when the member has no checkpoint."""
+    task_scores: tuple[float, ...] = ()
+    """Optional per-task scores (for complementarity); empty when not given."""
 
 
 @dataclass(frozen=True)
@@ -202,8 +204,34 @@ def validate_population(members: Sequence[Member], top_k: int, *, field: str = "
                     f"{parent_generation}; a parent must come from an earlier generation",
                     field=where,
                 )
+    validate_task_scores(members, field=field)
     validate_top_k(top_k, len(members))
     return by_name
+
+
+def validate_task_scores(members: Sequence[Member], *, field: str = "members") -> None:
+    """Per-task scores: on every member or none, all of one length, every entry finite."""
+    given = [i for i, m in enumerate(members) if m.task_scores]
+    if not given:
+        return
+    first = given[0]
+    length = len(members[first].task_scores)
+    for i, member in enumerate(members):
+        if len(member.task_scores) != length:
+            have = "none" if not member.task_scores else f"{len(member.task_scores)}"
+            raise InvalidArgument(
+                f"member {member.name!r} has {have} task scores but {field}[{first}] has {length}; "
+                "give the same tasks, in the same order, for every member (or task_scores for none)",
+                reason="TASK_SCORES_MISMATCH",
+                field=f"{field}[{i}].task_scores",
+            )
+        for j, value in enumerate(member.task_scores):
+            if not math.isfinite(value):
+                raise InvalidArgument(
+                    f"member {member.name!r} has task score {value} for task {j}; task scores must be finite numbers",
+                    reason="NON_FINITE_SCORE",
+                    field=f"{field}[{i}].task_scores[{j}]",
+                )
 
 
 MAX_TOP_K = 256

@@ -7,7 +7,10 @@ lookup; no I/O.
 - **Stop reasons**: KINSHIP_SATURATED when the aggregated top-k kinship is at or above
   the threshold (at or below it for Euclidean distance); TOPK_UNCHANGED when the top-k
   set equals the previous one; GAIN_PLATEAU when each of the last `gain_window` merged
-  members gained less than `gain_threshold`.
+  members gained less than `gain_threshold`; NO_EXPECTED_GAIN (when `min_expected_gain` is
+  given) when no top-k pair left to merge has an expected gain at or above it under the
+  gain model fitted on the history (`gain_model.py`), once the history has
+  `min_gain_history` points (or when no such pair is left).
 - **Aggregation** (`aggregate`): MEAN is the paper's n-model kinship; MIN and MAX are in
   terms of relatedness, so for Euclidean distance MIN takes the largest distance.
 """
@@ -15,10 +18,12 @@ lookup; no I/O.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import combinations
 
 from kinship_service.errors import InvalidArgument
+from kinship_service.guidance.gain_model import GainModel, fitted_gain_model, resolve_prior_strength
 from kinship_service.guidance.population import (
     EUCLIDEAN,
     PCC,
@@ -26,7 +31,11 @@ from kinship_service.guidance.population import (
     KinshipMatrix,
     Member,
     MemberGain,
+    Pair,
     merge_gains,
+    merged_pair_set,
+    pair_key,
+    relatedness,
     resolve_threshold,
     select_top_k,
     validate_population,
@@ -41,8 +50,11 @@ AGGREGATIONS = (MEAN, MIN, MAX)
 KINSHIP_SATURATED = "kinship_saturated"
 TOPK_UNCHANGED = "topk_unchanged"
 GAIN_PLATEAU = "gain_plateau"
+NO_EXPECTED_GAIN = "no_expected_gain"
 
 DEFAULT_GAIN_THRESHOLD = 0.0
+DEFAULT_MIN_GAIN_HISTORY = 3
+"""History points NO_EXPECTED_GAIN needs by default: fewer say little beyond the prior."""
 
 
 @dataclass(frozen=True)
@@ -58,7 +70,12 @@ class StopDecision:
     matrix: KinshipMatrix
     recent_gains: list[MemberGain]
     summary: str
-
+    gain_model: GainModel | None = None
+    """Set when NO_EXPECTED_GAIN is enabled."""
+    best_expected_gain: float | None = None
+    """The highest expected gain among the top-k pairs left to merge (NO_EXPECTED_GAIN enabled, such a pair exists)."""
+    best_candidate: Pair | None = None
+    """That pair, better-ranked member first."""
 
 
 def aggregate(values: Sequence[float], aggregation: str, metric: str) -> float:
@@ -104,6 +121,9 @@ def validate_stop_options(
     aggregation: str,
     gain_window: int,
     gain_threshold: float | None,
+    min_expected_gain: float | None = None,
+    min_gain_history: int = 0,
+    gain_prior_strength: float | None = None,
 ) -> tuple[float, float]:
     """Check ShouldStop's options; return the kinship and gain thresholds to use (defaults filled in)."""
     validate_previous_top_k(previous_top_k, (m.name for m in members))
@@ -115,6 +135,14 @@ def validate_stop_options(
     gain_limit = DEFAULT_GAIN_THRESHOLD if gain_threshold is None else gain_threshold
     if not math.isfinite(gain_limit):
         raise InvalidArgument(f"gain_threshold must be finite, got {gain_limit}", field="gain_threshold")
+    if min_expected_gain is not None and not math.isfinite(min_expected_gain):
+        raise InvalidArgument(
+            f"min_expected_gain must be finite (leave it unset to disable NO_EXPECTED_GAIN), got {min_expected_gain}",
+            field="min_expected_gain",
+        )
+    if min_gain_history < 0:
+        raise InvalidArgument(f"min_gain_history must be >= 0 (0 means {DEFAULT_MIN_GAIN_HISTORY}), got {min_gain_history}", field="min_gain_history")
+    resolve_prior_strength(gain_prior_strength)
     return threshold, gain_limit
 
 
@@ -129,12 +157,18 @@ def should_stop(
     aggregation: str = MEAN,
     gain_window: int = 0,
     gain_threshold: float | None = None,
+    merged_pairs: Iterable[Pair] = (),
+    min_expected_gain: float | None = None,
+    min_gain_history: int = 0,
+    gain_prior_strength: float | None = None,
+    history_kinship: Mapping[Pair, float] | None = None,
 ) -> StopDecision:
     """Whether a merging loop should stop, with every reason that fired and its evidence.
 
     `kinship` must answer for every pair of top-k members. `previous_top_k` empty disables
     TOPK_UNCHANGED; `gain_window` 0 disables GAIN_PLATEAU, which needs at least
-    `gain_window` merged members to fire.
+    `gain_window` merged members to fire. `min_expected_gain` None disables NO_EXPECTED_GAIN;
+    `history_kinship` (known values, e.g. of earlier merges' parents) feeds its gain model.
     """
     validate_population(members, top_k)
     threshold, gain_limit = validate_stop_options(
@@ -145,6 +179,9 @@ def should_stop(
         aggregation=aggregation,
         gain_window=gain_window,
         gain_threshold=gain_threshold,
+        min_expected_gain=min_expected_gain,
+        min_gain_history=min_gain_history,
+        gain_prior_strength=gain_prior_strength,
     )
 
     top = select_top_k(members, top_k)
@@ -175,6 +212,29 @@ def should_stop(
         else:
             best_gain = max(g.gain for g in recent)
             parts.append(f"best gain of the last {gain_window} merges {best_gain:.4g} >= {gain_limit:g}")
+    model = None
+    expected_best: float | None = None
+    expected_pair: Pair | None = None
+    if min_expected_gain is not None:
+        values = dict(history_kinship or {})
+        values.update({pair_key(a, b): matrix.value(a, b) for a, b in combinations(top, 2)})
+        model = fitted_gain_model(members, values, metric, resolve_prior_strength(gain_prior_strength))
+        expected_best, expected_pair = _best_candidate(members, top, matrix, model, merged_pair_set(members, merged_pairs), metric)
+        needed = min_gain_history or DEFAULT_MIN_GAIN_HISTORY
+        if model.history < needed:
+            parts.append(f"gain model has {model.history} merges, fewer than min_gain_history={needed}")
+        elif expected_pair is None:
+            reasons.append(NO_EXPECTED_GAIN)
+            parts.append(f"every top-{top_k} pair was merged already")
+        elif expected_best is not None and expected_best < min_expected_gain:
+            reasons.append(NO_EXPECTED_GAIN)
+            parts.append(
+                f"best expected gain {expected_best:+.4g} ({expected_pair[0]} x {expected_pair[1]}) < {min_expected_gain:g}; {model.describe()}"
+            )
+        else:
+            parts.append(
+                f"best expected gain {expected_best:+.4g} ({expected_pair[0]} x {expected_pair[1]}) >= {min_expected_gain:g}; {model.describe()}"
+            )
     stop = bool(reasons)
     summary = ("stop (" + ", ".join(reasons) + "): " if stop else "continue: ") + "; ".join(parts)
     return StopDecision(
@@ -187,4 +247,22 @@ def should_stop(
         matrix=matrix,
         recent_gains=recent,
         summary=summary,
+        gain_model=model,
+        best_expected_gain=expected_best,
+        best_candidate=expected_pair,
     )
+
+
+def _best_candidate(
+    members: Sequence[Member], top: Sequence[str], matrix: KinshipMatrix, model: GainModel, merged: set[Pair], metric: str
+) -> tuple[float | None, Pair | None]:
+    """The top-k pair left to merge with the highest expected gain (ties: the earlier pair in top-k order)."""
+    scores = {m.name: float(m.score) for m in members if m.score is not None}
+    best: tuple[float | None, Pair | None] = (None, None)
+    for a, b in combinations(top, 2):
+        if pair_key(a, b) in merged:
+            continue
+        gain = model.expected_gain(relatedness(matrix.value(a, b), metric), abs(scores[a] - scores[b]))
+        if best[0] is None or gain > best[0]:
+            best = (gain, (a, b))
+    return best

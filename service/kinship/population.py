@@ -72,12 +72,20 @@ class _Missing:
 
 
 def _missing(
-    allowed_roots: Sequence[Path], base_spec: CheckpointSpec | None, members: Sequence[MemberCheckpoint], known: Mapping[Pair, float], base_field: str
+    allowed_roots: Sequence[Path],
+    base_spec: CheckpointSpec | None,
+    members: Sequence[MemberCheckpoint],
+    known: Mapping[Pair, float],
+    base_field: str,
+    pairs: Sequence[Pair] | None = None,
 ) -> _Missing:
-    """The pairs to compute, their members' checkpoints resolved (InvalidArgument when one is not given)."""
+    """The pairs to compute (`pairs`, or every pair of `members`), their members' checkpoints resolved.
+
+    InvalidArgument when a needed checkpoint or the base is not given.
+    """
     values: dict[Pair, float] = {}
     missing: list[Pair] = []
-    for a, b in combinations([m.name for m in members], 2):
+    for a, b in combinations([m.name for m in members], 2) if pairs is None else pairs:
         key = pair_key(a, b)
         if key in known:
             values[key] = known[key]
@@ -118,8 +126,9 @@ def pairwise_kinship(
     check_cancelled: Callable[[], None] = lambda: None,
     *,
     base_field: str = "base",
+    pairs: Sequence[Pair] | None = None,
 ) -> tuple[dict[Pair, float], ModeUsed]:
-    """Kinship under `metric` for every pair of `members`, and the mode used (`exact`, `fingerprint` or `none`).
+    """Kinship under `metric` for every pair of `members` (or only `pairs`), and the mode used (`exact`, `fingerprint` or `none`).
 
     `known` values win over computed ones; `none` means nothing had to be computed. The
     missing pairs come from one `compute` over the base and the members they involve.
@@ -127,7 +136,7 @@ def pairwise_kinship(
     checkpoint is missing, and whatever resolving, reading and `compute` raise
     (NotFound, PermissionDenied, FailedPrecondition, ...), in terms of the members.
     """
-    todo = _missing(allowed_roots, base_spec, members, known, base_field)
+    todo = _missing(allowed_roots, base_spec, members, known, base_field, pairs)
     if todo.base is None:
         return todo.values, NONE
     with _in_member_terms(todo.needed):
@@ -145,9 +154,10 @@ def cached_pairwise_kinship(
     lookup: CachedKinshipBackend,
     *,
     base_field: str = "base",
+    pairs: Sequence[Pair] | None = None,
 ) -> tuple[dict[Pair, float], ModeUsed] | None:
     """`pairwise_kinship` with a cache-only backend: the same answer and errors, or None where a pass is needed."""
-    todo = _missing(allowed_roots, base_spec, members, known, base_field)
+    todo = _missing(allowed_roots, base_spec, members, known, base_field, pairs)
     if todo.base is None:
         return todo.values, NONE
     with _in_member_terms(todo.needed):

@@ -62,7 +62,14 @@ class LightAnswers:
 
     def _top_k_kinship(self, query: PopulationQuery) -> tuple[dict[Pair, float], ModeUsed] | None:
         return cached_pairwise_kinship(
-            self.settings.allowed_roots, query.base, query.members, query.metric, query.mode, query.known, self.cache.cached_compute
+            self.settings.allowed_roots,
+            query.base,
+            query.members,
+            query.metric,
+            query.mode,
+            query.known,
+            self.cache.cached_compute,
+            pairs=query.pairs,
         )
 
     def rank_candidates(self, request: recommend_pb2.RankCandidatesRequest) -> recommend_pb2.RankCandidatesResponse | None:

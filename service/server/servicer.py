@@ -158,6 +158,7 @@ class KinshipServicer(service_pb2_grpc.KinshipServiceServicer):
                 query.known,
                 self.kinship_cache.compute,
                 check,
+                pairs=query.pairs,
             )
 
         if query.mode == FINGERPRINT or query.all_known:

@@ -25,37 +25,45 @@ _sym_db = _symbol_database.Default()
 from . import common_pb2 as kinship_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1akinship/v1/recommend.proto\x12\nkinship.v1\x1a\x17kinship/v1/common.proto\"\xa6\x01\n\x10PopulationMember\x12\x0c\n\x04name\x18\x01 \x01(\t\x12-\n\ncheckpoint\x18\x02 \x01(\x0b\x32\x19.kinship.v1.CheckpointRef\x12\x12\n\x05score\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x17\n\ngeneration\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x0f\n\x07parents\x18\x05 \x03(\tB\x08\n\x06_scoreB\r\n\x0b_generation\"+\n\nMemberPair\x12\r\n\x05\x66irst\x18\x01 \x01(\t\x12\x0e\n\x06second\x18\x02 \x01(\t\"C\n\x0cKnownKinship\x12$\n\x04pair\x18\x01 \x01(\x0b\x32\x16.kinship.v1.MemberPair\x12\r\n\x05value\x18\x02 \x01(\x01\"R\n\rKinshipMatrix\x12\r\n\x05names\x18\x01 \x03(\t\x12\x0e\n\x06values\x18\x02 \x03(\x01\x12\"\n\x06metric\x18\x03 \x01(\x0e\x32\x12.kinship.v1.Metric\"P\n\nMemberGain\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04gain\x18\x02 \x01(\x01\x12\x17\n\ngeneration\x18\x03 \x01(\x05H\x00\x88\x01\x01\x42\r\n\x0b_generation\"\x99\x01\n\x0eRecommendation\x12$\n\x04pair\x18\x01 \x01(\x0b\x32\x16.kinship.v1.MemberPair\x12,\n\x04kind\x18\x02 \x01(\x0e\x32\x1e.kinship.v1.RecommendationKind\x12\x0f\n\x07kinship\x18\x03 \x01(\x01\x12\x12\n\nmean_score\x18\x04 \x01(\x01\x12\x0e\n\x06reason\x18\x05 \x01(\t\"\xa8\x02\n\x15RankCandidatesRequest\x12\'\n\x04\x62\x61se\x18\x01 \x01(\x0b\x32\x19.kinship.v1.CheckpointRef\x12-\n\x07members\x18\x02 \x03(\x0b\x32\x1c.kinship.v1.PopulationMember\x12,\n\x0cmerged_pairs\x18\x03 \x03(\x0b\x32\x16.kinship.v1.MemberPair\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\"\n\x06metric\x18\x05 \x01(\x0e\x32\x12.kinship.v1.Metric\x12%\n\x04mode\x18\x06 \x01(\x0e\x32\x17.kinship.v1.KinshipMode\x12/\n\rknown_kinship\x18\x07 \x03(\x0b\x32\x18.kinship.v1.KnownKinship\"\xda\x01\n\x16RankCandidatesResponse\x12\x33\n\x0frecommendations\x18\x01 \x03(\x0b\x32\x1a.kinship.v1.Recommendation\x12\r\n\x05top_k\x18\x02 \x03(\t\x12)\n\x06matrix\x18\x03 \x01(\x0b\x32\x19.kinship.v1.KinshipMatrix\x12%\n\x05gains\x18\x04 \x03(\x0b\x32\x16.kinship.v1.MemberGain\x12*\n\tmode_used\x18\x05 \x01(\x0e\x32\x17.kinship.v1.KinshipMode\"\xb7\x03\n\x11ShouldStopRequest\x12\'\n\x04\x62\x61se\x18\x01 \x01(\x0b\x32\x19.kinship.v1.CheckpointRef\x12-\n\x07members\x18\x02 \x03(\x0b\x32\x1c.kinship.v1.PopulationMember\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x16\n\x0eprevious_top_k\x18\x04 \x03(\t\x12\x1e\n\x11kinship_threshold\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12,\n\x0b\x61ggregation\x18\x06 \x01(\x0e\x32\x17.kinship.v1.Aggregation\x12\"\n\x06metric\x18\x07 \x01(\x0e\x32\x12.kinship.v1.Metric\x12\x13\n\x0bgain_window\x18\x08 \x01(\x05\x12\x1b\n\x0egain_threshold\x18\t \x01(\x01H\x01\x88\x01\x01\x12%\n\x04mode\x18\n \x01(\x0e\x32\x17.kinship.v1.KinshipMode\x12/\n\rknown_kinship\x18\x0b \x03(\x0b\x32\x18.kinship.v1.KnownKinshipB\x14\n\x12_kinship_thresholdB\x11\n\x0f_gain_threshold\"\xa7\x02\n\x12ShouldStopResponse\x12\x0c\n\x04stop\x18\x01 \x01(\x08\x12\'\n\x07reasons\x18\x02 \x03(\x0e\x32\x16.kinship.v1.StopReason\x12\r\n\x05top_k\x18\x03 \x03(\t\x12\x1a\n\x12\x61ggregated_kinship\x18\x04 \x01(\x01\x12\x19\n\x11kinship_threshold\x18\x05 \x01(\x01\x12)\n\x06matrix\x18\x06 \x01(\x0b\x32\x19.kinship.v1.KinshipMatrix\x12,\n\x0crecent_gains\x18\x07 \x03(\x0b\x32\x16.kinship.v1.MemberGain\x12\x0f\n\x07summary\x18\x08 \x01(\t\x12*\n\tmode_used\x18\t \x01(\x0e\x32\x17.kinship.v1.KinshipMode*~\n\x12RecommendationKind\x12#\n\x1fRECOMMENDATION_KIND_UNSPECIFIED\x10\x00\x12\x1e\n\x1aRECOMMENDATION_KIND_GREEDY\x10\x01\x12#\n\x1fRECOMMENDATION_KIND_EXPLORATION\x10\x02*\x8a\x01\n\nStopReason\x12\x1b\n\x17STOP_REASON_UNSPECIFIED\x10\x00\x12!\n\x1dSTOP_REASON_KINSHIP_SATURATED\x10\x01\x12\x1e\n\x1aSTOP_REASON_TOPK_UNCHANGED\x10\x02\x12\x1c\n\x18STOP_REASON_GAIN_PLATEAU\x10\x03*j\n\x0b\x41ggregation\x12\x1b\n\x17\x41GGREGATION_UNSPECIFIED\x10\x00\x12\x14\n\x10\x41GGREGATION_MEAN\x10\x01\x12\x13\n\x0f\x41GGREGATION_MIN\x10\x02\x12\x13\n\x0f\x41GGREGATION_MAX\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1akinship/v1/recommend.proto\x12\nkinship.v1\x1a\x17kinship/v1/common.proto\"\xbb\x01\n\x10PopulationMember\x12\x0c\n\x04name\x18\x01 \x01(\t\x12-\n\ncheckpoint\x18\x02 \x01(\x0b\x32\x19.kinship.v1.CheckpointRef\x12\x12\n\x05score\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x17\n\ngeneration\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x0f\n\x07parents\x18\x05 \x03(\t\x12\x13\n\x0btask_scores\x18\x06 \x03(\x01\x42\x08\n\x06_scoreB\r\n\x0b_generation\"+\n\nMemberPair\x12\r\n\x05\x66irst\x18\x01 \x01(\t\x12\x0e\n\x06second\x18\x02 \x01(\t\"C\n\x0cKnownKinship\x12$\n\x04pair\x18\x01 \x01(\x0b\x32\x16.kinship.v1.MemberPair\x12\r\n\x05value\x18\x02 \x01(\x01\"R\n\rKinshipMatrix\x12\r\n\x05names\x18\x01 \x03(\t\x12\x0e\n\x06values\x18\x02 \x03(\x01\x12\"\n\x06metric\x18\x03 \x01(\x0e\x32\x12.kinship.v1.Metric\"P\n\nMemberGain\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04gain\x18\x02 \x01(\x01\x12\x17\n\ngeneration\x18\x03 \x01(\x05H\x00\x88\x01\x01\x42\r\n\x0b_generation\"\xba\x01\n\tGainModel\x12\x0f\n\x07history\x18\x01 \x01(\x05\x12\x0f\n\x07skipped\x18\x02 \x01(\x05\x12\x11\n\tintercept\x18\x03 \x01(\x01\x12\x15\n\rkinship_slope\x18\x04 \x01(\x01\x12\x17\n\x0fscore_gap_slope\x18\x05 \x01(\x01\x12\x16\n\x0ekinship_center\x18\x06 \x01(\x01\x12\x18\n\x10score_gap_center\x18\x07 \x01(\x01\x12\x16\n\x0eprior_strength\x18\x08 \x01(\x01\"\xff\x02\n\x0eRecommendation\x12$\n\x04pair\x18\x01 \x01(\x0b\x32\x16.kinship.v1.MemberPair\x12,\n\x04kind\x18\x02 \x01(\x0e\x32\x1e.kinship.v1.RecommendationKind\x12\x0f\n\x07kinship\x18\x03 \x01(\x01\x12\x12\n\nmean_score\x18\x04 \x01(\x01\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x1a\n\rexpected_gain\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x1b\n\x0e\x65xpected_score\x18\x07 \x01(\x01H\x01\x88\x01\x01\x12\x1c\n\x0f\x63omplementarity\x18\x08 \x01(\x01H\x02\x88\x01\x01\x12\x19\n\x0ctask_ceiling\x18\t \x01(\x01H\x03\x88\x01\x01\x12\x18\n\x0bsuggested_t\x18\n \x01(\x01H\x04\x88\x01\x01\x42\x10\n\x0e_expected_gainB\x11\n\x0f_expected_scoreB\x12\n\x10_complementarityB\x0f\n\r_task_ceilingB\x0e\n\x0c_suggested_t\"\xe9\x04\n\x15RankCandidatesRequest\x12\'\n\x04\x62\x61se\x18\x01 \x01(\x0b\x32\x19.kinship.v1.CheckpointRef\x12-\n\x07members\x18\x02 \x03(\x0b\x32\x1c.kinship.v1.PopulationMember\x12,\n\x0cmerged_pairs\x18\x03 \x03(\x0b\x32\x16.kinship.v1.MemberPair\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\"\n\x06metric\x18\x05 \x01(\x0e\x32\x12.kinship.v1.Metric\x12%\n\x04mode\x18\x06 \x01(\x0e\x32\x17.kinship.v1.KinshipMode\x12/\n\rknown_kinship\x18\x07 \x03(\x0b\x32\x18.kinship.v1.KnownKinship\x12-\n\x0cgreedy_order\x18\x08 \x01(\x0e\x32\x17.kinship.v1.GreedyOrder\x12\x12\n\nmax_greedy\x18\t \x01(\x05\x12\x1c\n\x0fgreedy_fraction\x18\n \x01(\x01H\x00\x88\x01\x01\x12\x30\n\x0b\x65xploration\x18\x0b \x01(\x0e\x32\x1b.kinship.v1.ExplorationRule\x12\x18\n\x10\x65xploration_pool\x18\x0c \x01(\x05\x12\x15\n\restimate_gain\x18\r \x01(\x08\x12 \n\x13gain_prior_strength\x18\x0e \x01(\x01H\x01\x88\x01\x01\x12-\n\x0cslerp_factor\x18\x0f \x01(\x0e\x32\x17.kinship.v1.SlerpFactorB\x12\n\x10_greedy_fractionB\x16\n\x14_gain_prior_strength\"\x85\x02\n\x16RankCandidatesResponse\x12\x33\n\x0frecommendations\x18\x01 \x03(\x0b\x32\x1a.kinship.v1.Recommendation\x12\r\n\x05top_k\x18\x02 \x03(\t\x12)\n\x06matrix\x18\x03 \x01(\x0b\x32\x19.kinship.v1.KinshipMatrix\x12%\n\x05gains\x18\x04 \x03(\x0b\x32\x16.kinship.v1.MemberGain\x12*\n\tmode_used\x18\x05 \x01(\x0e\x32\x17.kinship.v1.KinshipMode\x12)\n\ngain_model\x18\x06 \x01(\x0b\x32\x15.kinship.v1.GainModel\"\xef\x04\n\x11ShouldStopRequest\x12\'\n\x04\x62\x61se\x18\x01 \x01(\x0b\x32\x19.kinship.v1.CheckpointRef\x12-\n\x07members\x18\x02 \x03(\x0b\x32\x1c.kinship.v1.PopulationMember\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x16\n\x0eprevious_top_k\x18\x04 \x03(\t\x12\x1e\n\x11kinship_threshold\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12,\n\x0b\x61ggregation\x18\x06 \x01(\x0e\x32\x17.kinship.v1.Aggregation\x12\"\n\x06metric\x18\x07 \x01(\x0e\x32\x12.kinship.v1.Metric\x12\x13\n\x0bgain_window\x18\x08 \x01(\x05\x12\x1b\n\x0egain_threshold\x18\t \x01(\x01H\x01\x88\x01\x01\x12%\n\x04mode\x18\n \x01(\x0e\x32\x17.kinship.v1.KinshipMode\x12/\n\rknown_kinship\x18\x0b \x03(\x0b\x32\x18.kinship.v1.KnownKinship\x12,\n\x0cmerged_pairs\x18\x0c \x03(\x0b\x32\x16.kinship.v1.MemberPair\x12\x1e\n\x11min_expected_gain\x18\r \x01(\x01H\x02\x88\x01\x01\x12\x18\n\x10min_gain_history\x18\x0e \x01(\x05\x12 \n\x13gain_prior_strength\x18\x0f \x01(\x01H\x03\x88\x01\x01\x42\x14\n\x12_kinship_thresholdB\x11\n\x0f_gain_thresholdB\x14\n\x12_min_expected_gainB\x16\n\x14_gain_prior_strength\"\xba\x03\n\x12ShouldStopResponse\x12\x0c\n\x04stop\x18\x01 \x01(\x08\x12\'\n\x07reasons\x18\x02 \x03(\x0e\x32\x16.kinship.v1.StopReason\x12\r\n\x05top_k\x18\x03 \x03(\t\x12\x1a\n\x12\x61ggregated_kinship\x18\x04 \x01(\x01\x12\x19\n\x11kinship_threshold\x18\x05 \x01(\x01\x12)\n\x06matrix\x18\x06 \x01(\x0b\x32\x19.kinship.v1.KinshipMatrix\x12,\n\x0crecent_gains\x18\x07 \x03(\x0b\x32\x16.kinship.v1.MemberGain\x12\x0f\n\x07summary\x18\x08 \x01(\t\x12*\n\tmode_used\x18\t \x01(\x0e\x32\x17.kinship.v1.KinshipMode\x12)\n\ngain_model\x18\n \x01(\x0b\x32\x15.kinship.v1.GainModel\x12\x1f\n\x12\x62\x65st_expected_gain\x18\x0b \x01(\x01H\x00\x88\x01\x01\x12.\n\x0e\x62\x65st_candidate\x18\x0c \x01(\x0b\x32\x16.kinship.v1.MemberPairB\x15\n\x13_best_expected_gain*~\n\x12RecommendationKind\x12#\n\x1fRECOMMENDATION_KIND_UNSPECIFIED\x10\x00\x12\x1e\n\x1aRECOMMENDATION_KIND_GREEDY\x10\x01\x12#\n\x1fRECOMMENDATION_KIND_EXPLORATION\x10\x02*\x88\x01\n\x0bGreedyOrder\x12\x1c\n\x18GREEDY_ORDER_UNSPECIFIED\x10\x00\x12\x1b\n\x17GREEDY_ORDER_MEAN_SCORE\x10\x01\x12\x1f\n\x1bGREEDY_ORDER_EXPECTED_SCORE\x10\x02\x12\x1d\n\x19GREEDY_ORDER_TASK_CEILING\x10\x03*\xc0\x01\n\x0f\x45xplorationRule\x12 \n\x1c\x45XPLORATION_RULE_UNSPECIFIED\x10\x00\x12&\n\"EXPLORATION_RULE_LATEST_GENERATION\x10\x01\x12$\n EXPLORATION_RULE_OUTSIDE_LINEAGE\x10\x02\x12\"\n\x1e\x45XPLORATION_RULE_COMPLEMENTARY\x10\x03\x12\x19\n\x15\x45XPLORATION_RULE_NONE\x10\x04*c\n\x0bSlerpFactor\x12\x1c\n\x18SLERP_FACTOR_UNSPECIFIED\x10\x00\x12\x15\n\x11SLERP_FACTOR_EVEN\x10\x01\x12\x1f\n\x1bSLERP_FACTOR_SCORE_WEIGHTED\x10\x02*\xac\x01\n\nStopReason\x12\x1b\n\x17STOP_REASON_UNSPECIFIED\x10\x00\x12!\n\x1dSTOP_REASON_KINSHIP_SATURATED\x10\x01\x12\x1e\n\x1aSTOP_REASON_TOPK_UNCHANGED\x10\x02\x12\x1c\n\x18STOP_REASON_GAIN_PLATEAU\x10\x03\x12 \n\x1cSTOP_REASON_NO_EXPECTED_GAIN\x10\x04*j\n\x0b\x41ggregation\x12\x1b\n\x17\x41GGREGATION_UNSPECIFIED\x10\x00\x12\x14\n\x10\x41GGREGATION_MEAN\x10\x01\x12\x13\n\x0f\x41GGREGATION_MIN\x10\x02\x12\x13\n\x0f\x41GGREGATION_MAX\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kinship.v1.recommend_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RECOMMENDATIONKIND']._serialized_start=1932
-  _globals['_RECOMMENDATIONKIND']._serialized_end=2058
-  _globals['_STOPREASON']._serialized_start=2061
-  _globals['_STOPREASON']._serialized_end=2199
-  _globals['_AGGREGATION']._serialized_start=2201
-  _globals['_AGGREGATION']._serialized_end=2307
+  _globals['_RECOMMENDATIONKIND']._serialized_start=3067
+  _globals['_RECOMMENDATIONKIND']._serialized_end=3193
+  _globals['_GREEDYORDER']._serialized_start=3196
+  _globals['_GREEDYORDER']._serialized_end=3332
+  _globals['_EXPLORATIONRULE']._serialized_start=3335
+  _globals['_EXPLORATIONRULE']._serialized_end=3527
+  _globals['_SLERPFACTOR']._serialized_start=3529
+  _globals['_SLERPFACTOR']._serialized_end=3628
+  _globals['_STOPREASON']._serialized_start=3631
+  _globals['_STOPREASON']._serialized_end=3803
+  _globals['_AGGREGATION']._serialized_start=3805
+  _globals['_AGGREGATION']._serialized_end=3911
   _globals['_POPULATIONMEMBER']._serialized_start=68
-  _globals['_POPULATIONMEMBER']._serialized_end=234
-  _globals['_MEMBERPAIR']._serialized_start=236
-  _globals['_MEMBERPAIR']._serialized_end=279
-  _globals['_KNOWNKINSHIP']._serialized_start=281
-  _globals['_KNOWNKINSHIP']._serialized_end=348
-  _globals['_KINSHIPMATRIX']._serialized_start=350
-  _globals['_KINSHIPMATRIX']._serialized_end=432
-  _globals['_MEMBERGAIN']._serialized_start=434
-  _globals['_MEMBERGAIN']._serialized_end=514
-  _globals['_RECOMMENDATION']._serialized_start=517
-  _globals['_RECOMMENDATION']._serialized_end=670
-  _globals['_RANKCANDIDATESREQUEST']._serialized_start=673
-  _globals['_RANKCANDIDATESREQUEST']._serialized_end=969
-  _globals['_RANKCANDIDATESRESPONSE']._serialized_start=972
-  _globals['_RANKCANDIDATESRESPONSE']._serialized_end=1190
-  _globals['_SHOULDSTOPREQUEST']._serialized_start=1193
-  _globals['_SHOULDSTOPREQUEST']._serialized_end=1632
-  _globals['_SHOULDSTOPRESPONSE']._serialized_start=1635
-  _globals['_SHOULDSTOPRESPONSE']._serialized_end=1930
+  _globals['_POPULATIONMEMBER']._serialized_end=255
+  _globals['_MEMBERPAIR']._serialized_start=257
+  _globals['_MEMBERPAIR']._serialized_end=300
+  _globals['_KNOWNKINSHIP']._serialized_start=302
+  _globals['_KNOWNKINSHIP']._serialized_end=369
+  _globals['_KINSHIPMATRIX']._serialized_start=371
+  _globals['_KINSHIPMATRIX']._serialized_end=453
+  _globals['_MEMBERGAIN']._serialized_start=455
+  _globals['_MEMBERGAIN']._serialized_end=535
+  _globals['_GAINMODEL']._serialized_start=538
+  _globals['_GAINMODEL']._serialized_end=724
+  _globals['_RECOMMENDATION']._serialized_start=727
+  _globals['_RECOMMENDATION']._serialized_end=1110
+  _globals['_RANKCANDIDATESREQUEST']._serialized_start=1113
+  _globals['_RANKCANDIDATESREQUEST']._serialized_end=1730
+  _globals['_RANKCANDIDATESRESPONSE']._serialized_start=1733
+  _globals['_RANKCANDIDATESRESPONSE']._serialized_end=1994
+  _globals['_SHOULDSTOPREQUEST']._serialized_start=1997
+  _globals['_SHOULDSTOPREQUEST']._serialized_end=2620
+  _globals['_SHOULDSTOPRESPONSE']._serialized_start=2623
+  _globals['_SHOULDSTOPRESPONSE']._serialized_end=3065
 # @@protoc_insertion_point(module_scope)
