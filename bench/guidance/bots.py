@@ -9,13 +9,16 @@
   (strategy c).
 
 Merges of the same recipe (same parents, same factor) are made once per seed and shared by
-all strategies (`ModelStore`): a strategy is charged every merge it asks for, shared or not.
+all strategies and reruns (`ModelStore`): a strategy is charged every merge it asks for,
+shared or not.
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
+import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,12 +42,18 @@ class Record:
 
 
 class ModelStore:
-    """Every model of one seed by recipe: foundation models, and merges made through StartMerge (once each)."""
+    """Every model of one seed by recipe: foundation models, and merges made through StartMerge.
 
-    def __init__(self, client: KinshipClient, evaluator: Evaluator, output_prefix: str) -> None:
+    A merge is made once per recipe and kept with its scores under `<merges>/<family key>/`
+    (the server's output root), so reruns and other strategies reuse it without asking the
+    server again; a merge without its score file (an interrupted run) is made again.
+    """
+
+    def __init__(self, client: KinshipClient, evaluator: Evaluator, merges: Path, family_key: str) -> None:
         self.client = client
         self.evaluator = evaluator
-        self.prefix = output_prefix
+        self.directory = merges / family_key
+        self.family_key = family_key
         self.records: dict[str, Record] = {}
         self.tests: dict[str, tuple[float, ...]] = {}
         self.server_merges = 0
@@ -52,7 +61,14 @@ class ModelStore:
     def test(self, record: Record) -> tuple[float, ...]:
         """Per-task test accuracies, computed only for models some strategy reports (never shown to a bot)."""
         if record.recipe not in self.tests:
-            self.tests[record.recipe] = self.evaluator.test(record.path)
+            scores = self._scores_file(record.recipe)
+            saved = json.loads(scores.read_text()) if scores.is_file() else {}
+            if "test_tasks" in saved:
+                self.tests[record.recipe] = tuple(saved["test_tasks"])
+            else:
+                self.tests[record.recipe] = self.evaluator.test(record.path)
+                if saved:
+                    _write_json(scores, {**saved, "test_tasks": list(self.tests[record.recipe])})
         return self.tests[record.recipe]
 
     def add_foundation(self, name: str, path: Path) -> Record:
@@ -60,17 +76,41 @@ class ModelStore:
         self.records[name] = record
         return record
 
+    def _scores_file(self, recipe: str) -> Path:
+        return self.directory / f"{_digest(recipe)}.json"
+
     def merge(self, first: Record, second: Record, t: float) -> Record:
         """SLERP(first, second, t) (t weighs `second`), merged by the server unless already made."""
         recipe = f"slerp({first.recipe},{second.recipe},{t:.6g})"
-        if recipe not in self.records:
-            output = f"{self.prefix}/{hashlib.sha256(recipe.encode()).hexdigest()[:20]}"
-            info = self.client.merge(first.path, second.path, t=t, output_path=output, request_id=output).wait()
+        if recipe in self.records:
+            return self.records[recipe]
+        scores = self._scores_file(recipe)
+        if scores.is_file():
+            saved = json.loads(scores.read_text())
+            record = Record(recipe, saved["path"], tuple(saved["dev_tasks"]))
+        else:
+            output = f"{self.family_key}/{_digest(recipe)}"
+            operation = self.client.merge(first.path, second.path, t=t, output_path=output, request_id=output, overwrite=True)
+            info = operation.wait()
             if info.state != "succeeded":
                 raise RuntimeError(f"merge {recipe} ended {info.state}: {info.error}")
             self.server_merges += 1
-            self.records[recipe] = Record(recipe, info.output_path, self.evaluator.dev(info.output_path))
-        return self.records[recipe]
+            record = Record(recipe, info.output_path, self.evaluator.dev(info.output_path))
+            _write_json(scores, {"recipe": recipe, "path": record.path, "dev_tasks": list(record.dev_tasks)})
+        self.records[recipe] = record
+        return record
+
+
+def _digest(recipe: str) -> str:
+    return hashlib.sha256(recipe.encode()).hexdigest()[:20]
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write atomically: a reader sees the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
 
 
 @dataclass

@@ -123,8 +123,11 @@ def ensure_family(seed: int, spec: FamilySpec, workdir: Path) -> Family:
         tmp.mkdir(parents=True)
         try:
             train_family(seed, spec, tmp)
-            shutil.rmtree(directory, ignore_errors=True)
-            tmp.rename(directory)
+            try:
+                tmp.rename(directory)
+            except OSError:  # another process finished the same family first: keep its copy
+                if not (directory / "family.json").is_file():
+                    raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return Family(seed, spec, directory, directory / "base", {task: directory / task for task in TASK_NAMES})

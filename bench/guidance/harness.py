@@ -14,8 +14,11 @@ model's test score. Strategies:
 - any `--advice NAME=JSON` (default `c`, DEFAULT_ADVICE): the same bot with options
   forwarded to RankCandidates / ShouldStop (keys: see `bots.Advice`).
 
-Merges are SLERP jobs of a real `python -m kinship_service` started for the run (its
-files under `<workdir>/runs/`, removed at the end). It prints merges, best dev and best
+Merges are SLERP jobs of a real `python -m kinship_service` started for the run (its cache
+and log under `<workdir>/runs/`, removed at the end). Merged checkpoints and their scores
+stay under `<workdir>/merges/<family>/`, so a rerun or another strategy reuses a merge of
+the same recipe instead of making it again (the merge still counts for every strategy that
+asks for it). It prints merges, best dev and best
 test per seed and strategy, then per strategy against `a`: merges saved, test points gained
 and the two-sided sign test over seeds (ties dropped).
 """
@@ -26,9 +29,9 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import sys
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -55,7 +58,7 @@ def run_seed(
     """Every strategy on one seed's family; None in `strategies` is plain greedy."""
     family = ensure_family(seed, spec, workdir)
     evaluator = Evaluator(seed, spec)
-    store = ModelStore(client, evaluator, f"seed{seed}-{uuid.uuid4().hex[:8]}")
+    store = ModelStore(client, evaluator, workdir / "merges", family.directory.name)
     foundation = {task: store.add_foundation(task, path) for task, path in family.specialists.items()}
     outcomes = {}
     for name, advice in strategies.items():
@@ -166,13 +169,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     workdir = args.workdir.resolve()
     run_dir = workdir / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-    (run_dir / "merges").mkdir(parents=True)
+    run_dir.mkdir(parents=True)
+    (workdir / "merges").mkdir(exist_ok=True)
     env = {
         "KINSHIP_HOST": "127.0.0.1",
         "KINSHIP_PORT": "0",
         "KINSHIP_METRICS_PORT": "0",
         "KINSHIP_ALLOWED_ROOTS": str(workdir),
-        "KINSHIP_OUTPUT_ROOT": str(run_dir / "merges"),
+        "KINSHIP_OUTPUT_ROOT": str(workdir / "merges"),
         "KINSHIP_CACHE_DIR": str(run_dir / "cache"),
         "KINSHIP_LOG_LEVEL": "WARNING",
         "KINSHIP_DEVICE": "cpu",
@@ -180,6 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     results: list[dict[str, Outcome]] = []
     started = time.monotonic()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run `finally`: stop the server, remove the run files
     process, address = start_server(env, run_dir / "server.log")
     try:
         with KinshipClient(address, timeout=600) as client:
