@@ -182,7 +182,7 @@ def test_compare_counts_ties_and_saved_merges() -> None:
 def test_harness_end_to_end_on_one_tiny_seed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "result.json"
     advice = json.dumps({"first_rank": {"max_greedy": 4}, "stop": {"gain_window": 2}})
-    argv = ["--seeds", "1", "--first-seed", "2", "--workdir", str(tmp_path / "work"), "--json", str(out), "--strategies", "a,b,lean"]
+    argv = ["--seeds", "1", "--first-seed", "2", "--workdir", str(tmp_path / "work"), "--json", str(out), "--strategies", "a,b,c,lean"]
     argv += ["--advice", f"lean={advice}", "--hidden", "16", "--layers", "1", "--length", "4"]
     argv += ["--base-steps", "8", "--specialist-steps", "4", "--eval-per-task", "24", "--max-generations", "4"]
     assert harness.main(argv) == 0
@@ -190,12 +190,13 @@ def test_harness_end_to_end_on_one_tiny_seed(tmp_path: Path, capsys: pytest.Capt
     assert "| seed |" in printed and "sign test p" in printed
     result = json.loads(out.read_text())
     seed = result["seeds"][0]
-    assert seed["seed"] == 2 and set(result["aggregate"]) == {"a", "b", "lean"}
+    assert seed["seed"] == 2 and set(result["aggregate"]) == {"a", "b", "c", "lean"}
     foundation = len(TASK_NAMES)
     pairs = foundation * (foundation - 1) // 2
     assert seed["a"]["merges"] >= pairs and seed["b"]["merges"] >= pairs  # generation 1 merges every foundation pair
-    assert seed["lean"]["merges"] >= 4
-    for name in ("a", "b", "lean"):
+    assert seed["lean"]["merges"] >= 4 and seed["c"]["merges"] >= 5  # generation 1 keeps the best 4 / 5 pairs
+    assert result["strategies"]["c"]["rank"]["exploration"] == "complementary"  # c is the harness's default advice
+    for name in ("a", "b", "c", "lean"):
         entry = seed[name]
         assert 0.0 <= entry["best_test"] <= 100.0 and 0.0 <= entry["best_dev"] <= 100.0
         assert entry["best_test"] == pytest.approx(sum(entry["best_test_tasks"]) / foundation)

@@ -213,7 +213,8 @@ class Advice:
     scores; `known_kinship` sends the parents' kinship of every merge (as RankCandidates
     reported it), so the gain model sees the whole history; `merged_pairs` sends the pairs
     merged so far to ShouldStop; `use_suggested_t` merges with the recommendation's
-    `suggested_t` when it has one. Keys the client does not know fail at the call with
+    `suggested_t` when it has one; `topk_unchanged` false stops sending the previous top-k, which
+    turns ShouldStop's TOPK_UNCHANGED rule off. Keys the client does not know fail at the call with
     TypeError, so a typo never passes silently.
     """
 
@@ -225,6 +226,7 @@ class Advice:
     known_kinship: bool = False
     merged_pairs: bool = False
     use_suggested_t: bool = False
+    topk_unchanged: bool = True
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Advice:
@@ -270,7 +272,12 @@ def run_advised(
             if advice.merged_pairs:
                 stop_options["merged_pairs"] = merged
             decision = client.should_stop(
-                members, top_k=min(advice.top_k, len(members)), base=base, previous_top_k=previous_top_k, known_kinship=known, **stop_options
+                members,
+                top_k=min(advice.top_k, len(members)),
+                base=base,
+                previous_top_k=previous_top_k if advice.topk_unchanged else [],
+                known_kinship=known,
+                **stop_options,
             )
             if decision.stop:
                 stop = ",".join(decision.reasons)

@@ -48,8 +48,26 @@ from bench.guidance.model import TinyLlamaShape
 from bench.guidance.stats import Comparison, compare
 from kinship_client import KinshipClient
 
-DEFAULT_ADVICE: dict[str, Any] = {}
-"""Strategy c's options (the best combination the harness found; docs/population.md has the table)."""
+DEFAULT_ADVICE: dict[str, Any] = {
+    # Generation 1: rank every foundation pair by task ceiling, merge the best five (not all 15).
+    "first_rank": {"max_greedy": 5, "greedy_order": "task_ceiling"},
+    # Later: the two greedy pairs of highest expected score, plus the most complementary partner
+    # of the best model among the six best, merged with the score-weighted SLERP factor.
+    "rank": {
+        "exploration": "complementary",
+        "exploration_pool": 6,
+        "greedy_order": "expected_score",
+        "estimate_gain": True,
+        "max_greedy": 2,
+        "slerp_factor": "score_weighted",
+    },
+    # Stop when the top-k stops changing; kinship saturation (0.9) stopped too early on this family.
+    "stop": {"kinship_threshold": 0.999},
+    "task_scores": True,
+    "known_kinship": True,
+    "use_suggested_t": True,
+}
+"""Strategy c's options: the best combination the harness found (docs/population.md, "Does the advice pay?")."""
 
 
 def run_seed(
@@ -124,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/kinship-guidance"), help="family cache and run files")
     parser.add_argument("--json", default=None, metavar="PATH", help="write every result as JSON here ('-': stdout)")
     parser.add_argument("--top-k", type=int, default=3)
-    parser.add_argument("--max-generations", type=int, default=10)
+    parser.add_argument("--max-generations", type=int, default=20, help="a guard; the bots normally stop long before")
     sizes = parser.add_argument_group("family sizes (defaults: FamilySpec's)")
     sizes.add_argument("--hidden", type=int, default=None)
     sizes.add_argument("--layers", type=int, default=None)
