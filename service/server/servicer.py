@@ -24,7 +24,6 @@ from kinship_service.checkpoints.sources import CheckpointSpec, resolve
 from kinship_service.config import Settings
 from kinship_service.errors import Cancelled, DeadlineExceeded, Internal, InvalidArgument, KinshipError, to_rpc_status
 from kinship_service.guidance.population import Pair, pair_key
-from kinship_service.jobs.manager import MergeJobManager
 from kinship_service.kinship.exact import resolve_device
 from kinship_service.kinship.modes import EXACT, FINGERPRINT, ModeUsed
 from kinship_service.kinship.population import pairwise_kinship
