@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -374,3 +375,31 @@ def test_a_cancelled_forwarded_call_stops_the_work_in_the_heavy_process(split: S
         call.cancel()
     _wait(lambda: split.metric('kinship_heavy_abandoned_total{kind="kinship"}') > abandoned, 60, "the work to be abandoned")
     _wait(lambda: split.metric("kinship_heavy_running") == 0, 60, "the heavy executor to be idle")
+
+
+def test_a_request_seen_before_is_answered_from_the_files_as_they_are_now(split: Split) -> None:
+    """The front keeps validated queries by their bytes (light.QueryMemo), never answers: a changed file shows at once."""
+    root = split.root
+    models = []
+    for i in range(2):
+        target = root / f"memo{i}"
+        target.mkdir(exist_ok=True)
+        shutil.copyfile(root / f"m{i}" / "model.safetensors", target / "model.safetensors")
+        models.append(str(target))
+    with KinshipClient(split.address, timeout=60) as client:
+        for model in models:
+            client.register_checkpoint(model, str(root / "base"))
+        request = kinship_pb2.KinshipRequest(
+            base=common_pb2.CheckpointRef(path=str(root / "base")),
+            models=[common_pb2.CheckpointRef(path=m) for m in models],
+            mode=common_pb2.KINSHIP_MODE_FINGERPRINT,
+        ).SerializeToString()
+        with grpc.insecure_channel(split.address) as channel:
+            call = channel.unary_unary("/kinship.v1.KinshipService/Kinship")
+            first = kinship_pb2.KinshipResponse.FromString(call(request, timeout=30))
+            assert kinship_pb2.KinshipResponse.FromString(call(request, timeout=30)).pairs == first.pairs
+            os.utime(Path(models[1]) / "model.safetensors", ns=(1, 1))  # a new identity: its fingerprint no longer applies
+            with pytest.raises(grpc.RpcError) as missing:
+                call(request, timeout=30)
+            assert missing.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "models[1]" in (missing.value.details() or "")

@@ -54,13 +54,13 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from kinship_client.v1 import common_pb2, kinship_pb2, service_pb2
+from kinship_client.v1 import service_pb2
 from kinship_service import __version__
 from kinship_service.cache.registry import KinshipCache
 from kinship_service.config import Settings
 from kinship_service.kinship.exact import resolve_device
 from kinship_service.server import auth, front_calls, metrics
-from kinship_service.server.light import LightAnswers, LightMethod
+from kinship_service.server.light import LightAnswers, LightMethod, Prepared, QueryMemo, memory_only
 from kinship_service.server.main import REFLECTED_SERVICES, SERVICE_NAME, grpc_options, log_serving
 from kinship_service.server.servicer import rpc_status
 
@@ -219,19 +219,6 @@ def _drain(stream: Any) -> None:
         log.info("heavy-work process stdout: %s", line.decode(errors="replace").rstrip())
 
 
-# -- light calls -----------------------------------------------------------------------------------
-def _memory_only(request: Any) -> bool:
-    """Whether a light-capable request is answered from memory alone (inline on the event loop).
-
-    FINGERPRINT mode reads fingerprints the front keeps in memory (after the first use of each);
-    a population without a base can only use the kinship values it carries. Anything else may
-    look up stored pair results and delta manifests first.
-    """
-    if request.mode == common_pb2.KINSHIP_MODE_FINGERPRINT:
-        return True
-    return not isinstance(request, kinship_pb2.KinshipRequest) and not request.HasField("base")
-
-
 # -- the front server ---------------------------------------------------------------------------
 class Front:
     """Builds the aio server: light calls inline, the rest forwarded to the heavy-work process."""
@@ -241,6 +228,7 @@ class Front:
         self.heavy = heavy
         self.device = resolve_device(settings.device)
         self.answers = LightAnswers(settings, KinshipCache(settings, self.device))
+        self.queries = QueryMemo()
         self.channel: grpc.aio.Channel | None = None
         self.lookups = ThreadPoolExecutor(max_workers=LOOKUP_THREADS, thread_name_prefix="front-lookup")
 
@@ -285,18 +273,26 @@ class Front:
         self, name: str, light: LightMethod, raw: bytes, context: grpc.aio.ServicerContext[bytes, bytes]
     ) -> bytes | None:
         """The serialised answer from the cache alone, or None (forward it); bad input ends the call with its status."""
-        try:
-            request = light.request_class.FromString(raw)
-        except Exception:  # malformed bytes from a client
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the {name} request could not be parsed")
+        prepared = self.queries.get(name, raw)
+        if prepared is None:
+            try:
+                request = light.request_class.FromString(raw)
+            except Exception:  # malformed bytes from a client
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the {name} request could not be parsed")
+            try:
+                query = light.validate(request)
+            except Exception as exc:  # the same status the heavy path gives (KinshipError), else INTERNAL
+                await context.abort_with_status(rpc_status(name, exc))
+            prepared = Prepared(query, memory_only(query))
+            self.queries.put(name, raw, prepared)
         try:
             # With KINSHIP_STATE_URL a fingerprint not yet in memory comes over the network: never on the loop.
-            if _memory_only(request) and not self.settings.state_url:
-                response = light.answer(request)
+            if prepared.memory_only and not self.settings.state_url:
+                response = light.answer(prepared.query)
             else:
                 # May read the cache (pair results, delta manifests: SQLite, whose locks the heavy-work
                 # process also takes): on a thread, so the event loop never waits on a disk or a lock.
-                response = await asyncio.get_running_loop().run_in_executor(self.lookups, light.answer, request)
+                response = await asyncio.get_running_loop().run_in_executor(self.lookups, light.answer, prepared.query)
         except Exception as exc:  # the same status the heavy path gives (KinshipError), else INTERNAL
             await context.abort_with_status(rpc_status(name, exc))
         return response.SerializeToString() if response is not None else None
