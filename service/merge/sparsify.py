@@ -146,6 +146,11 @@ def mask_key(seed: int, name: str, model: int) -> int:
 
 def random_mask(key: int, start: int, stop: int, density: float) -> torch.Tensor:
     """DARE's kept elements [start, stop) of one stream (bool): `u < density`, see the module docstring."""
+    from kinship_service.merge.dare_mask_kernel import mask_into
+
+    fast = mask_into(key, start, stop, density)  # the same bits from one numba loop
+    if fast is not None:
+        return fast
     index = torch.arange(start + 1, stop + 1, dtype=torch.int64)
     h = _mix(index * _signed(GOLDEN) + _signed(key))
     return _shr(h, 11) < int(density * (1 << 53))
