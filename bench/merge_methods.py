@@ -6,9 +6,9 @@
 For each method it merges a base and two models (three for ties and model_stock) with our
 runner (exactly as a merge job does: `MergeRunner` into a temp dir renamed into place, 2 math
 threads) and with mergekit 0.1.5's `mergekit-yaml config.yml out --lazy-unpickle
---out-shard-size ...` on CPU, each in a child process of its own; wall time and the child's
-peak RSS come from `os.wait4` (the kernel's maxrss of that one child, interpreter included, for
-both tools). It prints the ratios ours/mergekit (targets: at most 0.5 for both) and how far our
+--out-shard-size ...` on CPU, each in a child process of its own; wall and CPU time come
+from `os.wait4`, the peak RSS from the child's own VmHWM (polled; interpreter included, for both
+tools). It prints the ratios ours/mergekit (targets: at most 0.5 for both) and how far our
 output is from mergekit's on a sample of tensors, in bf16 ulps (target: at most 1). dare_* draw
 their random masks differently (mergekit: torch.bernoulli on the global generator; ours: a
 seeded hash per coordinate), so only their kept fraction is compared, not their values.
@@ -143,17 +143,51 @@ def ours(directory: Path, method: str, out: Path, threads: int) -> None:
     print(json.dumps({"seconds": time.perf_counter() - started, "bytes_written": summary.bytes_written, "tensors": summary.tensors}))
 
 
+def _hwm_mib(pid: int) -> float | None:
+    """The process's peak resident set (VmHWM) in MiB, or None once it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
 def _timed_child(command: list[str], log: Path) -> dict[str, float]:
-    """Run `command` as a child; its wall seconds and peak RSS (MiB) from os.wait4."""
+    """Run `command` as a child; its wall and CPU seconds and peak RSS (MiB).
+
+    The peak is the child's own VmHWM, polled every 50 ms until it exits (monotonic, so the last
+    reading is the peak up to the last 50 ms). Not wait4's ru_maxrss: Linux carries the parent's
+    high-water mark from fork across exec into it, so every child would read at least the
+    benchmark's own peak.
+    """
+    import threading
+
     started = time.perf_counter()
+    peak = 0.0
     with open(log, "w") as handle:
         process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT)
+        done = threading.Event()
+
+        def poll() -> None:
+            nonlocal peak
+            while not done.is_set():
+                value = _hwm_mib(process.pid)
+                if value is not None:
+                    peak = max(peak, value)
+                done.wait(0.05)
+
+        watcher = threading.Thread(target=poll, daemon=True)
+        watcher.start()
         _, status, usage = os.wait4(process.pid, 0)
+        done.set()
+        watcher.join()
     seconds = time.perf_counter() - started
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
         raise RuntimeError(f"{command[0]} failed ({process.returncode}); see {log}:\n{log.read_text()[-3000:]}")
-    return {"seconds": seconds, "peak_rss_mib": usage.ru_maxrss / 1024, "cpu_seconds": usage.ru_utime + usage.ru_stime}
+    return {"seconds": seconds, "peak_rss_mib": peak, "cpu_seconds": usage.ru_utime + usage.ru_stime}
 
 
 def _tensors(directory: Path) -> dict[str, Path]:
