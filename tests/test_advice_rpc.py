@@ -19,6 +19,7 @@ from kinship_client.v1 import common_pb2, recommend_pb2
 from kinship_service.cache.registry import KinshipCache
 from kinship_service.checkpoints.synthetic import make_base
 from kinship_service.config import Settings
+from kinship_service.server import recommend_rpc
 from kinship_service.server.light import LightAnswers
 
 from .conftest import SMALL
@@ -229,7 +230,7 @@ def test_light_answer_equals_the_heavy_answer_option_for_option(server_factory, 
     with KinshipClient(heavy.address, timeout=120) as client:
         for options in (OPTIONS, {"exploration": "outside_lineage", "exploration_pool": 5, "max_greedy": 2}, {}):
             computed = client.rank_candidates(members, top_k=3, base=paths["base"], known_kinship=history, mode="exact", **options)
-            answered = light.rank_candidates(computed_request(members, paths["base"], history, options))
+            answered = light.rank_candidates(recommend_rpc.rank_query(computed_request(members, paths["base"], history, options)))
             assert answered is not None, options  # every pair result is cached now
             assert answered == computed.raw, options
         stop_kwargs = {"min_expected_gain": 0.5, "merged_pairs": [("a1", "b1")]}
@@ -237,7 +238,7 @@ def test_light_answer_equals_the_heavy_answer_option_for_option(server_factory, 
         request = recommend_pb2.ShouldStopRequest.FromString(decided_request(members, paths["base"], history))
         request.min_expected_gain = 0.5
         request.merged_pairs.add(first="a1", second="b1")
-        assert light.should_stop(request) == decided.raw
+        assert light.should_stop(recommend_rpc.stop_query(request)) == decided.raw
 
 
 def _member_protos(members: list[Member]) -> list[recommend_pb2.PopulationMember]:
