@@ -30,6 +30,25 @@ class ModelCard:
     """The base (reference, revision) of a task-vector method."""
     method_parameters: MethodParameters = field(default_factory=MethodParameters)
 
+    def _head(self, front: str, title: str, rows: list[str]) -> list[str]:
+        """The card's lines up to the inputs table: front matter, title, provenance, one row per input."""
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.created))
+        return [
+            "---",
+            front.rstrip(),
+            "---",
+            "",
+            f"# {title} merge",
+            "",
+            f"Made by the model-kinship service version {__version__} on {when}" + (f" (job `{self.job_id}`)." if self.job_id else "."),
+            "",
+            "## Inputs",
+            "",
+            "| model | reference | revision |",
+            "| --- | --- | --- |",
+            *rows,
+        ]
+
     def render(self, plan: MergePlan, linear: int, slerped: int) -> str:
         """The README.md text: `linear` and `slerped` count the tensors that took each SLERP branch."""
         import yaml
@@ -44,7 +63,6 @@ class ModelCard:
             "parameters": {"t": self.spec.to_mergekit()},
             "out_dtype": DTYPE_CONFIG_NAMES.get(plan.config_dtype, plan.config_dtype),
         }
-        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.created))
         front = yaml.safe_dump({"base_model": [self.model_a, self.model_b], "tags": ["merge", "slerp", "model-kinship"]}, sort_keys=False)
         rows = [
             f"| A (t = 0, base) | `{self.model_a}` | {self.revision_a or 'local'} |",
@@ -52,20 +70,7 @@ class ModelCard:
         ]
         return "\n".join(
             [
-                "---",
-                front.rstrip(),
-                "---",
-                "",
-                "# SLERP merge",
-                "",
-                f"Made by the model-kinship service version {__version__} on {when}"
-                + (f" (job `{self.job_id}`)." if self.job_id else "."),
-                "",
-                "## Inputs",
-                "",
-                "| model | reference | revision |",
-                "| --- | --- | --- |",
-                *rows,
+                *self._head(front, "SLERP", rows),
                 "",
                 "## Parameters",
                 "",
@@ -107,7 +112,6 @@ class ModelCard:
         if shared:
             mergekit["parameters"] = shared
         mergekit["out_dtype"] = DTYPE_CONFIG_NAMES.get(plan.config_dtype, plan.config_dtype)
-        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.created))
         sources = [r for r, _ in self.models] + ([self.base[0]] if self.base else [])
         front = yaml.safe_dump({"base_model": sources, "tags": ["merge", self.method, "model-kinship"]}, sort_keys=False)
         rows = [f"| base | `{self.base[0]}` | {self.base[1] or 'local'} |"] if self.base else []
@@ -115,20 +119,7 @@ class ModelCard:
         seed = [f"- seed of the random masks: {given.seed}"] if self.method.startswith("dare") else []
         return "\n".join(
             [
-                "---",
-                front.rstrip(),
-                "---",
-                "",
-                f"# {self.method} merge",
-                "",
-                f"Made by the model-kinship service version {__version__} on {when}"
-                + (f" (job `{self.job_id}`)." if self.job_id else "."),
-                "",
-                "## Inputs",
-                "",
-                "| model | reference | revision |",
-                "| --- | --- | --- |",
-                *rows,
+                *self._head(front, self.method, rows),
                 "",
                 "## Parameters",
                 "",

@@ -44,6 +44,18 @@ class _Series:
         self.in_flight = metrics.IN_FLIGHT.labels(method)
         self._handled: dict[grpc.StatusCode, Any] = {}
 
+    def begin(self) -> float:
+        """Count a call in and return its start time."""
+        self.started.inc()
+        self.in_flight.inc()
+        return time.perf_counter()
+
+    def end(self, started: float, code: grpc.StatusCode) -> None:
+        """Count the call out: its time and its status code."""
+        self.in_flight.dec()
+        self.seconds.observe(time.perf_counter() - started)
+        self.handled(code).inc()
+
     def handled(self, code: grpc.StatusCode) -> Any:
         child = self._handled.get(code)
         if child is None:  # one per status code met, at most 17
@@ -71,9 +83,7 @@ async def _check_token(tokens: auth.TokenSource, method: str, context: grpc.aio.
 
 def _unary(behaviour: Behaviour, series: _Series, tokens: auth.TokenSource | None, method: str) -> Behaviour:
     async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        series.started.inc()
-        series.in_flight.inc()
-        started = time.perf_counter()
+        started = series.begin()
         code = grpc.StatusCode.OK
         try:
             if tokens is not None:
@@ -88,18 +98,14 @@ def _unary(behaviour: Behaviour, series: _Series, tokens: auth.TokenSource | Non
             code = _aio_code_of(context)
             raise
         finally:
-            series.in_flight.dec()
-            series.seconds.observe(time.perf_counter() - started)
-            series.handled(code).inc()
+            series.end(started, code)
 
     return call
 
 
 def _server_stream(behaviour: Behaviour, series: _Series, tokens: auth.TokenSource | None, method: str) -> Behaviour:
     async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-        series.started.inc()
-        series.in_flight.inc()
-        started = time.perf_counter()
+        started = series.begin()
         code = grpc.StatusCode.OK
         try:
             if tokens is not None:
@@ -114,9 +120,7 @@ def _server_stream(behaviour: Behaviour, series: _Series, tokens: auth.TokenSour
             code = _aio_code_of(context)
             raise
         finally:
-            series.in_flight.dec()
-            series.seconds.observe(time.perf_counter() - started)
-            series.handled(code).inc()
+            series.end(started, code)
 
     return call
 
