@@ -127,6 +127,7 @@ def test_merge_sharded_output_layout(client: KinshipClient, server: RunningServe
 
     assert str(pair["pa"]) in card and str(pair["pb"]) in card and __version__ in card and info.job_id in card
     assert "[0, 1]" in card and "merge_method: slerp" in card
+    assert f"\nkinship_job: {info.job_id}\n---\n" in card  # the front matter names the job that wrote it
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".kinship-")]
 
 
@@ -387,6 +388,35 @@ def test_sigkill_mid_merge_then_restart_reports_failed(process_env: dict[str, st
             # the restarted server merges normally into the same path
             again = client.merge(str(pa), str(pb), t=0.5, output_path="killed/out").wait(timeout=300)
             assert again.state == "succeeded", again.error
+    finally:
+        second.stop()
+
+
+def test_killed_after_publishing_then_restart_reports_succeeded(
+    process_env: dict[str, str], tmp_path: Path, big_pair: tuple[Path, Path, Path]
+) -> None:
+    """A server killed between publishing an output and recording SUCCEEDED: on restart the job is SUCCEEDED."""
+    _, pa, pb = big_pair
+    output_root = Path(process_env["KINSHIP_OUTPUT_ROOT"])
+    first = _ServerProcess(process_env, tmp_path / "server1.log")
+    try:
+        with KinshipClient(first.address, timeout=60) as client:
+            info = client.start_merge(str(pa), str(pb), t=0.5, output_path="published/out")
+            _wait_running(client, info.job_id, min_bytes=1)
+            first.stop(signal.SIGKILL)
+    finally:
+        first.stop(signal.SIGKILL)
+    # What the runner's final rename leaves; the card names the job that wrote it.
+    out = output_root / "published" / "out"
+    out.mkdir(parents=True)
+    (out / "README.md").write_text(f"---\ntags: [merge]\nkinship_job: {info.job_id}\n---\n")
+    second = _ServerProcess(process_env, tmp_path / "server2.log")
+    try:
+        with KinshipClient(second.address, timeout=60) as client:
+            job = client.get_merge_job(info.job_id)
+            assert job.state == "succeeded" and job.error is None, job
+            assert sorted(p.name for p in out.iterdir()) == ["README.md"]  # adopted as it is, not run again
+            assert all(not name.startswith(".kinship-tmp-") for name in _leftovers(output_root / "published"))
     finally:
         second.stop()
 

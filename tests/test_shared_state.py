@@ -307,6 +307,27 @@ def test_front_answers_fingerprints_from_the_database_and_unavailable_without_it
         assert client.kinship(str(pb), [str(pa), str(pbb)], mode="fingerprint").bytes_read == 0
 
 
+def test_database_lost_while_a_merge_runs_the_job_still_ends_succeeded(cluster: Cluster, postgres: PostgresServer) -> None:
+    """The runner publishes while the database is away; the end is recorded once it is back, never stuck RUNNING."""
+    m = cluster.models
+    with cluster.a.client() as client:
+        started = client.start_merge(str(m["big_a"]), str(m["big_b"]), t=0.5, output_path="outage/while-running")
+    _wait(cluster.a, started.job_id, lambda info: info.state != "queued", "claimed")
+    out = cluster.output_root / "outage" / "while-running"
+    postgres.stop()
+    try:
+        deadline = time.monotonic() + DEADLINE
+        while not (out / "README.md").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)  # the runner goes on without the database and publishes
+        assert (out / "README.md").exists(), "the merge never published while the database was away"
+    finally:
+        postgres.start()
+    final = _wait(cluster.b, started.job_id, lambda info: info.state not in ("queued", "running"), "final")
+    assert final.state == "succeeded", final.error
+    assert _tensor_names(out) == _tensor_names(m["big_a"])
+    assert [n for n in _leftovers(out.parent) if n.startswith(".kinship-")] == []
+
+
 def test_replica_killed_mid_merge_job_is_rerun_or_failed(cluster: Cluster) -> None:
     """Last of the cluster tests: it kills the replica that runs the job."""
     m = cluster.models
@@ -415,6 +436,38 @@ def test_lease_expiry_reruns_then_fails_after_max_attempts(postgres: PostgresSer
     assert third.record.error is not None and third.record.error.reason == "JOB_ATTEMPTS_EXHAUSTED"
     assert third.stale_tmp_dir == Path(second.record.tmp_dir)
     assert store.claim("host:3:z", 30.0, 2) is None
+
+
+def _publish_as(job: JobRecord) -> Path:
+    """What a runner leaves when it dies between publishing its output and recording SUCCEEDED."""
+    out = Path(job.output_dir)
+    out.mkdir(parents=True)
+    (out / "README.md").write_text(f"---\ntags: [merge]\nkinship_job: {job.job_id}\n---\n\n# merge\n")
+    (out / "model.safetensors").write_bytes(b"weights")
+    return out
+
+
+def test_claim_of_a_job_whose_output_names_it_records_succeeded(postgres: PostgresServer, tmp_path: Path) -> None:
+    store = PgJobStore(_migrated(postgres))
+    record, other = _queued_record(tmp_path, "pub"), _queued_record(tmp_path, "elsewhere")
+    store.insert(record)
+    first = store.claim("host:1:x", 0.0, 1)  # the runner that "dies" after publishing
+    assert isinstance(first, Claimed)
+    out = _publish_as(first.record)
+    ended = store.claim("host:2:y", 30.0, 1)  # attempts exhausted, but the output is there and names the job
+    assert isinstance(ended, Abandoned) and ended.record.state == "SUCCEEDED" and ended.record.error is None
+    assert ended.stale_tmp_dir == Path(first.record.tmp_dir)
+    stored = store.get(record.job_id)
+    assert stored is not None and stored.state == "SUCCEEDED"
+    assert (out / "model.safetensors").read_bytes() == b"weights"  # left as published, not run again
+    # An output that names another job is not adopted: the job is run again as usual.
+    store.insert(other)
+    claimed = store.claim("host:1:x", 0.0, 3)
+    assert isinstance(claimed, Claimed)
+    Path(claimed.record.output_dir).mkdir(parents=True)
+    (Path(claimed.record.output_dir) / "README.md").write_text("---\nkinship_job: job-someone-else\n---\n")
+    again = store.claim("host:2:y", 30.0, 3)
+    assert isinstance(again, Claimed) and again.attempt == 2
 
 
 def test_cancel_flag_reaches_the_runner_through_its_lease_renewal(postgres: PostgresServer, tmp_path: Path) -> None:

@@ -15,7 +15,11 @@ LOCKED`) with a lease of `KINSHIP_JOB_LEASE_SECONDS`, renewed every third of it:
 - a replica shutting down (SIGTERM) gives its running jobs the grace period, then hands them back
   to the queue for another replica, without counting the attempt;
 - a replica whose lease was taken over (it stalled past the lease) stops its run, and its writes
-  no longer reach the job (every runner write is guarded by its owner).
+  no longer reach the job (every runner write is guarded by its owner);
+- a runner that loses the database after publishing its output keeps trying to record
+  SUCCEEDED until the database is back; if it dies first, the next claim finds the published
+  output naming the job (the model card's `kinship_job`) and records SUCCEEDED without running
+  it again.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ log = logging.getLogger("kinship.jobs")
 
 POLL_SECONDS = 1.0
 """How often an idle replica looks for queued jobs (a StartMerge on this replica wakes it at once)."""
+FINAL_SAVE_MAX_DELAY_SECONDS = 5.0
+"""The longest wait between tries to record a job's final state while the database is away."""
 WATCH_POLL_SECONDS = 0.5
 """How often WatchMergeJob reads a job that another replica runs."""
 
@@ -225,7 +231,34 @@ class ClusterJobManager(MergeJobManager):
     def _save(self, record: JobRecord) -> None:
         if record.job_id in self._lost:
             return
-        super()._save(record)
+        if record.state not in FINAL:
+            super()._save(record)  # a progress snapshot: the next one supersedes a lost one
+            return
+        # A final state must land: lost, it would leave the job RUNNING under a lease nobody renews.
+        # Retry while the database is away; the job stays live meanwhile, so its lease is renewed
+        # as soon as the database is back. If this replica stops first, the next claim finds the
+        # published output naming the job and records SUCCEEDED (pg_store.PgJobStore.claim).
+        delay, warned = POLL_SECONDS, False
+        while True:
+            try:
+                self.store.save(record)
+            except KinshipError as exc:
+                if not warned:
+                    warned = True
+                    log.warning(
+                        "cannot record the end of a merge job until the database is back",
+                        extra={"job_id": record.job_id, "state": record.state, "error": exc.message},
+                    )
+                if self._closing or self._stop.wait(delay) or record.job_id in self._lost:
+                    return
+                delay = min(2 * delay, FINAL_SAVE_MAX_DELAY_SECONDS)
+                continue
+            except Exception:  # a bug: logged, the worker stays alive
+                log.exception("cannot persist merge job %s (state %s)", record.job_id, record.state)
+                return
+            if warned:
+                log.info("recorded the end of a merge job", extra={"job_id": record.job_id, "state": record.state})
+            return
 
     def _finish(self, live: _Live, state: str, error: Any) -> None:
         if live.record.job_id in self._lost:

@@ -62,7 +62,7 @@ from kinship_service.jobs.records import (
     job_error_from_os,
 )
 from kinship_service.jobs.store import JobRegistry, JobStore
-from kinship_service.merge.model_card import ModelCard
+from kinship_service.merge.model_card import ModelCard, published_job_id
 from kinship_service.merge.output import remove_tree, resolve_output_dir, temp_dir_for
 from kinship_service.merge.plan import MergeSettings
 from kinship_service.merge.runner import Progress
@@ -226,6 +226,12 @@ class MergeJobManager:
             if _owner_alive(owner, self.owner) and not stale:
                 continue
             remove_tree(Path(record.tmp_dir))
+            if published_job_id(Path(record.output_dir)) == record.job_id:
+                # It published its whole output, then stopped before recording SUCCEEDED.
+                done = record.published(now)
+                self.store.save(done)
+                log.warning("merge job of a stopped server had published its output: succeeded", extra={"job_id": record.job_id})
+                continue
             failed = replace(
                 record,
                 state=FAILED,

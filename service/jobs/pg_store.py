@@ -21,6 +21,7 @@ from psycopg import errors as pg_errors
 
 from kinship_service.errors import FailedPrecondition, NotFound, status_code_number
 from kinship_service.jobs.records import CANCELLED, FAILED, QUEUED, RUNNING, JobError, JobRecord
+from kinship_service.merge.model_card import published_job_id
 from kinship_service.merge.output import temp_dir_for
 from kinship_service.state.database import Database
 
@@ -38,7 +39,11 @@ class Claimed:
 
 @dataclass(frozen=True)
 class Abandoned:
-    """A job whose earlier runner died and that ended without running again (CANCELLED or FAILED)."""
+    """A job whose earlier runner died and that ended without running again.
+
+    CANCELLED (a cancel was requested), FAILED (attempts exhausted) or SUCCEEDED (the runner had
+    published its output, which names the job, before it died).
+    """
 
     record: JobRecord
     stale_tmp_dir: Path
@@ -134,8 +139,9 @@ class PgJobStore:
         """Take the oldest job that is QUEUED or RUNNING with an expired lease, or None when there is none.
 
         A job whose runner died is run again (a new attempt, in a temporary directory of its own),
-        unless a cancel was requested (it ends CANCELLED) or it had `max_attempts` already (it ends
-        FAILED, JOB_ATTEMPTS_EXHAUSTED): those come back as Abandoned, for the caller to clean up.
+        unless its output is already published and names it (it ends SUCCEEDED), a cancel was
+        requested (it ends CANCELLED) or it had `max_attempts` already (it ends FAILED,
+        JOB_ATTEMPTS_EXHAUSTED): those come back as Abandoned, for the caller to clean up.
         """
 
         def work(conn: Connection) -> Claimed | Abandoned | None:
@@ -154,6 +160,15 @@ class PgJobStore:
             record = _record(text)
             now = time.time()
             stale = Path(record.tmp_dir) if state == RUNNING else None
+            if stale is not None and published_job_id(Path(record.output_dir)) == record.job_id:
+                # The runner published the whole output, then died or lost the database before it
+                # could record SUCCEEDED: record it now rather than fail on OUTPUT_EXISTS.
+                done = record.published(now)
+                conn.execute(
+                    "UPDATE merge_jobs SET state = %s, record = %s, lease_until = NULL WHERE job_id = %s",
+                    (done.state, done.to_json(), record.job_id),
+                )
+                return Abandoned(done, stale)
             if stale is not None and (cancel_requested or attempts >= max_attempts):
                 error = None
                 if not cancel_requested:

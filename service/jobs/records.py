@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import errno
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import grpc
@@ -159,6 +159,19 @@ class JobRecord:
         data["request"] = MergeRequest.from_json(data["request"])
         data["error"] = JobError(**data["error"]) if data.get("error") else None
         return cls(**data)
+
+    def published(self, now: float) -> JobRecord:
+        """This job SUCCEEDED at `now`: its runner published the whole output, then stopped
+        (crash, kill, lost database) before it could record the end itself."""
+        return replace(
+            self,
+            state=SUCCEEDED,
+            end_time=now,
+            eta_seconds=0.0,
+            error=None,
+            tensors_done=self.tensors_total,
+            bytes_done=self.bytes_total,
+        )
 
 
 def job_error_from_os(exc: OSError) -> JobError:

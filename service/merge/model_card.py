@@ -2,13 +2,38 @@
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from kinship_service import __version__
 from kinship_service.merge.parameters import MethodParameters
 from kinship_service.merge.plan import DTYPE_CONFIG_NAMES, KIND_MERGE, MergePlan
 from kinship_service.merge.slerp import InterpolationSpec, describe_spec
+
+CARD_FILE = "README.md"
+JOB_KEY = "kinship_job"
+"""The front-matter key of the job that wrote the output (its job id)."""
+_JOB_LINE = re.compile(rf"^{JOB_KEY}: ([0-9A-Za-z_-]{{1,64}})$", re.MULTILINE)
+
+
+def published_job_id(output_dir: Path) -> str | None:
+    """The job id in the front matter of `output_dir`'s model card, or None (no card, or none named).
+
+    Publication renames a complete output into place, so a card naming a job means that job's
+    whole output is there. Only the front matter is read (the first 4 KiB), never the tensors.
+    """
+    try:
+        with open(output_dir / CARD_FILE, "rb") as card:
+            head = card.read(4096).decode("utf-8", "replace")
+    except OSError:
+        return None
+    if not head.startswith("---\n"):
+        return None
+    end = head.find("\n---", 3)
+    match = _JOB_LINE.search(head[: end if end >= 0 else len(head)])
+    return match.group(1) if match else None
 
 
 @dataclass(frozen=True)
@@ -31,11 +56,17 @@ class ModelCard:
     method_parameters: MethodParameters = field(default_factory=MethodParameters)
 
     def _head(self, front: str, title: str, rows: list[str]) -> list[str]:
-        """The card's lines up to the inputs table: front matter, title, provenance, one row per input."""
+        """The card's lines up to the inputs table: front matter, title, provenance, one row per input.
+
+        The front matter names the job (`kinship_job`), so a replica that finds the output
+        published after its runner died can tell that this job wrote it (`published_job_id`).
+        """
         when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.created))
+        job = [f"{JOB_KEY}: {self.job_id}"] if self.job_id else []
         return [
             "---",
             front.rstrip(),
+            *job,
             "---",
             "",
             f"# {title} merge",
