@@ -361,17 +361,24 @@ def process_env(tmp_path: Path, model_root: Path, big_pair: tuple[Path, Path, Pa
     yield env
 
 
-def test_sigkill_mid_merge_then_restart_reports_failed(process_env: dict[str, str], tmp_path: Path, big_pair: tuple[Path, Path, Path]) -> None:
+def _kill_mid_merge(process_env: dict[str, str], tmp_path: Path, big_pair: tuple[Path, Path, Path], output_path: str) -> MergeJobInfo:
+    """Start a merge of the big pair in a server process and SIGKILL it once the job has written bytes."""
     _, pa, pb = big_pair
-    output_root = Path(process_env["KINSHIP_OUTPUT_ROOT"])
     first = _ServerProcess(process_env, tmp_path / "server1.log")
     try:
         with KinshipClient(first.address, timeout=60) as client:
-            info = client.start_merge(str(pa), str(pb), t=0.5, output_path="killed/out")
+            info = client.start_merge(str(pa), str(pb), t=0.5, output_path=output_path)
             _wait_running(client, info.job_id, min_bytes=1)
             first.stop(signal.SIGKILL)
     finally:
         first.stop(signal.SIGKILL)
+    return info
+
+
+def test_sigkill_mid_merge_then_restart_reports_failed(process_env: dict[str, str], tmp_path: Path, big_pair: tuple[Path, Path, Path]) -> None:
+    _, pa, pb = big_pair
+    output_root = Path(process_env["KINSHIP_OUTPUT_ROOT"])
+    info = _kill_mid_merge(process_env, tmp_path, big_pair, "killed/out")
     # nothing that looks finished: the target does not exist, only a hidden temporary directory may
     assert not (output_root / "killed" / "out").exists()
     assert all(name.startswith(".kinship-tmp-") for name in _leftovers(output_root / "killed"))
@@ -396,16 +403,8 @@ def test_killed_after_publishing_then_restart_reports_succeeded(
     process_env: dict[str, str], tmp_path: Path, big_pair: tuple[Path, Path, Path]
 ) -> None:
     """A server killed between publishing an output and recording SUCCEEDED: on restart the job is SUCCEEDED."""
-    _, pa, pb = big_pair
     output_root = Path(process_env["KINSHIP_OUTPUT_ROOT"])
-    first = _ServerProcess(process_env, tmp_path / "server1.log")
-    try:
-        with KinshipClient(first.address, timeout=60) as client:
-            info = client.start_merge(str(pa), str(pb), t=0.5, output_path="published/out")
-            _wait_running(client, info.job_id, min_bytes=1)
-            first.stop(signal.SIGKILL)
-    finally:
-        first.stop(signal.SIGKILL)
+    info = _kill_mid_merge(process_env, tmp_path, big_pair, "published/out")
     # What the runner's final rename leaves; the card names the job that wrote it.
     out = output_root / "published" / "out"
     out.mkdir(parents=True)
