@@ -539,6 +539,7 @@ class MergeJobManager:
                 chunk_elements=min(1 << 18, max(1 << 12, self.settings.chunk_bytes // 64)),
                 allowed_roots=tuple(roots),
                 use_cpu_kernel=self.settings.cpu_kernel,
+                device=self.settings.device,
                 tmp_dir=Path(live.record.tmp_dir),
                 final_dir=Path(live.record.output_dir),
                 overwrite=request.overwrite,

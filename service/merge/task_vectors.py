@@ -51,7 +51,7 @@ def merge_linear_tensor(ctx: MergeContext, writer: SafetensorsWriter, base: int,
     inputs = TensorInputs(ctx, tensor)
     weights = per_model(tensor.parameters, "weight", inputs.count)
     normalize = get_method(ctx.settings.method).normalizes(ctx.settings)
-    column = weights_column(weights, inputs.work)
+    column = weights_column(weights, inputs.work, ctx.device)
     total = sum(weights)
 
     def combine(span: Span) -> None:
@@ -100,7 +100,7 @@ class _TaskVectors:
     def mask(self, delta: torch.Tensor, model: int, span: Span, index: int) -> torch.Tensor:
         """Which elements of model `model`'s task-vector range survive sparsification (bool)."""
         if self.method.sparsification == "random":
-            return sparsify.random_mask(self.keys[model], span[0], span[1], self.densities[model], self.use_kernel)
+            return sparsify.random_mask(self.keys[model], span[0], span[1], self.densities[model], self.use_kernel, delta.device)
         limit = self.thresholds[model]
         before = self.equal_before[index][self.sparse.index(model)] if self.equal_before else 0
         return sparsify.magnitude_mask(sparsify.magnitude_bits(delta), limit, before)
@@ -111,7 +111,7 @@ class _TaskVectors:
 
         def l1(span: Span) -> torch.Tensor:
             stack = self.deltas(span)
-            out = torch.zeros(len(self.sparse), 2, dtype=torch.float64)
+            out = torch.zeros(len(self.sparse), 2, dtype=torch.float64, device=stack.device)
             for row, model in enumerate(self.sparse):
                 delta = stack[1 + model]
                 out[row, 0] = delta.abs().sum(dtype=torch.float64)
@@ -169,7 +169,7 @@ class _TaskVectors:
             delta.mul_(self.mask(delta, model, span, index))
             if self.scales[model] != 1.0:
                 delta.mul_(self.scales[model])
-        weights = weights_column(self.weights, deltas.dtype)
+        weights = weights_column(self.weights, deltas.dtype, deltas.device)
         deltas.mul_(weights)
         if self.method.consensus:
             majority = torch.where(deltas.sum(dim=0) >= 0, 1.0, -1.0).to(deltas.dtype)
@@ -180,7 +180,7 @@ class _TaskVectors:
         else:
             mixed = deltas.sum(dim=0)
             total = sum(self.weights)
-            divisor = torch.tensor(1.0 if abs(total) < WEIGHT_EPS else total, dtype=deltas.dtype)
+            divisor = torch.tensor(1.0 if abs(total) < WEIGHT_EPS else total, dtype=deltas.dtype, device=deltas.device)
         if self.normalize:
             mixed /= divisor
         if self.lam != 1:
