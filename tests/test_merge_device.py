@@ -10,20 +10,25 @@ and check what could differ on a GPU: DARE's int64 hash, TIES's histograms, boun
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from kinship_client import KinshipClient
+from kinship_service.checkpoints.synthetic import save_checkpoint
 from kinship_service.distributed.merge import worker_device
 from kinship_service.errors import FailedPrecondition
 from kinship_service.merge import sparsify
+from kinship_service.server.main import RunningServer
 
 from .merge_method_refs import (
     as_f64,
     assert_close_f32,
     bf16_ulps,
+    read_all,
     ref_dare_mask,
     ref_linear,
     ref_model_stock,
@@ -244,3 +249,22 @@ def test_ray_merge_worker_device() -> None:
     else:
         with pytest.raises(FailedPrecondition, match="torch sees no CUDA device"):
             worker_device(0.5, ["3"])
+
+
+def test_merge_job_on_the_servers_device_matches_the_reference(
+    server_factory: Callable[..., RunningServer], model_root: Path
+) -> None:
+    """KINSHIP_DEVICE=auto through a real server: the job runs on CUDA where present (else CPU), same answer."""
+    family = _family(2, seed=31)
+    paths = [str(save_checkpoint(t, model_root / f"job-{i}")) for i, t in enumerate(family)]
+    with KinshipClient(server_factory(device="auto").address, timeout=120) as client:
+        op = client.merge(None, None, method="dare_ties", base=paths[0], models=paths[1:], weight=0.5, density=0.5,
+                          seed=SEED, output_path="device-job", dtype="float32")
+        info = op.wait(timeout=300)
+    assert info.state == "succeeded", info
+    out = read_all(Path(info.output_path))
+    for name in NAMES:
+        base, *xs = [as_f64(t[name]) for t in family]
+        masks = [ref_dare_mask(SEED, name, m, base.size, 0.5).reshape(base.shape) for m in range(2)]
+        ref = ref_task_vectors(base, xs, [0.5, 0.5], masks=masks, rescale=True, consensus=True)
+        assert_close_f32(out[name], ref, np.abs(base) + sum(np.abs(x) for x in xs), name)

@@ -79,6 +79,10 @@ class _TaskVectors:
         densities = per_model(tensor.parameters, "density", self.models) if "density" in self.method.parameter_names else []
         self.densities = densities or [1.0] * self.models
         self.lam = tensor.parameters.get("lambda", 1.0)
+        # Made once per tensor: on CUDA each small host-to-device tensor would wait for the stream.
+        self.weight_column = weights_column(self.weights, self.inputs.work, ctx.device)
+        total = sum(self.weights)
+        self.plain_divisor = torch.tensor(1.0 if abs(total) < WEIGHT_EPS else total, dtype=self.inputs.work, device=ctx.device)
         self.use_kernel = ctx.use_cpu_kernel
         self.normalize = self.method.normalizes(ctx.settings)
         self.rescale = self.method.rescales(ctx.settings)
@@ -169,18 +173,17 @@ class _TaskVectors:
             delta.mul_(self.mask(delta, model, span, index))
             if self.scales[model] != 1.0:
                 delta.mul_(self.scales[model])
-        weights = weights_column(self.weights, deltas.dtype, deltas.device)
+        weights = self.weight_column
         deltas.mul_(weights)
         if self.method.consensus:
             majority = torch.where(deltas.sum(dim=0) >= 0, 1.0, -1.0).to(deltas.dtype)
             agree = deltas.sign() == majority
             mixed = (deltas * agree).sum(dim=0)
             divisor = (weights * agree).sum(dim=0)
-            divisor[divisor == 0] = 1
+            divisor.masked_fill_(divisor == 0, 1)  # as `divisor[divisor == 0] = 1`, without a device sync
         else:
             mixed = deltas.sum(dim=0)
-            total = sum(self.weights)
-            divisor = torch.tensor(1.0 if abs(total) < WEIGHT_EPS else total, dtype=deltas.dtype, device=deltas.device)
+            divisor = self.plain_divisor
         if self.normalize:
             mixed /= divisor
         if self.lam != 1:
