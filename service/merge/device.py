@@ -12,6 +12,8 @@ serialised behind it. Two host-side hazards remain, both handled here:
   overlaps the math of range i;
 - a download lands after `copy_` returns: `download` waits for it before the writer sees the bytes.
 
+Waits block the thread (`blocking` events) instead of spinning a core, and release the GIL.
+
 On CPU every operation is the identity or a plain allocation: the code path the methods run is the
 same on both devices.
 """
@@ -74,7 +76,7 @@ class DeviceTransfers:
         target.copy_(chunk, non_blocking=chunk.is_pinned())
         event = getattr(self._local, "uploaded", None)
         if event is None:
-            event = self._local.uploaded = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            event = self._local.uploaded = torch.cuda.Event(blocking=True)  # type: ignore[no-untyped-call]
         event.record()  # on the current (the merge's) stream, after the copy
         return target
 
@@ -85,10 +87,15 @@ class DeviceTransfers:
             if event is not None:
                 event.synchronize()
 
+    def release(self) -> None:
+        """Hand the merge's freed device buffers back to the driver (other processes may need the memory)."""
+        if self.cuda:
+            torch.cuda.empty_cache()
+
     def download(self, result: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Copy a device result into the host buffer `target` (same dtype and size) and wait for it."""
         target.copy_(result, non_blocking=True)
-        done = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        done = torch.cuda.Event(blocking=True)  # type: ignore[no-untyped-call]
         done.record()
         done.synchronize()
         return target

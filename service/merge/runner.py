@@ -372,6 +372,7 @@ class MergeRunner:
         self._fds.clear()
         self._buffers.clear()
         self._local = threading.local()
+        self.transfers.release()
 
     def _write_weights(self, tmp_dir: Path, plan: MergePlan) -> list[str]:
         assert self._pool is not None
