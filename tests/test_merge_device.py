@@ -22,6 +22,7 @@ from kinship_service.checkpoints.synthetic import save_checkpoint
 from kinship_service.distributed.merge import worker_device
 from kinship_service.errors import FailedPrecondition
 from kinship_service.merge import sparsify
+from kinship_service.server import metrics
 from kinship_service.server.main import RunningServer
 
 from .merge_method_refs import (
@@ -254,14 +255,19 @@ def test_ray_merge_worker_device() -> None:
 def test_merge_job_on_the_servers_device_matches_the_reference(
     server_factory: Callable[..., RunningServer], model_root: Path
 ) -> None:
-    """KINSHIP_DEVICE=auto through a real server: the job runs on CUDA where present (else CPU), same answer."""
+    """KINSHIP_DEVICE=auto through a real server: the job runs on CUDA where present (else CPU), same answer,
+    and `kinship_merge_seconds` counts it under that device."""
     family = _family(2, seed=31)
     paths = [str(save_checkpoint(t, model_root / f"job-{i}")) for i, t in enumerate(family)]
+    device = "cuda:0" if CUDA else "cpu"
+    labels = {"method": "dare_ties", "device": device}
+    before = metrics.REGISTRY.get_sample_value("kinship_merge_seconds_count", labels) or 0.0
     with KinshipClient(server_factory(device="auto").address, timeout=120) as client:
         op = client.merge(None, None, method="dare_ties", base=paths[0], models=paths[1:], weight=0.5, density=0.5,
                           seed=SEED, output_path="device-job", dtype="float32")
         info = op.wait(timeout=300)
     assert info.state == "succeeded", info
+    assert metrics.REGISTRY.get_sample_value("kinship_merge_seconds_count", labels) == before + 1  # timed on its device
     out = read_all(Path(info.output_path))
     for name in NAMES:
         base, *xs = [as_f64(t[name]) for t in family]

@@ -67,6 +67,7 @@ from kinship_service.merge.output import remove_tree, resolve_output_dir, temp_d
 from kinship_service.merge.plan import MergeSettings
 from kinship_service.merge.runner import Progress
 from kinship_service.merge.slerp import InterpolationSpec
+from kinship_service.server import metrics
 
 log = logging.getLogger("kinship.jobs")
 
@@ -546,6 +547,7 @@ class MergeJobManager:
                 card=card,
             )
             summary = self.executor.run(merge, progress, check_cancelled)
+            metrics.MERGE_SECONDS.labels(request.method, summary.device).observe(summary.seconds)
             self._update(live, True, bytes_done=summary.bytes_written, tensors_done=summary.tensors)
             if request.base is not None and self.output_registrar is not None:
                 self._register_output(live, request.base)
