@@ -57,8 +57,10 @@ ROW_ALIGN = 256
 """Ranges start at multiples of this many elements (the reductions' float32 row length)."""
 DEVICE_RANGE_FACTOR = 8
 """On CUDA a range holds this many times `chunk_elements` (2M elements at the server's 256K): each
-range costs a few kernel launches and synchronisations per input, which dominate small ranges;
-device memory stays bounded (about 8 x inputs x range x 4 bytes per worker, 260 MiB for 3 models)."""
+range costs a few kernel launches and synchronisations per input, which dominate small ranges.
+Device memory stays bounded whatever the model size: a worker holds its float32 stack, the stored
+copies and the method's temporaries, about 50 bytes per range element for a base and 3 models
+(100 MiB), so 200-300 MiB for the two workers."""
 
 ProgressFn = Callable[["Progress"], None]
 TensorObserver = Callable[[str, torch.Tensor], None]
