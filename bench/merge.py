@@ -2,6 +2,7 @@
 
     /tmp/v/bin/python bench/merge.py                      # 500M parameters, files under /tmp/kinship-bench-merge
     /tmp/v/bin/python bench/merge.py --params 50e6        # quicker
+    /tmp/v/bin/python bench/merge.py --device cuda        # the math on the GPU (reads and writes stay on the host)
 
 Prints the merge's wall time, its peak RSS above the interpreter's baseline (after imports),
 and the ratio of its time to a floor measured in the same run: reading every byte of both inputs
@@ -115,7 +116,7 @@ def floor(directory: Path, output_bytes: int) -> None:
     print(json.dumps({"floor_seconds": seconds, "floor_cpu_seconds": _cpu(), "bytes_read": read, "bytes_written": output_bytes}))
 
 
-def merge(directory: Path, threads: int = 1) -> None:
+def merge(directory: Path, threads: int = 1, device: str = "cpu") -> None:
     """Run the merge exactly as a job does (MergeRunner into a temp dir, renamed into place)."""
     import shutil
 
@@ -138,10 +139,13 @@ def merge(directory: Path, threads: int = 1) -> None:
     shutil.rmtree(final, ignore_errors=True)
     started = time.perf_counter()
     use_kernel = Settings.from_env().cpu_kernel  # KINSHIP_CPU_KERNEL=0: the torch path, for comparison
-    runner = MergeRunner(a, b, MergeSettings(t=spec, out_dtype="BF16"), allowed_roots=roots, threads=threads, use_cpu_kernel=use_kernel)
+    runner = MergeRunner(
+        a, b, MergeSettings(t=spec, out_dtype="BF16"), allowed_roots=roots, threads=threads, use_cpu_kernel=use_kernel, device=device
+    )
     summary = runner.run(directory / ".kinship-tmp-bench", final, overwrite=True, card=ModelCard("a", "b", "", "", spec))
     seconds = time.perf_counter() - started
     peak = _rss_kib("VmHWM")
+    device_peak = torch.cuda.max_memory_allocated() / 2**20 if summary.device.startswith("cuda") else 0.0
     print(
         json.dumps(
             {
@@ -155,7 +159,9 @@ def merge(directory: Path, threads: int = 1) -> None:
                 "peak_rss_mib": peak / 1024,
                 "peak_above_baseline_mib": (peak - baseline) / 1024,
                 "torch_threads": torch.get_num_threads(),
-                "cpu_kernel": use_kernel,
+                "cpu_kernel": runner.use_cpu_kernel,
+                "device": summary.device,
+                "device_peak_mib": device_peak,
             }
         )
     )
@@ -176,6 +182,7 @@ def main() -> int:
         "--pause", type=float, default=10.0, help="idle seconds before each timed step, so each starts with the disk drained"
     )
     parser.add_argument("--repeat", type=int, default=3, help="floor/merge/floor rounds (default 3)")
+    parser.add_argument("--device", default="cpu", help="where the merge's math runs: cpu (default), cuda or cuda:N")
     parser.add_argument("--role", choices=["main", "generate", "floor", "merge"], default="main", help=argparse.SUPPRESS)
     parser.add_argument("--output-bytes", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -187,7 +194,7 @@ def main() -> int:
         floor(directory, args.output_bytes)
         return 0
     if args.role == "merge":
-        merge(directory, args.threads)
+        merge(directory, args.threads, args.device)
         return 0
     common = ["--params", str(args.params), "--dir", str(args.dir)]
     started = time.perf_counter()
@@ -203,7 +210,7 @@ def main() -> int:
         time.sleep(args.pause)
         floor1 = _child(*common, "--role", "floor", "--output-bytes", str(output_bytes))
         time.sleep(args.pause)
-        result = _child(*common, "--role", "merge", "--threads", str(args.threads))
+        result = _child(*common, "--role", "merge", "--threads", str(args.threads), "--device", args.device)
         time.sleep(args.pause)
         floor2 = _child(*common, "--role", "floor", "--output-bytes", str(result["bytes_written"]))
         floor_s = min(floor1["floor_seconds"], floor2["floor_seconds"])
@@ -214,6 +221,8 @@ def main() -> int:
         print(f"round {round_}: floor (read inputs once + write output once, fsync) {floor1['floor_seconds']:.2f} s before, "
               f"{floor2['floor_seconds']:.2f} s after; merge {result['merge_seconds']:.2f} s wall, "
               f"{result['merge_cpu_seconds']:.2f} s CPU; ratio {ratio:.2f} (against the smaller floor)")
+    if result["device"] != "cpu":
+        print(f"device {result['device']}: peak device memory {result['device_peak_mib']:.0f} MiB")
     print(f"merge: {result['tensors']} tensors ({result['slerp_tensors']} SLERP, {result['linear_tensors']} linear fallback), "
           f"{result['bytes_written'] / 2**30:.2f} GiB written")
     print(f"ratio to floor: median {sorted(ratios)[len(ratios) // 2]:.2f}, range {min(ratios):.2f}-{max(ratios):.2f} (target < 2.0)")

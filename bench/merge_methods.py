@@ -2,6 +2,7 @@
 
     /work/venvs/bm14/bin/python bench/merge_methods.py                       # 509M parameters per model
     /work/venvs/bm14/bin/python bench/merge_methods.py --params 20e6 --methods linear,ties   # quick
+    python bench/merge_methods.py --device cuda --peer cpu   # ours on the GPU against ours on the CPU
 
 For each method it merges a base and two models (three for ties and model_stock) with our
 runner (exactly as a merge job does: `MergeRunner` into a temp dir renamed into place, 2 math
@@ -15,6 +16,10 @@ seeded hash per coordinate), so only their kept fraction is compared, not their 
 
 mergekit runs with `dtype: float32` and `out_dtype: bfloat16` (float32 math, bf16 output),
 which is what our kernels do. Inputs are generated once under --dir and reused.
+
+`--device cuda` runs our math on the GPU; `--peer cpu` replaces mergekit by our own CPU merge
+(default kernels) in the same run, where mergekit is not installed (the device check): the ratios
+are then GPU/CPU, and the check compares the two outputs (dare_* included: same masks).
 """
 
 from __future__ import annotations
@@ -108,7 +113,7 @@ def mergekit_config(directory: Path, method: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def ours(directory: Path, method: str, out: Path, threads: int) -> None:
+def ours(directory: Path, method: str, out: Path, threads: int, device: str = "cpu") -> None:
     """Merge with our runner, as a job does; print a JSON summary."""
     from kinship_service.checkpoints.sources import LocalPath, resolve
     from kinship_service.merge.model_card import ModelCard
@@ -138,9 +143,17 @@ def ours(directory: Path, method: str, out: Path, threads: int) -> None:
         settings = MergeSettings(out_dtype="BF16", method=method, method_parameters=parameters, model_count=len(models))
         card = ModelCard("", "", "", "", constant(0.0), method=method, models=tuple((n, "") for n in models))
     started = time.perf_counter()
-    runner = MergeRunner(checkpoints[0], checkpoints[1], settings, more_checkpoints=checkpoints[2:], allowed_roots=roots, threads=threads)
+    runner = MergeRunner(
+        checkpoints[0], checkpoints[1], settings, more_checkpoints=checkpoints[2:], allowed_roots=roots, threads=threads, device=device
+    )
     summary = runner.run(out.parent / f".kinship-tmp-{out.name}", out, overwrite=True, card=card)
-    print(json.dumps({"seconds": time.perf_counter() - started, "bytes_written": summary.bytes_written, "tensors": summary.tensors}))
+    device_peak = 0.0
+    if summary.device.startswith("cuda"):
+        import torch
+
+        device_peak = torch.cuda.max_memory_allocated() / 2**20
+    print(json.dumps({"seconds": time.perf_counter() - started, "bytes_written": summary.bytes_written, "tensors": summary.tensors,
+                      "device": summary.device, "device_peak_mib": device_peak}))
 
 
 def _hwm_mib(pid: int) -> float | None:
@@ -282,13 +295,16 @@ def main() -> int:
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
     parser.add_argument("--threads", type=int, default=2, help="our merge's math threads (the server uses 2)")
     parser.add_argument("--keep", action="store_true", help="keep the inputs afterwards (default: delete them)")
+    parser.add_argument("--device", default="cpu", help="where our merge's math runs: cpu (default), cuda or cuda:N")
+    parser.add_argument("--peer", choices=["mergekit", "cpu"], default="mergekit",
+                        help="what ours is compared with: mergekit's CLI (default) or our own merge on the CPU")
     parser.add_argument("--role", choices=["main", "ours"], default="main", help=argparse.SUPPRESS)
     parser.add_argument("--method", default="", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     directory = args.dir / f"p{int(args.params)}"
     if args.role == "ours":
-        ours(directory, args.method, args.out, args.threads)
+        ours(directory, args.method, args.out, args.threads, args.device)
         return 0
     methods = [m for m in args.methods.split(",") if m]
     unknown = sorted(set(methods) - set(METHODS))
@@ -305,12 +321,17 @@ def main() -> int:
         config = directory / f"{method}.yml"
         config.write_text(mergekit_config(directory, method))
         load = os.getloadavg()[0]
-        mine = _timed_child([sys.executable, __file__, "--role", "ours", "--params", str(args.params), "--dir", str(args.dir),
-                             "--method", method, "--out", str(out_ours), "--threads", str(args.threads)], directory / f"{method}-ours.log")
+        ours_command = [sys.executable, __file__, "--role", "ours", "--params", str(args.params), "--dir", str(args.dir),
+                        "--method", method, "--threads", str(args.threads)]
+        mine = _timed_child([*ours_command, "--out", str(out_ours), "--device", args.device], directory / f"{method}-ours.log")
         shutil.rmtree(out_theirs, ignore_errors=True)
-        theirs = _timed_child([str(MERGEKIT), str(config), str(out_theirs), "--lazy-unpickle", "--out-shard-size", shard,
-                               "--no-copy-tokenizer", "--quiet"], directory / f"{method}-mergekit.log")
-        check = compare(out_ours, out_theirs, method, [directory / n for n in _inputs(method)])
+        if args.peer == "cpu":
+            theirs = _timed_child([*ours_command, "--out", str(out_theirs), "--device", "cpu"], directory / f"{method}-cpu.log")
+        else:
+            theirs = _timed_child([str(MERGEKIT), str(config), str(out_theirs), "--lazy-unpickle", "--out-shard-size", shard,
+                                   "--no-copy-tokenizer", "--quiet"], directory / f"{method}-mergekit.log")
+        check = compare(out_ours, out_theirs, method if args.peer == "mergekit" else "peer",
+                        [directory / n for n in _inputs(method)])
         row = {"method": method, "models": len([n for n in _inputs(method) if n != "base"]), "load_average": load,
                "ours": mine, "mergekit": theirs, "time_ratio": mine["seconds"] / theirs["seconds"],
                "rss_ratio": mine["peak_rss_mib"] / theirs["peak_rss_mib"], "check": check}
@@ -318,7 +339,9 @@ def main() -> int:
         print(json.dumps(row), flush=True)
         shutil.rmtree(out_ours, ignore_errors=True)
         shutil.rmtree(out_theirs, ignore_errors=True)
-    print("\n| method | models | ours s (CPU s) | mergekit s (CPU s) | time ratio | ours peak RSS MiB | mergekit MiB | RSS ratio | check | load |")
+    peer = "mergekit" if args.peer == "mergekit" else "ours on cpu"
+    print(f"\nours on {args.device}, peer: {peer}")
+    print("\n| method | models | ours s (CPU s) | peer s (CPU s) | time ratio | ours peak RSS MiB | peer MiB | RSS ratio | check | load |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         c = r["check"]

@@ -39,7 +39,7 @@ STORE = 150 * 2**20
 
 
 @pytest.fixture(scope="session")
-def ray_cluster_address() -> Iterator[str]:
+def local_ray_cluster() -> Iterator[Cluster]:
     """A head and a worker node on this machine, one CPU each; this process connects as a driver."""
     cluster = Cluster(
         initialize_head=True,
@@ -48,9 +48,15 @@ def ray_cluster_address() -> Iterator[str]:
     cluster.add_node(num_cpus=1, object_store_memory=STORE)
     cluster.wait_for_nodes()
     ray_cluster.connect(Settings.from_env({}, ray_address=cluster.address))
-    yield cluster.address
+    yield cluster
     ray.shutdown()
     cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster_address(local_ray_cluster: Cluster) -> str:
+    """The address of the local cluster (no GPU on any node)."""
+    return str(local_ray_cluster.address)
 
 
 def _checkpoints(paths: list[Path]) -> list[Checkpoint]:
@@ -254,3 +260,28 @@ def test_a_task_error_comes_back_as_the_local_pass_error(ray_cluster_address: st
         distributed_exact_kinship(checkpoints[0], checkpoints[1:], headers=headers, tasks=2)
     assert type(spread.value) is type(local.value) and spread.value.reason == local.value.reason
     assert spread.value.message == local.value.message
+
+
+def test_merge_asking_for_a_gpu_runs_on_the_one_ray_assigns(
+    local_ray_cluster: Cluster, server_factory: Callable[..., RunningServer], model_root: Path
+) -> None:
+    """A node declaring one GPU joins for this test: Ray places the merge there and sets its CUDA_VISIBLE_DEVICES.
+    With CUDA the merge runs on it; with a CPU-only torch (CI) it fails at once with MERGE_DEVICE_UNAVAILABLE."""
+    node = local_ray_cluster.add_node(num_cpus=1, num_gpus=1, object_store_memory=STORE)
+    try:
+        local_ray_cluster.wait_for_nodes()
+        base = make_base(SMALL, seed=0)
+        a, b = make_family(base, 2, rho=0.3, seed=5)
+        pa, pb = save_checkpoint(a, model_root / "a"), save_checkpoint(b, model_root / "b")
+        running = server_factory(ray_address=local_ray_cluster.address, ray_gpus_per_merge=1.0)
+        with KinshipClient(running.address, timeout=120) as client:
+            job = client.start_merge(str(pa), str(pb), t=0.5, output_path="on-gpu")
+            final = list(client.watch_merge_job(job.job_id, timeout=300))[-1]
+    finally:
+        local_ray_cluster.remove_node(node)
+    if torch.cuda.is_available():
+        assert final.state == "succeeded", final.error
+        return
+    assert final.state == "failed" and final.error is not None
+    assert final.error.reason == "MERGE_DEVICE_UNAVAILABLE" and "torch sees no CUDA device" in final.error.message
+    assert not (running.settings.output_root / "on-gpu").exists()

@@ -8,20 +8,27 @@ with this process, whose job record in the job store (not the Ray result) is the
 and the manager's recovery marks such a job FAILED and removes its temporary directory. Every wait
 has a timeout: a worker that dies, never starts (no node with the resources) or stops answering
 ends the job FAILED with a RAY_* reason.
+
+With `KINSHIP_RAY_GPUS_PER_MERGE > 0` the actor merges on the GPU Ray assigned it (Ray sets the
+actor's `CUDA_VISIBLE_DEVICES` to it, so torch sees it as `cuda:0`; `worker_device`); with 0 it
+merges on its CPU even on a GPU node, whatever `KINSHIP_DEVICE` says.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
+
+import torch
 
 from kinship_service import errors
 from kinship_service.config import Settings
 from kinship_service.distributed import cluster
-from kinship_service.errors import Cancelled, KinshipError
+from kinship_service.errors import Cancelled, FailedPrecondition, KinshipError
 from kinship_service.jobs.executor import PlannedMerge, run_planned
 from kinship_service.merge.runner import MergeSummary, Progress
 
@@ -29,6 +36,23 @@ CANCEL_WAIT_SECONDS = 60.0
 """After a cancel, how long the worker gets to stop at its next check before it is killed."""
 CALL_SECONDS = 30.0
 """The longest wait for a live actor to answer a progress or cancel call."""
+
+
+def worker_device(gpus_per_merge: float, gpu_ids: Sequence[object]) -> str:
+    """The device a merge actor uses: the first GPU Ray assigned it when the merge asked for GPUs, else `cpu`.
+
+    FAILED_PRECONDITION `MERGE_DEVICE_UNAVAILABLE` when GPUs were asked for but this worker has
+    none torch can use (no GPU assigned, or a CPU-only torch in the worker's image)."""
+    if gpus_per_merge <= 0:
+        return "cpu"
+    if not gpu_ids or not torch.cuda.is_available():
+        have = f"Ray assigned GPUs {list(gpu_ids)} but torch sees no CUDA device" if gpu_ids else "Ray assigned it no GPU"
+        raise FailedPrecondition(
+            f"the merge asked for {gpus_per_merge:g} GPU(s) (KINSHIP_RAY_GPUS_PER_MERGE) but {have}; "
+            "use a CUDA build of torch on the GPU workers, or set KINSHIP_RAY_GPUS_PER_MERGE=0 to merge on CPUs",
+            reason="MERGE_DEVICE_UNAVAILABLE",
+        )
+    return "cuda:0"  # Ray's CUDA_VISIBLE_DEVICES lists only the assigned GPUs: the first one is index 0
 
 
 class MergeWorker:
@@ -50,8 +74,10 @@ class MergeWorker:
         """Ask the running merge to stop at its next check (it then removes its temporary directory)."""
         self._cancel.set()
 
-    def run(self, merge: PlannedMerge) -> dict[str, Any]:
-        """Run the merge; the outcome as data (`summary`, `cancelled` or `error`), so the service's errors keep their reasons."""
+    def run(self, merge: PlannedMerge, gpus_per_merge: float = 0.0) -> dict[str, Any]:
+        """Run the merge; the outcome as data (`summary`, `cancelled` or `error`), so the service's errors keep their reasons.
+
+        `gpus_per_merge`: the GPUs the actor was placed with (`worker_device` picks the device)."""
 
         def check_cancelled() -> None:
             if self._cancel.is_set():
@@ -61,7 +87,8 @@ class MergeWorker:
             self._progress = p
 
         try:
-            return {"summary": run_planned(merge, progress, check_cancelled)}
+            device = worker_device(gpus_per_merge, cluster.ray_module().get_gpu_ids() if gpus_per_merge > 0 else ())
+            return {"summary": run_planned(dataclasses.replace(merge, device=device), progress, check_cancelled)}
         except Cancelled:
             return {"cancelled": True}
         except KinshipError as exc:
@@ -93,7 +120,7 @@ class RayMergeExecutor:
         try:
             # Placed: a node had the resources. Cancellable meanwhile; RAY_TIMEOUT when no node frees them in time.
             cluster.wait_all([actor.ready.remote()], what="the merge's Ray worker", timeout=timeout, check_cancelled=check_cancelled)
-            done = actor.run.remote(merge)
+            done = actor.run.remote(merge, self.settings.ray_gpus_per_merge)
             outcome = self._wait(actor, done, progress, check_cancelled, timeout)
         except Cancelled:
             raise

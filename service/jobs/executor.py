@@ -15,6 +15,7 @@ from typing import Protocol
 
 from kinship_service.checkpoints.sources import Checkpoint
 from kinship_service.config import Settings
+from kinship_service.kinship.exact import resolve_device
 from kinship_service.merge.model_card import ModelCard
 from kinship_service.merge.plan import MergeSettings
 from kinship_service.merge.runner import MergeRunner, MergeSummary, Progress
@@ -36,6 +37,8 @@ class PlannedMerge:
     card: ModelCard
     more_checkpoints: tuple[Checkpoint, ...] = ()
     """Inputs after the first two (methods of n models), in model order."""
+    device: str = "cpu"
+    """`KINSHIP_DEVICE` (`auto`, `cpu`, `cuda:N`), resolved where the merge runs (`exact.resolve_device`)."""
 
 
 class MergeExecutor(Protocol):
@@ -57,6 +60,7 @@ def run_planned(merge: PlannedMerge, progress: Callable[[Progress], None], check
         progress=progress,
         check_cancelled=check_cancelled,
         use_cpu_kernel=merge.use_cpu_kernel,
+        device=resolve_device(merge.device),
     )
     return runner.run(merge.tmp_dir, merge.final_dir, overwrite=merge.overwrite, card=merge.card)
 

@@ -67,6 +67,7 @@ from kinship_service.merge.output import remove_tree, resolve_output_dir, temp_d
 from kinship_service.merge.plan import MergeSettings
 from kinship_service.merge.runner import Progress
 from kinship_service.merge.slerp import InterpolationSpec
+from kinship_service.server import metrics
 
 log = logging.getLogger("kinship.jobs")
 
@@ -545,12 +546,14 @@ class MergeJobManager:
                 chunk_elements=min(1 << 18, max(1 << 12, self.settings.chunk_bytes // 64)),
                 allowed_roots=tuple(roots),
                 use_cpu_kernel=self.settings.cpu_kernel,
+                device=self.settings.device,
                 tmp_dir=Path(live.record.tmp_dir),
                 final_dir=Path(live.record.output_dir),
                 overwrite=request.overwrite,
                 card=card,
             )
             summary = self.executor.run(merge, progress, check_cancelled)
+            metrics.MERGE_SECONDS.labels(request.method, summary.device).observe(summary.seconds)
             self._update(live, True, bytes_done=summary.bytes_written, tensors_done=summary.tensors)
             if request.base is not None and self.output_registrar is not None:
                 self._register_output(live, request.base)

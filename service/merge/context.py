@@ -37,6 +37,11 @@ class MergeContext(Protocol):
         ...
 
     @property
+    def device(self) -> torch.device:
+        """Where the math runs: `cpu`, or a CUDA device (ranges are read and written on the host either way)."""
+        ...
+
+    @property
     def chunk(self) -> int:
         """Elements per range (a multiple of 256, cache-sized)."""
         ...
@@ -49,8 +54,16 @@ class MergeContext(Protocol):
         """Where tensor `name` lives in each input model, in model order (A, B, ...)."""
         ...
 
-    def buffer(self, key: str, dtype: torch.dtype, numel: int) -> torch.Tensor:
-        """A reusable buffer of the calling thread's own, of at least `numel` elements."""
+    def buffer(self, key: str, dtype: torch.dtype, numel: int, *, on_device: bool = False) -> torch.Tensor:
+        """A reusable buffer of the calling thread's own, of `numel` elements; on the merge's device with `on_device`."""
+        ...
+
+    def to_device(self, chunk: torch.Tensor, key: str) -> torch.Tensor:
+        """A host chunk (from `read_range`) on the merge's device, in a reusable buffer called `key` (itself on CPU)."""
+        ...
+
+    def to_host(self, result: torch.Tensor, key: str) -> torch.Tensor:
+        """A device result, complete, in the host buffer called `key`, for `write` (itself on CPU)."""
         ...
 
     def read_range(self, source: TensorSource, key: str, start: int, stop: int) -> torch.Tensor:

@@ -48,7 +48,7 @@ def merge_model_stock_tensor(ctx: MergeContext, writer: SafetensorsWriter, base:
         deltas = stack[1:].sub(stack[0]).to(torch.float64)
         return deltas @ deltas.T
 
-    t = stock_ratio(inputs.fold(gram, torch.add))
+    t = stock_ratio(inputs.fold(gram, torch.add).cpu())  # one copy from the device, not one per element
 
     def write(span: Span) -> None:
         stack = inputs.load(span)

@@ -6,6 +6,11 @@ model is ever held. Tensors made from the models go to the method's per-tensor k
 (`methods`), which uses this runner through `context.MergeContext`; copies and identity-checked
 tensors are done here. A failed, cancelled or killed merge never leaves a directory that looks
 finished (`output`).
+
+On a CUDA device (`KINSHIP_DEVICE`) ranges are still read on the CPU, into pinned buffers, moved
+with `non_blocking` copies and merged by the methods' torch code on the device; results come back
+into pinned buffers for the writer (`device`). The workers share one CUDA stream, so one worker's
+read or write overlaps another's math on the device.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from kinship_service.checkpoints.sources import INDEX_FILE, Checkpoint
 from kinship_service.checkpoints.streaming import CheckpointReader
 from kinship_service.errors import AlreadyExists, FailedPrecondition
 from kinship_service.merge.context import Span
+from kinship_service.merge.device import DeviceTransfers
 from kinship_service.merge.inputs import TensorSource
 from kinship_service.merge.methods import MergeMethod, get_method
 from kinship_service.merge.model_card import ModelCard
@@ -49,6 +55,12 @@ T = TypeVar("T")
 
 ROW_ALIGN = 256
 """Ranges start at multiples of this many elements (the reductions' float32 row length)."""
+DEVICE_RANGE_FACTOR = 8
+"""On CUDA a range holds this many times `chunk_elements` (2M elements at the server's 256K): each
+range costs a few kernel launches and synchronisations per input, which dominate small ranges.
+Device memory stays bounded whatever the model size: a worker holds its float32 stack, the stored
+copies and the method's temporaries, about 50 bytes per range element for a base and 3 models
+(100 MiB), so 200-300 MiB for the two workers."""
 
 ProgressFn = Callable[["Progress"], None]
 TensorObserver = Callable[[str, torch.Tensor], None]
@@ -76,6 +88,8 @@ class MergeSummary:
     """Tensors that took the colinear (linear interpolation) fallback."""
     slerp_tensors: int
     seconds: float
+    device: str = "cpu"
+    """Where the math ran (`cpu`, `cuda:0`)."""
 
 
 class MergeRunner:
@@ -101,6 +115,7 @@ class MergeRunner:
         threads: int = 2,
         use_cpu_kernel: bool = True,
         more_checkpoints: Sequence[Checkpoint] = (),
+        device: torch.device | str = "cpu",
     ) -> None:
         """`threads`: math workers. `chunk_elements`: elements per range (cache-sized works best).
         `on_tensor(name, tensor)` sees every output tensor, whole, in the output dtype.
@@ -108,24 +123,30 @@ class MergeRunner:
         `slerp_kernel` when numba is available and the dtypes have one; else torch.
         `more_checkpoints`: inputs after A and B for methods of more models; the inputs are in the
         method's order (`methods`: the base first for task-vector methods), and the first one's
-        config.json and side files go with the output."""
+        config.json and side files go with the output. `device`: where the math runs (`cpu`, or a
+        CUDA device: the methods' torch path there, numba kernels off)."""
         self.a = checkpoint_a
         self.b = checkpoint_b
         self.checkpoints = [checkpoint_a, checkpoint_b, *more_checkpoints]
         self.settings = settings
         self.method: MergeMethod = get_method(settings.method)
-        self.chunk = max(ROW_ALIGN, chunk_elements // ROW_ALIGN * ROW_ALIGN)
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:  # `cuda`: the current device, named
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.transfers = DeviceTransfers(self.device)
+        factor = DEVICE_RANGE_FACTOR if self.device.type == "cuda" else 1
+        self.chunk = max(ROW_ALIGN, chunk_elements // ROW_ALIGN * ROW_ALIGN) * factor
         self.allowed_roots = tuple(allowed_roots)
         self.progress = progress
         self._check_cancelled = check_cancelled or (lambda: None)
         self.on_tensor = on_tensor
         self.threads = max(1, threads)
-        self.use_cpu_kernel = use_cpu_kernel
+        self.use_cpu_kernel = use_cpu_kernel and self.device.type == "cpu"  # numba kernels are CPU-only
         self.readers = [CheckpointReader(c) for c in self.checkpoints]
         self.reader_a, self.reader_b = self.readers[0], self.readers[1]
         self._headers: dict[Path, SafetensorsHeader] = {}
         self._fds: dict[Path, int] = {}
-        self._buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+        self._buffers: dict[tuple[str, torch.dtype, bool], torch.Tensor] = {}
         self._local = threading.local()
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
@@ -162,17 +183,33 @@ class MergeRunner:
         """Count a per-tensor outcome (called by the method's kernel from the driving thread)."""
         self.outcomes[outcome] += 1
 
-    def buffer(self, key: str, dtype: torch.dtype, numel: int) -> torch.Tensor:
-        """A reusable buffer of the calling thread's own (main thread: the shared held buffers)."""
+    def buffer(self, key: str, dtype: torch.dtype, numel: int, *, on_device: bool = False) -> torch.Tensor:
+        """A reusable buffer of the calling thread's own (main thread: the shared held buffers).
+
+        `on_device`: on the merge's device (the same buffer as the host one on CPU); host buffers
+        are pinned when the device is CUDA, so copies to and from it can be asynchronous."""
+        device_side = on_device and self.device.type != "cpu"
         buffers = self._buffers if threading.current_thread() is threading.main_thread() else self._thread_buffers()
-        buf = buffers.get((key, dtype))
+        buf = buffers.get((key, dtype, device_side))
         if buf is None or buf.numel() < numel:
-            buf = torch.empty(max(numel, 1), dtype=dtype)
-            buffers[(key, dtype)] = buf
+            buf = self.transfers.empty(max(numel, 1), dtype, device_side)
+            buffers[(key, dtype, device_side)] = buf
         return buf[:numel]
 
-    def _thread_buffers(self) -> dict[tuple[str, torch.dtype], torch.Tensor]:
-        buffers: dict[tuple[str, torch.dtype], torch.Tensor] | None = getattr(self._local, "buffers", None)
+    def to_device(self, chunk: torch.Tensor, key: str) -> torch.Tensor:
+        """A host chunk (from `read_range`) on the merge's device: itself on CPU, else an asynchronous copy."""
+        if self.device.type == "cpu":
+            return chunk
+        return self.transfers.upload(chunk, self.buffer(key, chunk.dtype, chunk.numel(), on_device=True))
+
+    def to_host(self, result: torch.Tensor, key: str) -> torch.Tensor:
+        """A device result in a host buffer, complete, for the writer: itself on CPU."""
+        if self.device.type == "cpu":
+            return result
+        return self.transfers.download(result, self.buffer(key, result.dtype, result.numel()))
+
+    def _thread_buffers(self) -> dict[tuple[str, torch.dtype, bool], torch.Tensor]:
+        buffers: dict[tuple[str, torch.dtype, bool], torch.Tensor] | None = getattr(self._local, "buffers", None)
         if buffers is None:
             buffers = self._local.buffers = {}
         return buffers
@@ -197,6 +234,7 @@ class MergeRunner:
         itemsize = ITEMSIZE[source.info.dtype]
         count = stop - start
         buf = self.buffer(key, dtype, max(count, 1))[:count]
+        self.transfers.before_host_write()  # an earlier asynchronous upload may still read this buffer
         nbytes = count * itemsize
         view = tensor_bytes(buf)
         offset = source.byte_range()[0] + start * itemsize
@@ -240,7 +278,7 @@ class MergeRunner:
         assert self._pool is not None
         if len(ranges) == 1:
             return [fn(ranges[0])]
-        return list(self._pool.map(fn, ranges))
+        return list(self._pool.map(self.transfers.on_stream(fn), ranges))
 
     def observe(self, tensor: PlannedTensor, sink: torch.Tensor | None) -> None:
         """Mark `tensor` done: hand it to `on_tensor` and report progress."""
@@ -300,7 +338,8 @@ class MergeRunner:
         self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="merge-math", initializer=pin_one_torch_thread)
         try:
             self._report()
-            files = self._write_weights(tmp_dir, plan)
+            with self.transfers.stream():
+                files = self._write_weights(tmp_dir, plan)
             files += write_side_files(tmp_dir, self.a, self.allowed_roots, plan, card.render(plan, self.linear, self.slerped))
             fsync_dir(tmp_dir)
             self.check_cancelled()
@@ -315,7 +354,14 @@ class MergeRunner:
             threads.__exit__()
             self.close()
         return MergeSummary(
-            final_dir, sorted(files), len(plan.tensors), self._bytes_done, self.linear, self.slerped, time.monotonic() - started
+            final_dir,
+            sorted(files),
+            len(plan.tensors),
+            self._bytes_done,
+            self.linear,
+            self.slerped,
+            time.monotonic() - started,
+            str(self.device),
         )
 
     def close(self) -> None:
@@ -328,6 +374,7 @@ class MergeRunner:
         self._fds.clear()
         self._buffers.clear()
         self._local = threading.local()
+        self.transfers.release()
 
     def _write_weights(self, tmp_dir: Path, plan: MergePlan) -> list[str]:
         assert self._pool is not None

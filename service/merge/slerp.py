@@ -187,9 +187,7 @@ class SlerpStats:
         self.count += n
         if pair.dtype == torch.float64:
             a64, b64 = pair[0], pair[1]
-            self.aa += float(torch.dot(a64, a64))
-            self.bb += float(torch.dot(b64, b64))
-            self.ab += float(torch.dot(a64, b64))
+            self._add(torch.stack((torch.dot(a64, a64), torch.dot(b64, b64), torch.dot(a64, b64))))
             return
         full = n - n % ROW
         if full:
@@ -197,14 +195,17 @@ class SlerpStats:
             # of 256 elements, then summed in float64.
             rows = pair[:, :full].view(2, -1, ROW).transpose(0, 1)
             gram = torch.bmm(rows, rows.transpose(1, 2)).sum(dim=0, dtype=torch.float64)
-            self.aa += float(gram[0, 0])
-            self.bb += float(gram[1, 1])
-            self.ab += float(gram[0, 1])
+            self._add(torch.stack((gram[0, 0], gram[1, 1], gram[0, 1])))
         if full < n:
             rest = pair[:, full:].double()
-            self.aa += float(torch.dot(rest[0], rest[0]))
-            self.bb += float(torch.dot(rest[1], rest[1]))
-            self.ab += float(torch.dot(rest[0], rest[1]))
+            self._add(torch.stack((torch.dot(rest[0], rest[0]), torch.dot(rest[1], rest[1]), torch.dot(rest[0], rest[1]))))
+
+    def _add(self, sums: torch.Tensor) -> None:
+        """Add `<a,a>`, `<b,b>`, `<a,b>` given as one float64 tensor (one copy from a CUDA device, not three)."""
+        aa, bb, ab = sums.tolist()
+        self.aa += aa
+        self.bb += bb
+        self.ab += ab
 
     @classmethod
     def total(cls, parts: Iterable[SlerpStats]) -> SlerpStats:

@@ -7,7 +7,8 @@ second read comes from the page cache. Ranges are processed by the runner's work
 numba (Settings.cpu_kernel) `slerp_kernel`'s fused kernels do the math instead, reading the stored
 chunks directly (one pass for the reductions, one writing the output dtype; bit-identical
 interpolation). The partial reductions are summed in range order: the output does not depend on
-the thread count or timing.
+the thread count or timing. On a CUDA merge the pair buffer and the math are on the device
+(`MergeContext.to_device`, `to_host`); the fused kernels are CPU-only.
 """
 
 from __future__ import annotations
@@ -102,8 +103,10 @@ def merge_slerp_tensor(ctx: MergeContext, writer: SafetensorsWriter, base: int, 
         ctx.check_cancelled()
         if kernel:
             return ctx.read_range(source_a, "a", start, stop), ctx.read_range(source_b, "b", start, stop)
-        pair = ctx.buffer("pair", work, 2 * chunk).view(2, chunk)[:, : stop - start]
-        load_pair(pair, ctx.read_range(source_a, "a", start, stop), ctx.read_range(source_b, "b", start, stop), settings.compute_cast)
+        pair = ctx.buffer("pair", work, 2 * chunk, on_device=True).view(2, chunk)[:, : stop - start]
+        chunk_a = ctx.to_device(ctx.read_range(source_a, "a", start, stop), "a")
+        chunk_b = ctx.to_device(ctx.read_range(source_b, "b", start, stop), "b")
+        load_pair(pair, chunk_a, chunk_b, settings.compute_cast)
         return pair
 
     def reduce_loaded(loaded: Loaded) -> SlerpStats:
@@ -119,11 +122,13 @@ def merge_slerp_tensor(ctx: MergeContext, writer: SafetensorsWriter, base: int, 
     def interpolate(span: Span, pair: Loaded | None = None) -> None:
         start, stop = span
         pair = load(span) if pair is None else pair
-        out = ctx.buffer("out", out_dtype, stop - start)
         if isinstance(pair, tuple):
+            out = ctx.buffer("out", out_dtype, stop - start)
             slerp_kernel.interpolate(pair[0], pair[1], coefficients, out, intermediate)
         else:
+            out = ctx.buffer("out", out_dtype, stop - start, on_device=True)
             finish_slerp(pair, coefficients, out, intermediate)
+            out = ctx.to_host(out, "out")
         ctx.write(writer, base + start * out_size, out, sink, start)
 
     if len(ranges) == 1:  # one chunk: read once, keep it for the second pass
@@ -152,7 +157,7 @@ def _slerp_sliced(
 ) -> None:
     """The common leading slice of differently shaped tensors: row chunks, sequentially, read twice."""
     chunk = max(ctx.chunk, math.prod(tensor.shape[1:]))
-    pair_buf = ctx.buffer("pair", work, 2 * chunk).view(2, chunk)
+    pair_buf = ctx.buffer("pair", work, 2 * chunk, on_device=True).view(2, chunk)
     compute_cast = ctx.settings.compute_cast
 
     def pairs() -> Iterator[torch.Tensor]:
@@ -161,7 +166,7 @@ def _slerp_sliced(
         for chunk_a, chunk_b in zip(chunks_a, chunks_b, strict=False):
             ctx.check_cancelled()
             pair = pair_buf[:, : chunk_a.numel()]
-            load_pair(pair, chunk_a, chunk_b, compute_cast)
+            load_pair(pair, ctx.to_device(chunk_a, "a"), ctx.to_device(chunk_b, "b"), compute_cast)
             yield pair
 
     stats = SlerpStats()
@@ -173,8 +178,8 @@ def _slerp_sliced(
     sink = ctx.sink(tensor)
     element = 0
     for pair in pairs():
-        out = ctx.buffer("out", DTYPES[tensor.dtype], pair.shape[1])
+        out = ctx.buffer("out", DTYPES[tensor.dtype], pair.shape[1], on_device=True)
         finish_slerp(pair, coefficients, out, intermediate)
-        ctx.write(writer, base + element * ITEMSIZE[tensor.dtype], out, sink, element)
+        ctx.write(writer, base + element * ITEMSIZE[tensor.dtype], ctx.to_host(out, "out"), sink, element)
         element += pair.shape[1]
     ctx.observe(tensor, sink)

@@ -146,14 +146,18 @@ def mask_key(seed: int, name: str, model: int) -> int:
     return _mix_int((seed & MASK64) ^ fnv1a64(f"{name}\x00{model}".encode()))
 
 
-def random_mask(key: int, start: int, stop: int, density: float, use_kernel: bool = True) -> torch.Tensor:
-    """DARE's kept elements [start, stop) of one stream (bool): `u < density`, see the module docstring.
+def random_mask(
+    key: int, start: int, stop: int, density: float, use_kernel: bool = True, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """DARE's kept elements [start, stop) of one stream (bool) on `device`: `u < density`, see the module docstring.
 
-    With numba (`use_kernel`) one fused pass (`sparsify_jit`); else torch int64 ops, bit-identical.
+    With numba (`use_kernel`, on CPU) one fused pass (`sparsify_jit`); else torch int64 ops,
+    bit-identical on any device: int64 `*` wraps mod 2**64 (two's complement) on CPU and CUDA
+    alike, `^` and `&` act on the bits, and `_shr` masks the sign bits an arithmetic shift copies.
     """
     limit = int(density * (1 << 53))
-    if use_kernel and sparsify_jit.available():
+    if use_kernel and torch.device(device).type == "cpu" and sparsify_jit.available():
         return sparsify_jit.random_mask(key, start, stop, limit)
-    index = torch.arange(start + 1, stop + 1, dtype=torch.int64)
+    index = torch.arange(start + 1, stop + 1, dtype=torch.int64, device=device)
     h = _mix(index * _signed(GOLDEN) + _signed(key))
     return _shr(h, 11) < limit

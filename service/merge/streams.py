@@ -5,6 +5,9 @@ the thread's own (float32, or float64 when an input is float64; rounded to merge
 first when a config sets it), so a kernel's memory is n x one range whatever the model size.
 Ranges of a leading-slice tensor are whole rows of the output shape: a row of an input whose
 inner dimensions are larger is read whole and cut to the common slice.
+
+On a CUDA merge the stack lives on the device: each input's range is read on the host, copied
+over (`MergeContext.to_device`) and converted there; results come back through `to_host`.
 """
 
 from __future__ import annotations
@@ -60,9 +63,9 @@ class TensorInputs:
         start, stop = span
         self.ctx.check_cancelled()
         k = stop - start
-        stack = self.ctx.buffer("stack", self.work, self.count * self.step).view(self.count, self.step)[:, :k]
+        stack = self.ctx.buffer("stack", self.work, self.count * self.step, on_device=True).view(self.count, self.step)[:, :k]
         for row, source in enumerate(self.sources):
-            chunk = self._read(source, row, start, stop)
+            chunk = self.ctx.to_device(self._read(source, row, start, stop), f"in{row}")
             if self.cast is not None and chunk.dtype != self.cast:
                 chunk = chunk.to(self.cast)  # mergekit rounds inputs to `dtype` first
             stack[row].copy_(chunk)
@@ -83,9 +86,9 @@ class TensorInputs:
         start, stop = span
         if self.intermediate not in (result.dtype, self.out_dtype):
             result = result.to(self.intermediate)
-        out = self.ctx.buffer("out", self.out_dtype, stop - start)
+        out = self.ctx.buffer("out", self.out_dtype, stop - start, on_device=True)
         out.copy_(result)
-        self.ctx.write(writer, base + start * ITEMSIZE[self.tensor.dtype], out, self.sink, start)
+        self.ctx.write(writer, base + start * ITEMSIZE[self.tensor.dtype], self.ctx.to_host(out, "out"), self.sink, start)
 
     def map(self, fn: Callable[[Span], T]) -> list[T]:
         """`fn` over every range on the worker threads, results in range order."""
@@ -105,6 +108,6 @@ class TensorInputs:
         self.ctx.observe(self.tensor, self.sink)
 
 
-def weights_column(values: Sequence[float], dtype: torch.dtype) -> torch.Tensor:
-    """Per-model values as an (n, 1) column that broadcasts over a stack's rows."""
-    return torch.tensor(list(values), dtype=dtype).view(-1, 1)
+def weights_column(values: Sequence[float], dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Per-model values as an (n, 1) column that broadcasts over a stack's rows (on the stack's device)."""
+    return torch.tensor(list(values), dtype=dtype, device=device).view(-1, 1)

@@ -51,7 +51,7 @@ def merge_linear_tensor(ctx: MergeContext, writer: SafetensorsWriter, base: int,
     inputs = TensorInputs(ctx, tensor)
     weights = per_model(tensor.parameters, "weight", inputs.count)
     normalize = get_method(ctx.settings.method).normalizes(ctx.settings)
-    column = weights_column(weights, inputs.work)
+    column = weights_column(weights, inputs.work, ctx.device)
     total = sum(weights)
 
     def combine(span: Span) -> None:
@@ -79,6 +79,10 @@ class _TaskVectors:
         densities = per_model(tensor.parameters, "density", self.models) if "density" in self.method.parameter_names else []
         self.densities = densities or [1.0] * self.models
         self.lam = tensor.parameters.get("lambda", 1.0)
+        # Made once per tensor: on CUDA each small host-to-device tensor would wait for the stream.
+        self.weight_column = weights_column(self.weights, self.inputs.work, ctx.device)
+        total = sum(self.weights)
+        self.plain_divisor = torch.tensor(1.0 if abs(total) < WEIGHT_EPS else total, dtype=self.inputs.work, device=ctx.device)
         self.use_kernel = ctx.use_cpu_kernel
         self.normalize = self.method.normalizes(ctx.settings)
         self.rescale = self.method.rescales(ctx.settings)
@@ -100,7 +104,7 @@ class _TaskVectors:
     def mask(self, delta: torch.Tensor, model: int, span: Span, index: int) -> torch.Tensor:
         """Which elements of model `model`'s task-vector range survive sparsification (bool)."""
         if self.method.sparsification == "random":
-            return sparsify.random_mask(self.keys[model], span[0], span[1], self.densities[model], self.use_kernel)
+            return sparsify.random_mask(self.keys[model], span[0], span[1], self.densities[model], self.use_kernel, delta.device)
         limit = self.thresholds[model]
         before = self.equal_before[index][self.sparse.index(model)] if self.equal_before else 0
         return sparsify.magnitude_mask(sparsify.magnitude_bits(delta), limit, before)
@@ -111,7 +115,7 @@ class _TaskVectors:
 
         def l1(span: Span) -> torch.Tensor:
             stack = self.deltas(span)
-            out = torch.zeros(len(self.sparse), 2, dtype=torch.float64)
+            out = torch.zeros(len(self.sparse), 2, dtype=torch.float64, device=stack.device)
             for row, model in enumerate(self.sparse):
                 delta = stack[1 + model]
                 out[row, 0] = delta.abs().sum(dtype=torch.float64)
@@ -169,18 +173,17 @@ class _TaskVectors:
             delta.mul_(self.mask(delta, model, span, index))
             if self.scales[model] != 1.0:
                 delta.mul_(self.scales[model])
-        weights = weights_column(self.weights, deltas.dtype)
+        weights = self.weight_column
         deltas.mul_(weights)
         if self.method.consensus:
             majority = torch.where(deltas.sum(dim=0) >= 0, 1.0, -1.0).to(deltas.dtype)
             agree = deltas.sign() == majority
             mixed = (deltas * agree).sum(dim=0)
             divisor = (weights * agree).sum(dim=0)
-            divisor[divisor == 0] = 1
+            divisor.masked_fill_(divisor == 0, 1)  # as `divisor[divisor == 0] = 1`, without a device sync
         else:
             mixed = deltas.sum(dim=0)
-            total = sum(self.weights)
-            divisor = torch.tensor(1.0 if abs(total) < WEIGHT_EPS else total, dtype=deltas.dtype)
+            divisor = self.plain_divisor
         if self.normalize:
             mixed /= divisor
         if self.lam != 1:

@@ -52,6 +52,13 @@ EXACT_SECONDS = Histogram(
 EXACT_BYTES_PER_SECOND = Gauge(
     "kinship_exact_pass_bytes_per_second", "Read throughput of the last exact pass.", registry=REGISTRY
 )
+MERGE_SECONDS = Histogram(
+    "kinship_merge_seconds",
+    "Wall time of finished merges (reading, math and writing), by method and the device their math ran on.",
+    ["method", "device"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
 BUILD_INFO = Gauge("kinship_build_info", "Version and compute device of this server.", ["version", "device"], registry=REGISTRY)
 
 # Cache (issue 3). `kind` is fp (fingerprints), delta, dchunk (delta chunks), pair (pair results) or mem (in-memory fingerprints).
