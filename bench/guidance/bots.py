@@ -272,7 +272,8 @@ class Advice:
     merged so far to ShouldStop; `use_suggested_t` merges with the recommendation's
     `suggested_t` when it has one; `topk_unchanged` false stops sending the previous top-k, which
     turns ShouldStop's TOPK_UNCHANGED rule off. `method` (`BOT_METHODS`): every merge with that
-    method, equal weights (`weight` 1, normalized) and `density` for TIES/DARE; `suggested` asks
+    method and equal weights (`weight` 1 for linear and TIES, which normalize; 1/2 for DARE, which
+    does not), `density` for TIES/DARE; `suggested` asks
     RankCandidates for `suggest_method` (with `method_options`) and merges each pair as its
     `method_advice` says. Keys the client does not know fail at the call with TypeError, so a typo
     never passes silently.
@@ -307,7 +308,10 @@ class Advice:
             return "slerp", {}
         if self.method == "linear":
             return "linear", {"weight": 1.0}
-        return self.method, {"weight": 1.0, "density": self.density}
+        if self.method == "ties":
+            return "ties", {"weight": 1.0, "density": self.density}
+        # DARE's mergekit default is normalize false: weights 1/2 make it an average of the (rescaled) task vectors.
+        return self.method, {"weight": 0.5, "density": self.density}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Advice:
