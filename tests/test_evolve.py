@@ -236,3 +236,29 @@ def test_evolve_method_option_needs_suggested(capsys):
     assert "ties_sign_conflict_threshold" in capsys.readouterr().err
     with pytest.raises(ValueError, match="suggested"):
         evolve.evolve(None, "/b", {"x": "/x", "y": "/y"}, lambda _p: 0.0, method="slerp", method_options={"ties_density": 0.3})
+
+
+def test_evolve_command_line_with_the_suggested_method(server_factory, model_root, tmp_path, capsys, monkeypatch):
+    merges = tmp_path / "merges"
+    merges.mkdir()
+    server = server_factory(allowed_roots=(model_root, merges), output_root=merges)
+    base_path, paths, _, _ = _aligned_pair_and_opposed(model_root)
+    (tmp_path / "user_eval_suggested.py").write_text(
+        "from pathlib import Path\n"
+        "from safetensors.torch import load_file\n"
+        "def score(path):\n"
+        "    weights = load_file(str(sorted(Path(path).glob('*.safetensors'))[0]))\n"
+        "    return float(weights['lm_head.weight'].double().sum())\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    args = ["--target", server.address, "--base", base_path, "--evaluate", "user_eval_suggested:score", "--output-prefix", "cli-sugg"]
+    args += [arg for name, path in paths.items() for arg in ("--model", f"{name}={path}")]
+    args += ["--max-generations", "1", "--method", "suggested", "--method-option", "linear_kinship_threshold=1.0"]
+    assert load_example().main(args) == 0
+    printed = capsys.readouterr().out
+    cards = {card.parent.name: card.read_text() for card in merges.glob("cli-sugg/*/README.md")}
+    assert len(cards) == 3  # generation 1: every pair of the three
+    # linear needs kinship 1.0 now: the aligned pair is merged with SLERP, the opposed pairs with TIES
+    assert sum("merge_method: ties" in c for c in cards.values()) == 2
+    assert sum("merge_method: slerp" in c for c in cards.values()) == 1
+    assert "sign conflict" in printed and "kinship" in printed and " slerp" in printed
