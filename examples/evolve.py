@@ -14,6 +14,11 @@ The loop (Algorithm 1 of arXiv 2410.12613, with the service doing the kinship wo
    SLERP through StartMerge (the merges of one generation are queued together), evaluate the
    results, and add them to the population as the next generation.
 
+`--method NAME` merges every pair with another method (docs/merge-methods.md); `--method
+suggested` asks RankCandidates for method advice (`suggest_method`, thresholds from
+`--method-option NAME=VALUE`) and merges each pair with the method and parameters its
+recommendation suggests (ties, linear or slerp, from sign conflict and kinship).
+
 Evaluation is yours: `evaluate(path) -> score` gets the merged checkpoint's directory as the
 server reports it (absolute, on the server's disk), so run the bot where that path is
 readable (or map it), and return the average task performance (higher is better). From the
@@ -39,11 +44,16 @@ from pathlib import Path
 from typing import Any
 
 from kinship_client import KinshipClient, Member, Population, Recommendation
+from kinship_client.client import METHOD_OPTIONS
 from kinship_client.merge import MERGE_METHODS, MergeOperation
 from kinship_client.population import population_to_json
 
 Evaluate = Callable[[str], float]
 """The user's evaluation: checkpoint directory -> score (average task performance, higher is better)."""
+
+SUGGESTED = "suggested"
+"""The `method` that merges each pair as its recommendation's method advice says."""
+EVOLVE_METHODS: tuple[str, ...] = (*MERGE_METHODS, SUGGESTED)
 
 
 @dataclass
@@ -61,6 +71,8 @@ class Model:
     """Kinship between its parents, as RankCandidates reported it."""
     gain: float | None = None
     """Its score minus the mean of its parents' scores (eq. 5)."""
+    method: str = ""
+    """The merge method that made it (empty for foundation models)."""
 
 
 @dataclass
@@ -121,6 +133,7 @@ def evolve(
     t: float = 0.5,
     method: str = "slerp",
     density: float = 0.5,
+    method_options: Mapping[str, float] | None = None,
     output_prefix: str | None = None,
     max_generations: int = 10,
     metric: str = "pcc",
@@ -136,8 +149,14 @@ def evolve(
     """Run top-k greedy merging with model kinship until ShouldStop says stop (or `max_generations`).
 
     `foundation` maps names to checkpoint paths (server paths or `hf://` references), at least two.
-    Merges are written under `<output_prefix>/<name>` in the server's output root.
+    Merges are written under `<output_prefix>/<name>` in the server's output root. `method`: one of
+    EVOLVE_METHODS; `suggested` merges each pair with its recommendation's method advice
+    (`method_options`: the advice thresholds, see METHOD_OPTIONS).
     """
+    if method not in EVOLVE_METHODS:
+        raise ValueError(f"unknown method {method!r}; use one of {', '.join(EVOLVE_METHODS)}")
+    if method_options and method != SUGGESTED:
+        raise ValueError("method_options are the thresholds of method advice: use them with method='suggested'")
     if len(foundation) < 2:
         raise ValueError("evolve needs at least two foundation models")
     if top_k < 2:
@@ -179,7 +198,8 @@ def evolve(
         members = _members(models.values())
         # Algorithm 1: generation 1 merges every pair of the foundation models; later ones the top-k.
         k = len(foundation) if generation == 1 else min(top_k, len(members))
-        ranking = client.rank_candidates(members, top_k=k, base=base, metric=metric)
+        advice: dict[str, Any] = {"suggest_method": True, "method_options": method_options} if method == SUGGESTED else {}
+        ranking = client.rank_candidates(members, top_k=k, base=base, metric=metric, **advice)
         chosen = ranking.recommendations if exploration else ranking.greedy
         if not chosen:
             reasons, summary = ["exhausted"], f"every pair among the top-{k} was merged already; nothing left to try"
@@ -206,17 +226,35 @@ def evolve(
     return evolution
 
 
-def _start(
-    client: KinshipClient, method: str, base: str, a: str, b: str, t: float, density: float, output: str, dtype: str | None
-) -> MergeOperation:
-    """Start the merge of A and B with `method`: SLERP at `t`, or the others with weights (1 - t, t) (density for TIES/DARE)."""
+def merge_plan(rec: Recommendation, method: str, t: float, density: float) -> tuple[str, dict[str, float]]:
+    """The method and parameters of `rec`'s merge: the recommendation's advice for `suggested`, else `method`
+    with SLERP's `t` or weights (1 - t, t) and `density` for TIES/DARE."""
+    if method == SUGGESTED:
+        if rec.method_advice is None:
+            raise EvolutionError(f"{rec.first} x {rec.second}: RankCandidates gave no method advice (server too old?)")
+        return rec.method_advice.method, dict(rec.method_advice.parameters)
     if method == "slerp":
-        return client.merge(a, b, t=t, output_path=output, dtype=dtype, request_id=output)
-    options: dict[str, Any] = {"method": method, "models": [a, b], "base": base}
-    if method != "model_stock":
-        options["weights"] = [1 - t, t]
+        return "slerp", {"t": t}
+    parameters: dict[str, float] = {} if method == "model_stock" else {"weight_a": 1.0 - t, "weight_b": t}
     if method in ("ties", "dare_ties", "dare_linear"):
-        options["density"] = density
+        parameters["density"] = density
+    return method, parameters
+
+
+def _start(
+    client: KinshipClient, method: str, parameters: Mapping[str, float], base: str, a: str, b: str, output: str, dtype: str | None
+) -> MergeOperation:
+    """Start the merge of A and B with `method` and mergekit `parameters` (`t` for SLERP; `weight` for both
+    models or `weight_a`/`weight_b`; `density`)."""
+    if method == "slerp":
+        return client.merge(a, b, t=parameters.get("t", 0.5), output_path=output, dtype=dtype, request_id=output)
+    options: dict[str, Any] = {"method": method, "models": [a, b], "base": base}
+    if "weight_a" in parameters:
+        options["weights"] = [parameters["weight_a"], parameters["weight_b"]]
+    elif "weight" in parameters:
+        options["weight"] = parameters["weight"]
+    if "density" in parameters:
+        options["density"] = parameters["density"]
     return client.merge(None, None, output_path=output, dtype=dtype, request_id=output, **options)
 
 
@@ -240,11 +278,13 @@ def _merge_generation(
         a, b = models[rec.first], models[rec.second]
         output = f"{prefix}/{name}"
         method, base, density = how
-        operation = _start(client, method, base, a.path, b.path, t, density, output, dtype)
-        log(f"merging {name} = {a.name} x {b.name} ({rec.kind}, kinship {rec.kinship:.4f})")
-        operations.append((name, rec, operation))
+        merge_method, parameters = merge_plan(rec, method, t, density)
+        operation = _start(client, merge_method, parameters, base, a.path, b.path, output, dtype)
+        why = f"; {rec.method_advice.reason}" if method == SUGGESTED and rec.method_advice is not None else ""
+        log(f"merging {name} = {a.name} x {b.name} ({rec.kind}, kinship {rec.kinship:.4f}, {merge_method}{why})")
+        operations.append((name, rec, operation, merge_method))
     new = []
-    for name, rec, operation in operations:
+    for name, rec, operation, merge_method in operations:
         info = operation.wait(timeout=merge_timeout)
         if info.state != "succeeded":
             raise EvolutionError(f"merge {name} ({rec.first} x {rec.second}) ended {info.state}: {info.error}")
@@ -260,6 +300,7 @@ def _merge_generation(
                 rec.kind,
                 rec.kinship,
                 score - parent_mean,
+                merge_method,
             )
         )
         log(f"evaluated {name}: {score:.4f} (gain {score - parent_mean:+.4f})")
@@ -294,7 +335,7 @@ def format_family_tree(evolution: Evolution) -> str:
             line = f"  {m.name.ljust(width)}  score {m.score:9.4f}"
             if m.parents:
                 line += (
-                    f"  gain {m.gain:+8.4f}  kinship {m.parent_kinship:7.4f}  {m.kind:<11}  "
+                    f"  gain {m.gain:+8.4f}  kinship {m.parent_kinship:7.4f}  {m.kind:<11}  {m.method:<11}  "
                     f"= {' x '.join(m.parents)}"
                 )
             lines.append(line)
@@ -335,7 +376,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--evaluate", required=True, metavar="MODULE:FUNCTION", help="your evaluation: path -> score")
     parser.add_argument("--top-k", type=int, default=3)
     parser.add_argument("--t", type=float, default=0.5, help="SLERP factor of every merge (other methods: B's weight, A's is 1 - t)")
-    parser.add_argument("--method", choices=MERGE_METHODS, default="slerp", help="merge method of every merge (docs/merge-methods.md)")
+    parser.add_argument(
+        "--method",
+        choices=EVOLVE_METHODS,
+        default="slerp",
+        help="merge method of every merge (docs/merge-methods.md); suggested: each recommendation's method advice",
+    )
+    parser.add_argument(
+        "--method-option",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help=f"a method-advice threshold with --method suggested ({', '.join(METHOD_OPTIONS)}); repeat",
+    )
     parser.add_argument("--density", type=float, default=0.5, help="density of ties, dare_ties and dare_linear merges")
     parser.add_argument("--max-generations", type=int, default=10)
     parser.add_argument("--metric", choices=["pcc", "cosine", "euclidean"], default="pcc")
@@ -354,6 +407,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not sep or not name or not path:
             parser.error(f"--model takes NAME=PATH, got {item!r}")
         foundation[name] = path
+    method_options = {}
+    for item in args.method_option:
+        name, sep, value = item.partition("=")
+        if args.method != SUGGESTED:
+            parser.error("--method-option needs --method suggested")
+        if not sep or name not in METHOD_OPTIONS:
+            parser.error(f"--method-option takes NAME=VALUE with NAME one of {', '.join(METHOD_OPTIONS)}, got {item!r}")
+        try:
+            method_options[name] = float(value)
+        except ValueError:
+            parser.error(f"--method-option {item}: {value!r} is not a number")
     sys.path.insert(0, str(Path.cwd()))
     try:
         evaluate = load_callable(args.evaluate)
@@ -369,6 +433,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             t=args.t,
             method=args.method,
             density=args.density,
+            method_options=method_options or None,
             output_prefix=args.output_prefix,
             max_generations=args.max_generations,
             metric=args.metric,

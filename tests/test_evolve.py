@@ -7,6 +7,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -172,3 +173,92 @@ def test_evolve_runs_with_another_method(server_factory, model_root, tmp_path):
         )
     cards = sorted(merges.glob("ties/*/README.md"))
     assert cards and all("merge_method: ties" in card.read_text() for card in cards)
+
+
+def _aligned_pair_and_opposed(model_root: Path) -> tuple[str, dict[str, str], dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """a and b share most of their task vector (kinship near 1, little sign conflict); c is -a plus noise (conflict near 1)."""
+    base = make_base(SMALL, seed=31)
+    generator = torch.Generator().manual_seed(32)
+    direction = {k: 0.01 * torch.randn(v.shape, generator=generator) for k, v in base.items()}
+    noise = {n: {k: 0.002 * torch.randn(v.shape, generator=generator) for k, v in base.items()} for n in "abc"}
+    sign = {"a": 1.0, "b": 1.0, "c": -1.0}
+    models = {n: {k: base[k] + sign[n] * direction[k] + noise[n][k] for k in base} for n in "abc"}
+    config = SMALL.config(torch.float32)
+    base_path = str(save_checkpoint(base, model_root / "base", config=config))
+    paths = {n: str(save_checkpoint(m, model_root / n, config=config)) for n, m in models.items()}
+    return base_path, paths, models, base
+
+
+def test_evolve_merges_each_pair_with_its_suggested_method(server_factory, model_root, tmp_path):
+    from .merge_method_refs import ref_linear, ref_task_vectors, ref_topk_mask
+
+    merges = tmp_path / "merges"
+    merges.mkdir()
+    server = server_factory(allowed_roots=(model_root, merges), output_root=merges)
+    base_path, paths, models, base = _aligned_pair_and_opposed(model_root)
+    evolve = load_example()
+    lines: list[str] = []
+    with KinshipClient(server.address, timeout=120) as client:
+        result = evolve.evolve(
+            client, base_path, paths, StandInEvaluation(base, list(models.values())), method="suggested",
+            output_prefix="suggested", max_generations=1, log=lines.append,
+        )
+    merged = {frozenset(m.parents): m for m in result.models.values() if m.parents}
+    assert set(merged) == {frozenset("ab"), frozenset("ac"), frozenset("bc")}  # generation 1: every foundation pair
+    assert merged[frozenset("ab")].method == "linear"  # PCC near 1, little sign conflict
+    assert merged[frozenset("ac")].method == "ties" and merged[frozenset("bc")].method == "ties"  # opposed task vectors
+    assert any("ties" in line and "sign conflict" in line for line in lines)  # the advice's reason is logged
+    for pair, model in merged.items():
+        card = (Path(model.path) / "README.md").read_text()
+        assert f"merge_method: {model.method}" in card
+        got = read_weights(model.path)
+        first, second = sorted(pair)
+        for name, tensor in got.items():
+            x, y, b = (t[name].double().numpy() for t in (models[first], models[second], base))
+            if model.method == "linear":
+                expected = ref_linear([x, y], [1.0, 1.0])
+            else:  # ties, density 0.5, weight 1 (the advice's parameters), mergekit's normalize default
+                masks = [ref_topk_mask(m - b, 0.5) for m in (x, y)]
+                expected = ref_task_vectors(b, [x, y], [1.0, 1.0], masks=masks, consensus=True, normalize=True)
+            scale = np.abs(x) + np.abs(y) + np.abs(b)
+            bad = np.abs(tensor.double().numpy() - expected) > 1e-5 * np.abs(expected) + 1e-6 * scale
+            assert not bad.any(), (pair, name, int(bad.sum()))
+
+
+def test_evolve_method_option_needs_suggested(capsys):
+    evolve = load_example()
+    argv = ["--base", "/b", "--model", "x=/x", "--model", "y=/y", "--evaluate", "m:f"]
+    with pytest.raises(SystemExit) as exit_:
+        evolve.main([*argv, "--method-option", "ties_density=0.3"])
+    assert exit_.value.code == 2 and "needs --method suggested" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evolve.main([*argv, "--method", "suggested", "--method-option", "density=0.3"])
+    assert "ties_sign_conflict_threshold" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="suggested"):
+        evolve.evolve(None, "/b", {"x": "/x", "y": "/y"}, lambda _p: 0.0, method="slerp", method_options={"ties_density": 0.3})
+
+
+def test_evolve_command_line_with_the_suggested_method(server_factory, model_root, tmp_path, capsys, monkeypatch):
+    merges = tmp_path / "merges"
+    merges.mkdir()
+    server = server_factory(allowed_roots=(model_root, merges), output_root=merges)
+    base_path, paths, _, _ = _aligned_pair_and_opposed(model_root)
+    (tmp_path / "user_eval_suggested.py").write_text(
+        "from pathlib import Path\n"
+        "from safetensors.torch import load_file\n"
+        "def score(path):\n"
+        "    weights = load_file(str(sorted(Path(path).glob('*.safetensors'))[0]))\n"
+        "    return float(weights['lm_head.weight'].double().sum())\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    args = ["--target", server.address, "--base", base_path, "--evaluate", "user_eval_suggested:score", "--output-prefix", "cli-sugg"]
+    args += [arg for name, path in paths.items() for arg in ("--model", f"{name}={path}")]
+    args += ["--max-generations", "1", "--method", "suggested", "--method-option", "linear_kinship_threshold=1.0"]
+    assert load_example().main(args) == 0
+    printed = capsys.readouterr().out
+    cards = {card.parent.name: card.read_text() for card in merges.glob("cli-sugg/*/README.md")}
+    assert len(cards) == 3  # generation 1: every pair of the three
+    # linear needs kinship 1.0 now: the aligned pair is merged with SLERP, the opposed pairs with TIES
+    assert sum("merge_method: ties" in c for c in cards.values()) == 2
+    assert sum("merge_method: slerp" in c for c in cards.values()) == 1
+    assert "sign conflict" in printed and "kinship" in printed and " slerp" in printed

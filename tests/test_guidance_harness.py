@@ -219,3 +219,39 @@ def _tiny_changes() -> dict[str, object]:
         "specialist_steps": 4,
         "eval_per_task": 24,
     }
+
+
+def test_method_strategies_differ_only_in_the_merge_method(tmp_path: Path) -> None:
+    out = tmp_path / "result.json"
+    argv = ["--seeds", "1", "--first-seed", "3", "--workdir", str(tmp_path / "work"), "--json", str(out)]
+    argv += ["--strategies", "slerp,ties,suggested", "--baseline", "slerp", "--hidden", "16", "--layers", "1", "--length", "4"]
+    argv += ["--base-steps", "8", "--specialist-steps", "4", "--eval-per-task", "24", "--max-generations", "2"]
+    assert harness.main(argv) == 0
+    result = json.loads(out.read_text())
+    seed = result["seeds"][0]
+    assert result["baseline"] == "slerp" and set(result["aggregate"]) == {"slerp", "ties", "suggested"}
+    assert seed["slerp"]["methods"] == {"slerp": seed["slerp"]["merges"]}
+    assert seed["ties"]["methods"] == {"ties": seed["ties"]["merges"]}
+    suggested = seed["suggested"]
+    assert sum(suggested["methods"].values()) == suggested["merges"] and set(suggested["methods"]) <= {"linear", "ties", "slerp"}
+    assert len(suggested["advice_seen"]) == suggested["merges"]
+    for kinship, conflict, method in suggested["advice_seen"]:  # the documented rules, at their default thresholds
+        assert conflict is not None and 0.0 <= conflict <= 1.0
+        assert method == ("ties" if conflict >= 0.45 else "linear" if kinship >= 0.9 else "slerp")
+    # The same ranking: generation 1 merges the same five pairs whatever the method.
+    assert min(seed[n]["merges"] for n in ("slerp", "ties", "suggested")) >= 5
+    for name in ("ties", "suggested"):
+        aggregate = result["aggregate"][name]
+        assert aggregate["mean_test_gain"] == pytest.approx(seed[name]["best_test"] - seed["slerp"]["best_test"])
+    assert result["strategies"]["suggested"]["method"] == "suggested" and result["strategies"]["ties"]["density"] == 0.5
+
+
+def test_advice_method_and_recipes() -> None:
+    from bench.guidance.bots import Advice, recipe_of
+
+    assert recipe_of("x", "y", "slerp", {"t": 0.5}) == "slerp(x,y,0.5)"  # the form merges were cached under before methods
+    assert recipe_of("x", "y", "ties", {"weight": 1.0, "density": 0.5}) == "ties(x,y;density=0.5,weight=1)"
+    with pytest.raises(ValueError, match="suggested"):
+        Advice.from_json({"method": "stock"})
+    with pytest.raises(ValueError, match="density"):
+        Advice.from_json({"method": "ties", "density": 0.0})

@@ -21,9 +21,10 @@ OPTIONS = MethodAdviceOptions()
 
 
 def test_high_sign_conflict_suggests_ties_with_density() -> None:
-    advice = advise_method(0.95, "pcc", 0.4, method_advice_options(ties_density=0.3))
+    advice = advise_method(0.95, "pcc", 0.46, method_advice_options(ties_density=0.3))
     assert advice.method == "ties" and advice.parameters == {"density": 0.3, "weight": 1.0}
-    assert advice.sign_conflict == 0.4 and "sign conflict 0.400" in advice.reason
+    assert advice.sign_conflict == 0.46 and "sign conflict 0.460" in advice.reason
+    assert advise_method(0.95, "pcc", 0.4, OPTIONS).method == "linear"  # below the default 0.45
 
 
 def test_high_kinship_low_conflict_suggests_linear() -> None:
@@ -45,7 +46,7 @@ def test_euclidean_never_takes_the_kinship_rule() -> None:
 
 def test_thresholds_are_inclusive() -> None:
     assert advise_method(0.9, "pcc", 0.0, OPTIONS).method == "linear"
-    assert advise_method(0.0, "pcc", 0.35, OPTIONS).method == "ties"
+    assert advise_method(0.0, "pcc", 0.45, OPTIONS).method == "ties"
 
 
 @pytest.mark.parametrize(

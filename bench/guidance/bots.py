@@ -8,9 +8,11 @@
   is the service's default advice (strategy b); `Advice` forwards options to both RPCs
   (strategy c).
 
-Merges of the same recipe (same parents, same factor) are made once per seed and shared by
-all strategies and reruns (`ModelStore`): a strategy is charged every merge it asks for,
-shared or not.
+Merges of the same recipe (same parents, method and parameters) are made once per seed and
+shared by all strategies and reruns (`ModelStore`): a strategy is charged every merge it asks
+for, shared or not. `Advice.method` picks the merge method: SLERP (default), a fixed other
+method with equal weights, or `suggested`: each pair with the method and parameters its
+recommendation's `method_advice` names (RankCandidates with `suggest_method`).
 """
 
 from __future__ import annotations
@@ -22,10 +24,10 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from bench.guidance.evaluate import Evaluator, mean
-from kinship_client import KinshipClient, Member
+from kinship_client import KinshipClient, Member, Recommendation
 
 
 @dataclass(frozen=True)
@@ -79,9 +81,16 @@ class ModelStore:
     def _scores_file(self, recipe: str) -> Path:
         return self.directory / f"{_digest(recipe)}.json"
 
-    def merge(self, first: Record, second: Record, t: float) -> Record:
-        """SLERP(first, second, t) (t weighs `second`), merged by the server unless already made."""
-        recipe = f"slerp({first.recipe},{second.recipe},{t:.6g})"
+    def merge(
+        self, first: Record, second: Record, t: float, method: str = "slerp", parameters: Mapping[str, float] | None = None, base: str = ""
+    ) -> Record:
+        """A merge of first and second, by the server unless already made.
+
+        SLERP at `t` (t weighs `second`); any other method with `parameters` (mergekit's `weight`,
+        `density`: the same for both models) and `base` (needed by task-vector methods).
+        """
+        parameters = {"t": t} if method == "slerp" else dict(parameters or {})
+        recipe = recipe_of(first.recipe, second.recipe, method, parameters)
         if recipe in self.records:
             return self.records[recipe]
         scores = self._scores_file(recipe)
@@ -90,7 +99,23 @@ class ModelStore:
             record = Record(recipe, saved["path"], tuple(saved["dev_tasks"]))
         else:
             output = f"{self.family_key}/{_digest(recipe)}"
-            operation = self.client.merge(first.path, second.path, t=t, output_path=output, request_id=output, overwrite=True)
+            if method == "slerp":
+                operation = self.client.merge(first.path, second.path, t=parameters["t"], output_path=output, request_id=output, overwrite=True)
+            else:
+                if method in TASK_VECTOR_METHODS and not base:
+                    raise ValueError(f"the {method} merge needs the base")
+                operation = self.client.merge(
+                    None,
+                    None,
+                    method=method,  # type: ignore[arg-type]
+                    models=[first.path, second.path],
+                    base=base if method in TASK_VECTOR_METHODS else None,
+                    weight=parameters.get("weight"),
+                    density=parameters.get("density"),
+                    output_path=output,
+                    request_id=output,
+                    overwrite=True,
+                )
             info = operation.wait()
             if info.state != "succeeded":
                 raise RuntimeError(f"merge {recipe} ended {info.state}: {info.error}")
@@ -99,6 +124,21 @@ class ModelStore:
             _write_json(scores, {"recipe": recipe, "path": record.path, "dev_tasks": list(record.dev_tasks)})
         self.records[recipe] = record
         return record
+
+
+BotMethod = Literal["slerp", "linear", "ties", "dare_ties", "dare_linear", "suggested"]
+"""How an advised bot merges: one fixed method for every pair, or each recommendation's suggestion."""
+BOT_METHODS: tuple[str, ...] = get_args(BotMethod)
+TASK_VECTOR_METHODS = ("ties", "dare_ties", "dare_linear", "task_arithmetic")
+"""Methods that need the base (they merge task vectors)."""
+
+
+def recipe_of(first: str, second: str, method: str, parameters: Mapping[str, float]) -> str:
+    """The recipe key of a merge: SLERP keeps the form `slerp(a,b,t)`; others list their sorted parameters."""
+    if method == "slerp":
+        return f"slerp({first},{second},{parameters.get('t', 0.5):.6g})"
+    listed = ",".join(f"{k}={v:.6g}" for k, v in sorted(parameters.items()))
+    return f"{method}({first},{second};{listed})"
 
 
 def _digest(recipe: str) -> str:
@@ -141,9 +181,15 @@ class Outcome:
     generations: int
     stop: str
     best_test_tasks: tuple[float, ...] = ()
+    methods: Mapping[str, int] = field(default_factory=dict)
+    """Merges by method (the suggested strategy mixes them)."""
+    advice_seen: tuple[tuple[float, float | None, str], ...] = ()
+    """(kinship, sign conflict, suggested method) of every suggested merge, to study the thresholds."""
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "methods": dict(self.methods),
+            "advice_seen": [list(x) for x in self.advice_seen],
             "merges": self.merges,
             "best": self.best,
             "best_recipe": self.best_recipe,
@@ -155,11 +201,22 @@ class Outcome:
         }
 
 
-def _outcome(store: ModelStore, strategy: str, models: Mapping[str, Model], merges: int, generations: int, stop: str) -> Outcome:
+def _outcome(
+    store: ModelStore,
+    strategy: str,
+    models: Mapping[str, Model],
+    merges: int,
+    generations: int,
+    stop: str,
+    methods: Mapping[str, int] | None = None,
+    advice_seen: tuple[tuple[float, float | None, str], ...] = (),
+) -> Outcome:
     """The strategy's result: its best model by dev score (ties: the smaller name), reported on test."""
     best = max(models.values(), key=lambda m: (m.dev, _neg_name(m.name)))
     test = store.test(best.record)
-    return Outcome(strategy, merges, best.name, best.record.recipe, best.dev, mean(test), generations, stop, test)
+    return Outcome(
+        strategy, merges, best.name, best.record.recipe, best.dev, mean(test), generations, stop, test, dict(methods or {"slerp": merges}), advice_seen
+    )
 
 
 def _neg_name(name: str) -> tuple[int, ...]:
@@ -214,8 +271,12 @@ class Advice:
     reported it), so the gain model sees the whole history; `merged_pairs` sends the pairs
     merged so far to ShouldStop; `use_suggested_t` merges with the recommendation's
     `suggested_t` when it has one; `topk_unchanged` false stops sending the previous top-k, which
-    turns ShouldStop's TOPK_UNCHANGED rule off. Keys the client does not know fail at the call with
-    TypeError, so a typo never passes silently.
+    turns ShouldStop's TOPK_UNCHANGED rule off. `method` (`BOT_METHODS`): every merge with that
+    method and equal weights (`weight` 1 for linear and TIES, which normalize; 1/2 for DARE, which
+    does not), `density` for TIES/DARE; `suggested` asks
+    RankCandidates for `suggest_method` (with `method_options`) and merges each pair as its
+    `method_advice` says. Keys the client does not know fail at the call with TypeError, so a typo
+    never passes silently.
     """
 
     rank: Mapping[str, Any] = field(default_factory=dict)
@@ -227,6 +288,30 @@ class Advice:
     merged_pairs: bool = False
     use_suggested_t: bool = False
     topk_unchanged: bool = True
+    method: BotMethod = "slerp"
+    density: float = 0.5
+    method_options: Mapping[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.method not in BOT_METHODS:
+            raise ValueError(f"unknown method {self.method!r}; allowed: {', '.join(BOT_METHODS)}")
+        if not 0.0 < self.density <= 1.0:
+            raise ValueError(f"density must be in (0, 1], got {self.density!r}")
+
+    def merge_of(self, rec: Recommendation) -> tuple[str, dict[str, float]]:
+        """The method and parameters this bot merges `rec` with (SLERP's `t` is the caller's)."""
+        if self.method == "suggested":
+            if rec.method_advice is None:
+                raise RuntimeError(f"recommendation {rec.first} x {rec.second} has no method advice (suggest_method not sent?)")
+            return rec.method_advice.method, dict(rec.method_advice.parameters)
+        if self.method == "slerp":
+            return "slerp", {}
+        if self.method == "linear":
+            return "linear", {"weight": 1.0}
+        if self.method == "ties":
+            return "ties", {"weight": 1.0, "density": self.density}
+        # DARE's mergekit default is normalize false: weights 1/2 make it an average of the (rescaled) task vectors.
+        return self.method, {"weight": 0.5, "density": self.density}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Advice:
@@ -263,6 +348,8 @@ def run_advised(
     models = {name: Model(name, record, 0) for name, record in foundation.items()}
     previous_top_k: list[str] = []
     merged: list[tuple[str, str]] = []
+    methods: dict[str, int] = {}
+    seen: list[tuple[float, float | None, str]] = []
     merges, number, stop = 0, 0, "max_generations"
     while True:
         members = _members(models, advice.task_scores)
@@ -287,6 +374,8 @@ def run_advised(
         number += 1
         k = len(foundation) if number == 1 else min(advice.top_k, len(members))
         options = {**advice.rank, **(advice.first_rank if number == 1 else {})}
+        if advice.method == "suggested":
+            options.update(suggest_method=True, method_options=dict(advice.method_options) or None)
         ranking = client.rank_candidates(members, top_k=k, base=base, known_kinship=known, **options)
         if not ranking.recommendations:
             stop = "exhausted"
@@ -294,9 +383,15 @@ def run_advised(
         previous_top_k = ranking.top_k if number > 1 else []
         for j, rec in enumerate(ranking.recommendations, 1):
             t = getattr(rec, "suggested_t", None) if advice.use_suggested_t else None
+            method, parameters = advice.merge_of(rec)
+            if method == "slerp" and "t" in parameters and t is None:
+                t = parameters["t"]  # the advice's SLERP factor, unless the bot takes the recommendation's suggested_t
             name = f"model-{number}-{j}"
-            record = store.merge(models[rec.first].record, models[rec.second].record, 0.5 if t is None else t)
+            record = store.merge(models[rec.first].record, models[rec.second].record, 0.5 if t is None else t, method, parameters, base)
             models[name] = Model(name, record, number, (rec.first, rec.second), rec.kinship)
             merged.append((rec.first, rec.second))
+            methods[method] = methods.get(method, 0) + 1
+            if rec.method_advice is not None:
+                seen.append((rec.kinship, rec.method_advice.sign_conflict, method))
             merges += 1
-    return _outcome(store, strategy, models, merges, number, stop)
+    return _outcome(store, strategy, models, merges, number, stop, methods, tuple(seen))

@@ -3,6 +3,7 @@
     nice -n 10 python -m bench.guidance.harness                       # 20 seeds: a, b and c
     python -m bench.guidance.harness --seeds 5 --strategies a,b --json results.json
     python -m bench.guidance.harness --advice 'lean={"first_rank": {"max_greedy": 5}}' --strategies a,lean
+    nice -n 10 python -m bench.guidance.harness --strategies slerp,linear,ties,suggested --baseline slerp
 
 For each seed it trains (or reuses, cached under `--workdir`) a family from
 `bench/guidance/family.py`: a mid-training base and six specialists. The foundation models
@@ -12,7 +13,12 @@ model's test score. Strategies:
 - `a`: plain top-k greedy to the top-k fixpoint (no kinship);
 - `b`: the paper's algorithm with the service's default RankCandidates / ShouldStop;
 - any `--advice NAME=JSON` (default `c`, DEFAULT_ADVICE): the same bot with options
-  forwarded to RankCandidates / ShouldStop (keys: see `bots.Advice`).
+  forwarded to RankCandidates / ShouldStop (keys: see `bots.Advice`);
+- `slerp`, `linear`, `ties`, `dare_ties`, `dare_linear`, `suggested`: one bot (METHOD_BOT:
+  same ranking, same stop rule) that differs only in the merge method: that fixed method for
+  every merge (equal weights, TIES/DARE density 0.5), or `suggested`, each pair merged with
+  the method and parameters of its recommendation's method advice. `--baseline slerp`
+  compares them against fixed SLERP.
 
 Merges are SLERP jobs of a real `python -m kinship_service` started for the run (its cache
 and log under `<workdir>/runs/`, removed at the end). Merged checkpoints and their scores
@@ -32,7 +38,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -41,7 +47,7 @@ if __package__ in (None, ""):  # run as a script: make `bench.guidance` importab
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench._server import start_server
-from bench.guidance.bots import Advice, ModelStore, Outcome, run_advised, run_greedy
+from bench.guidance.bots import BOT_METHODS, Advice, ModelStore, Outcome, run_advised, run_greedy
 from bench.guidance.evaluate import Evaluator
 from bench.guidance.family import FamilySpec, ensure_family
 from bench.guidance.model import TinyLlamaShape
@@ -68,6 +74,12 @@ DEFAULT_ADVICE: dict[str, Any] = {
     "use_suggested_t": True,
 }
 """Strategy c's options: the best combination the harness found (docs/population.md, "Does the advice pay?")."""
+
+METHOD_BOT: dict[str, Any] = {
+    key: value for key, value in DEFAULT_ADVICE.items() if key not in ("use_suggested_t",)
+} | {"rank": {k: v for k, v in DEFAULT_ADVICE["rank"].items() if k != "slerp_factor"}}
+"""The bot of the method strategies: c without the score-weighted SLERP factor (c10 of docs/population.md), so
+every method merges with equal weights and only the method differs."""
 
 
 def run_seed(
@@ -107,7 +119,7 @@ def format_tables(seeds: Sequence[int], results: Sequence[dict[str, Outcome]], c
     names = list(results[0])
     lines = ["| seed | " + " | ".join(f"{n}: merges / dev / test" for n in names) + " |", "|---" * (len(names) + 1) + "|"]
     for seed, result in zip(seeds, results, strict=True):
-        cells = [f"{result[n].merges} / {result[n].best_dev:.2f} / {result[n].best_test:.2f}" for n in names]
+        cells = [f"{result[n].merges} / {result[n].best_dev:.2f} / {result[n].best_test:.2f}{_mix(result[n].methods)}" for n in names]
         lines.append(f"| {seed} | " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -122,6 +134,13 @@ def format_tables(seeds: Sequence[int], results: Sequence[dict[str, Outcome]], c
             + (f"{c.mean_test_gain:+.3f} | {c.wins} / {c.ties} / {c.losses} | {c.sign_p:.3g} |" if name != baseline else "- | - | - |")
         )
     return "\n".join(lines)
+
+
+def _mix(methods: Mapping[str, int]) -> str:
+    """` (ties 3, slerp 12)` when a strategy merged with more than one method, else nothing."""
+    if len(methods) <= 1:
+        return ""
+    return " (" + ", ".join(f"{m} {n}" for m, n in sorted(methods.items(), key=lambda x: (-x[1], x[0]))) + ")"
 
 
 def _advice_arg(text: str) -> tuple[str, Advice]:
@@ -141,6 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--advice", action="append", default=[], metavar="[NAME=]JSON", help="an advised strategy (JSON or @file); repeat")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/kinship-guidance"), help="family cache and run files")
     parser.add_argument("--json", default=None, metavar="PATH", help="write every result as JSON here ('-': stdout)")
+    parser.add_argument("--baseline", default=None, help="the strategy the others are compared with (default: a when run, else the first)")
     parser.add_argument("--top-k", type=int, default=3)
     parser.add_argument("--max-generations", type=int, default=20, help="a guard; the bots normally stop long before")
     sizes = parser.add_argument_group("family sizes (defaults: FamilySpec's)")
@@ -169,6 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     spec = replace(spec, shape=replace(TinyLlamaShape(), **shape_changes), **spec_changes)
 
     advice = {"b": Advice(top_k=args.top_k), "c": Advice.from_json({"top_k": args.top_k, **DEFAULT_ADVICE})}
+    advice |= {m: Advice.from_json({"top_k": args.top_k, **METHOD_BOT, "method": m}) for m in BOT_METHODS}
     for text in args.advice:
         try:
             name, parsed = _advice_arg(text)
@@ -182,8 +203,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif name in advice:
             strategies[name] = advice[name]
         else:
-            parser.error(f"unknown strategy {name!r}: use a, b, c or a name given with --advice")
-    baseline = "a" if "a" in strategies else next(iter(strategies))
+            parser.error(f"unknown strategy {name!r}: use a, b, c, {', '.join(BOT_METHODS)} or a name given with --advice")
+    baseline = args.baseline or ("a" if "a" in strategies else next(iter(strategies)))
+    if baseline not in strategies:
+        parser.error(f"--baseline {baseline!r} is not among --strategies {args.strategies}")
 
     workdir = args.workdir.resolve()
     run_dir = workdir / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
