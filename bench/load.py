@@ -48,7 +48,14 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import grpc
-from _server import cpu_seconds, proc_status, server_pids, start_server  # bench/ is the script's directory
+from _server import (  # bench/ is the script's directory
+    cpu_seconds,
+    metric_value,
+    proc_status,
+    run_queue_wait_seconds,
+    server_pids,
+    start_server,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -64,6 +71,15 @@ def processor_name() -> str:
     import platform
 
     return platform.processor() or platform.machine()
+
+
+def free_port() -> int:
+    """A free loopback TCP port (the server's metrics endpoint, read once at the end)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -310,6 +326,7 @@ async def run_load(
               f"p99 {sweep_rows[-1]['p99_ms']:8.2f} ms, errors {errors}", flush=True)
     light_start = time.monotonic()
     front_cpu_start = cpu_seconds(front_pid)  # the recorded window only: warm-up and sweep calls are not counted
+    loop_wait_start = run_queue_wait_seconds(front_pid)
     stop_at = light_start + args.duration
     await asyncio.gather(
         *(
@@ -320,6 +337,7 @@ async def run_load(
     )
     light_seconds = time.monotonic() - light_start
     front_cpu = cpu_seconds(front_pid) - front_cpu_start
+    loop_wait = run_queue_wait_seconds(front_pid) - loop_wait_start
     for task in heavy:
         task.cancel()
     await asyncio.gather(*heavy, return_exceptions=True)
@@ -327,7 +345,7 @@ async def run_load(
         await channel.close()
     return {  # type: ignore[dict-item]
         "light_seconds": light_seconds, "total_seconds": time.monotonic() - window_start, "sweep": sweep_rows,
-        "front_cpu_window_s": front_cpu,
+        "front_cpu_window_s": front_cpu, "front_loop_run_queue_wait_s": loop_wait,
     }
 
 
@@ -367,7 +385,7 @@ def main() -> int:
     env = {
         "KINSHIP_HOST": "127.0.0.1",
         "KINSHIP_PORT": "0",
-        "KINSHIP_METRICS_PORT": "0",
+        "KINSHIP_METRICS_PORT": str(free_port()),
         "KINSHIP_ALLOWED_ROOTS": str(work),
         "KINSHIP_CACHE_DIR": str(work / "cache"),
         "KINSHIP_OUTPUT_ROOT": str(work / "merges"),
@@ -394,6 +412,9 @@ def main() -> int:
         server_cpu = sum(process_cpu)
         own_cpu = time.process_time() - own_cpu0
         process_peaks = [proc_status(p, "VmHWM") for p in pids]
+        metrics_port = int(env["KINSHIP_METRICS_PORT"])
+        idle_class = metric_value(metrics_port, "kinship_heavy_idle_class")
+        boosts = metric_value(metrics_port, "kinship_heavy_priority_boosts_total")
         peak_rss = sum(process_peaks)
     finally:
         process.terminate()
@@ -458,6 +479,9 @@ def main() -> int:
         "server_rss_before_load_mib": round(baseline_rss, 1),
         "server_peak_rss_mib": round(peak_rss, 1),
         "front_cpu_s_in_window": round(front_cpu, 2),
+        "front_loop_run_queue_wait_s": round(timing["front_loop_run_queue_wait_s"], 3),
+        "heavy_scheduling": None if idle_class is None else ("idle" if idle_class else "nice"),
+        "heavy_priority_boosts": boosts,
         "light_calls_per_front_cpu_s": round(per_front_cpu_second, 1),
         "front_cpu_us_per_light_call": round(1e6 / per_front_cpu_second, 1) if front_cpu > 0 else None,
         "load_average_before": load_before,
@@ -492,6 +516,9 @@ def main() -> int:
     print(f"{who} CPU in the recorded window: {front_cpu:.2f} s for {light_total} light calls: "
           f"{per_front_cpu_second:.0f} light calls per CPU-second ({1e6 / per_front_cpu_second:.0f} us each"
           + (", forwarding the heavy loops' calls included)" if not args.no_heavy else ")"))
+    print(f"front event loop waited {results['front_loop_run_queue_wait_s']} s runnable for a CPU in the window (schedstat); "
+          f"heavy threads: {results['heavy_scheduling'] or 'one process'}"
+          + (f", starvation-guard boosts {boosts:.0f}" if results["heavy_scheduling"] == "idle" and boosts is not None else ""))
     print(f"processor: {processor_name()}, {os.cpu_count()} cores; load average before: {load_before}; after: {load_after}")
     print(f"targets (>= 1000 req/s light, p99 < 50 ms, no errors but RESOURCE_EXHAUSTED on heavy): {'MET' if meets else 'NOT MET'}")
     if args.json:
