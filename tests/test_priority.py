@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -122,7 +123,9 @@ def test_heavy_work_completes_next_to_busy_loops(medium_root: Path, tmp_path: Pa
         split = Split(medium_root, tmp_path, preexec_fn=lambda: os.sched_setaffinity(0, two_cores))
         idle_expected = _can_leave_idle_class()
         with KinshipClient(split.address, timeout=1100) as client:
+            started = time.monotonic()
             result = client.kinship(str(medium_root / "base"), [str(medium_root / "m0"), str(medium_root / "m1")], mode="exact")
+            print(f"exact pass next to {len(loops)} busy loops: {time.monotonic() - started:.1f} s")  # for the record, not asserted
             threads = _policies(split.heavy_pid)
             front_threads = _policies(split.process.pid)
         (pair,) = result.pairs
