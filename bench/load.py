@@ -366,6 +366,9 @@ def main() -> int:
     parser.add_argument("--heavy-params", type=float, default=4.0e7, help="parameters per model of the heavy (exact, merge) set")
     parser.add_argument("--no-heavy", action="store_true", help="light load only (for comparison)")
     parser.add_argument("--heavy", default="exact,merge", help="which heavy loops run: exact (two EXACT loops), merge (one merge loop)")
+    parser.add_argument("--loadgen-nice", type=int, default=0,
+                        help="nice value added to this load generator after the server starts (the server keeps its own): "
+                             "models clients on other machines, which never take the server's cores")
     parser.add_argument("--server-env", action="append", default=[], help="extra KINSHIP_X=value for the server")
     parser.add_argument("--dir", type=Path, default=None, help="work directory (default: a fresh temporary one, removed)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
@@ -404,6 +407,8 @@ def main() -> int:
                 client.register_checkpoint(str(model), str(data["light_base"]))
             client.kinship(str(data["light_base"]), [str(m) for m in data["light_models"][:2]], mode="fingerprint")  # type: ignore[index]
         pids = server_pids(process.pid)  # [front, heavy-work process] (or just the one process)
+        if args.loadgen_nice:
+            os.nice(args.loadgen_nice)  # this thread, and the threads the load starts from it (Linux: per thread)
         baseline_rss = sum(proc_status(p, "VmRSS") for p in pids)
         recorder = Recorder()
         cpu0, own_cpu0 = [cpu_seconds(p) for p in pids], time.process_time()
@@ -476,6 +481,7 @@ def main() -> int:
         "server_cpu_s_by_process": [round(c, 1) for c in process_cpu],
         "server_peak_rss_mib_by_process": [round(r, 1) for r in process_peaks],
         "loadgen_cpu_s": round(own_cpu, 1),
+        "loadgen_nice": args.loadgen_nice,
         "server_rss_before_load_mib": round(baseline_rss, 1),
         "server_peak_rss_mib": round(peak_rss, 1),
         "front_cpu_s_in_window": round(front_cpu, 2),
