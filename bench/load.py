@@ -29,6 +29,11 @@ charged to the server as latency (they were, in the figures of docs/reliability.
 
     python bench/load.py                          # 64 clients, 1,100 calls/s, 20 s, heavy models of 4e7 parameters
     python bench/load.py --duration 60 --json out.json
+    python bench/load.py --server-env KINSHIP_HEAVY_SCHEDULING=nice   # heavy threads on nice values only (A/B)
+    python bench/load.py --loadgen-nice 5         # the generator yields the cores to the server (clients elsewhere)
+
+It also prints how long the front's event loop waited runnable for a CPU in the window
+(schedstat), how the heavy threads were scheduled and how often the starvation guard stepped in.
 """
 
 from __future__ import annotations
