@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import os
-import resource
 import threading
 import time
 from dataclasses import dataclass
@@ -109,11 +108,13 @@ def can_leave_idle_class() -> bool:
     if not Path("/proc/self/task").is_dir() or not hasattr(os, "sched_setscheduler"):
         return False
     try:  # an unprivileged thread may leave SCHED_IDLE when RLIMIT_NICE allows its nice value: raise the soft limit
+        import resource  # POSIX only
+
         soft, hard = resource.getrlimit(resource.RLIMIT_NICE)
         wanted = 20 - heavy_nice_level()
         if soft < wanted and (hard == resource.RLIM_INFINITY or hard >= wanted):
             resource.setrlimit(resource.RLIMIT_NICE, (wanted, hard))
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, ImportError):
         pass
     result: list[bool] = []
 
@@ -200,8 +201,9 @@ def _read_task(task: Path) -> tuple[int, int, int, int] | None:
 class StarvationGuard:
     """Moves starved SCHED_IDLE heavy threads to SCHED_OTHER for BOOST_SECONDS at a time (see the module docstring).
 
-    Heavy threads are those in SCHED_IDLE or at the heavy nice value or above, so threads they start
-    (OpenMP, numba) count too, and a thread started during a boost goes to SCHED_IDLE with the rest.
+    Heavy threads are those in SCHED_IDLE (threads they start, OpenMP's or numba's, inherit it),
+    those made heavy by `lower_priority`, and those the guard boosted; never a thread by its nice
+    value alone (under `nice -n 19` every thread has the heavy nice value).
     """
 
     def __init__(self, window_seconds: float = GUARD_WINDOW_SECONDS, boost_seconds: float = BOOST_SECONDS) -> None:
@@ -210,6 +212,7 @@ class StarvationGuard:
         self.boosts = 0
         self._scans = 0
         self._not_heavy: set[int] = set()
+        self._boosted: set[int] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="priority-guard", daemon=True)
 
@@ -228,10 +231,9 @@ class StarvationGuard:
         self._scans += 1
         if self._scans % FULL_SCAN_EVERY == 0:
             self._not_heavy.clear()
-        level = heavy_nice_level()
         found: dict[int, tuple[int, int, int]] = {}
         with _lock:
-            registered = set(_reniced)
+            registered = _reniced | self._boosted
         for task in Path("/proc/self/task").iterdir():
             tid = int(task.name)
             if tid in self._not_heavy and tid not in registered:
@@ -239,7 +241,7 @@ class StarvationGuard:
             sample = _read_task(task)
             if sample is None:
                 continue
-            if sample[0] == _SCHED_IDLE or sample[1] >= level:
+            if sample[0] == _SCHED_IDLE or tid in registered:
                 found[tid] = (sample[0], sample[2], sample[3])
             else:
                 self._not_heavy.add(tid)
@@ -247,7 +249,10 @@ class StarvationGuard:
 
     def _move(self, tids: list[int], policy: int) -> None:
         for tid in tids:
-            _set_policy(tid, policy)
+            if _set_policy(tid, policy) and policy == _SCHED_OTHER:
+                self._boosted.add(tid)
+        if policy == _SCHED_IDLE:
+            self._boosted.clear()
 
     def _watch(self) -> None:
         before, at = self._heavy_threads(), time.monotonic()
@@ -256,7 +261,7 @@ class StarvationGuard:
             now, now_at = self._heavy_threads(), time.monotonic()
             if boost_ends is not None:
                 if now_at >= boost_ends:
-                    self._move(list(now), _SCHED_IDLE)
+                    self._move([t for t in now if t in self._boosted], _SCHED_IDLE)
                     boost_ends = None
                     BOOSTED.set(0)
                 else:  # threads started during the boost join it
@@ -266,7 +271,7 @@ class StarvationGuard:
                 cpu = sum(now[t][1] - before[t][1] for t in common) / 1e9
                 wait = sum(now[t][2] - before[t][2] for t in common) / 1e9
                 if starved(cpu, wait, now_at - at):
-                    self._move(list(now), _SCHED_OTHER)
+                    self._move([t for t, sample in now.items() if sample[0] == _SCHED_IDLE], _SCHED_OTHER)
                     boost_ends = now_at + self.boost_seconds
                     self.boosts += 1
                     BOOSTS.inc()
