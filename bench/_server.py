@@ -52,3 +52,26 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds a process has used (/proc/<pid>/stat)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_queue_wait_seconds(pid: int, tid: int | None = None) -> float:
+    """Seconds thread `tid` (default: the process's main thread) has waited runnable for a CPU (/proc/.../schedstat; NaN without it)."""
+    try:
+        return int(Path(f"/proc/{pid}/task/{tid or pid}/schedstat").read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
+def metric_value(port: int, name: str) -> float | None:
+    """One unlabelled sample from the server's /metrics on loopback, or None (no such metric, or no endpoint)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+            text = reply.read().decode()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return None

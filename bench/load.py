@@ -29,6 +29,11 @@ charged to the server as latency (they were, in the figures of docs/reliability.
 
     python bench/load.py                          # 64 clients, 1,100 calls/s, 20 s, heavy models of 4e7 parameters
     python bench/load.py --duration 60 --json out.json
+    python bench/load.py --server-env KINSHIP_HEAVY_SCHEDULING=nice   # heavy threads on nice values only (A/B)
+    python bench/load.py --loadgen-nice 5         # the generator yields the cores to the server (clients elsewhere)
+
+It also prints how long the front's event loop waited runnable for a CPU in the window
+(schedstat), how the heavy threads were scheduled and how often the starvation guard stepped in.
 """
 
 from __future__ import annotations
@@ -48,7 +53,14 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import grpc
-from _server import cpu_seconds, proc_status, server_pids, start_server  # bench/ is the script's directory
+from _server import (  # bench/ is the script's directory
+    cpu_seconds,
+    metric_value,
+    proc_status,
+    run_queue_wait_seconds,
+    server_pids,
+    start_server,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -64,6 +76,15 @@ def processor_name() -> str:
     import platform
 
     return platform.processor() or platform.machine()
+
+
+def free_port() -> int:
+    """A free loopback TCP port (the server's metrics endpoint, read once at the end)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -310,6 +331,7 @@ async def run_load(
               f"p99 {sweep_rows[-1]['p99_ms']:8.2f} ms, errors {errors}", flush=True)
     light_start = time.monotonic()
     front_cpu_start = cpu_seconds(front_pid)  # the recorded window only: warm-up and sweep calls are not counted
+    loop_wait_start = run_queue_wait_seconds(front_pid)
     stop_at = light_start + args.duration
     await asyncio.gather(
         *(
@@ -320,6 +342,7 @@ async def run_load(
     )
     light_seconds = time.monotonic() - light_start
     front_cpu = cpu_seconds(front_pid) - front_cpu_start
+    loop_wait = run_queue_wait_seconds(front_pid) - loop_wait_start
     for task in heavy:
         task.cancel()
     await asyncio.gather(*heavy, return_exceptions=True)
@@ -327,7 +350,7 @@ async def run_load(
         await channel.close()
     return {  # type: ignore[dict-item]
         "light_seconds": light_seconds, "total_seconds": time.monotonic() - window_start, "sweep": sweep_rows,
-        "front_cpu_window_s": front_cpu,
+        "front_cpu_window_s": front_cpu, "front_loop_run_queue_wait_s": loop_wait,
     }
 
 
@@ -348,6 +371,9 @@ def main() -> int:
     parser.add_argument("--heavy-params", type=float, default=4.0e7, help="parameters per model of the heavy (exact, merge) set")
     parser.add_argument("--no-heavy", action="store_true", help="light load only (for comparison)")
     parser.add_argument("--heavy", default="exact,merge", help="which heavy loops run: exact (two EXACT loops), merge (one merge loop)")
+    parser.add_argument("--loadgen-nice", type=int, default=0,
+                        help="nice value added to this load generator after the server starts (the server keeps its own): "
+                             "models clients on other machines, which never take the server's cores")
     parser.add_argument("--server-env", action="append", default=[], help="extra KINSHIP_X=value for the server")
     parser.add_argument("--dir", type=Path, default=None, help="work directory (default: a fresh temporary one, removed)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
@@ -367,7 +393,7 @@ def main() -> int:
     env = {
         "KINSHIP_HOST": "127.0.0.1",
         "KINSHIP_PORT": "0",
-        "KINSHIP_METRICS_PORT": "0",
+        "KINSHIP_METRICS_PORT": str(free_port()),
         "KINSHIP_ALLOWED_ROOTS": str(work),
         "KINSHIP_CACHE_DIR": str(work / "cache"),
         "KINSHIP_OUTPUT_ROOT": str(work / "merges"),
@@ -386,6 +412,8 @@ def main() -> int:
                 client.register_checkpoint(str(model), str(data["light_base"]))
             client.kinship(str(data["light_base"]), [str(m) for m in data["light_models"][:2]], mode="fingerprint")  # type: ignore[index]
         pids = server_pids(process.pid)  # [front, heavy-work process] (or just the one process)
+        if args.loadgen_nice:
+            os.nice(args.loadgen_nice)  # this thread, and the threads the load starts from it (Linux: per thread)
         baseline_rss = sum(proc_status(p, "VmRSS") for p in pids)
         recorder = Recorder()
         cpu0, own_cpu0 = [cpu_seconds(p) for p in pids], time.process_time()
@@ -394,6 +422,9 @@ def main() -> int:
         server_cpu = sum(process_cpu)
         own_cpu = time.process_time() - own_cpu0
         process_peaks = [proc_status(p, "VmHWM") for p in pids]
+        metrics_port = int(env["KINSHIP_METRICS_PORT"])
+        idle_class = metric_value(metrics_port, "kinship_heavy_idle_class")
+        boosts = metric_value(metrics_port, "kinship_heavy_priority_boosts_total")
         peak_rss = sum(process_peaks)
     finally:
         process.terminate()
@@ -455,9 +486,13 @@ def main() -> int:
         "server_cpu_s_by_process": [round(c, 1) for c in process_cpu],
         "server_peak_rss_mib_by_process": [round(r, 1) for r in process_peaks],
         "loadgen_cpu_s": round(own_cpu, 1),
+        "loadgen_nice": args.loadgen_nice,
         "server_rss_before_load_mib": round(baseline_rss, 1),
         "server_peak_rss_mib": round(peak_rss, 1),
         "front_cpu_s_in_window": round(front_cpu, 2),
+        "front_loop_run_queue_wait_s": round(timing["front_loop_run_queue_wait_s"], 3),
+        "heavy_scheduling": None if idle_class is None else ("idle" if idle_class else "nice"),
+        "heavy_priority_boosts": boosts,
         "light_calls_per_front_cpu_s": round(per_front_cpu_second, 1),
         "front_cpu_us_per_light_call": round(1e6 / per_front_cpu_second, 1) if front_cpu > 0 else None,
         "load_average_before": load_before,
@@ -492,6 +527,9 @@ def main() -> int:
     print(f"{who} CPU in the recorded window: {front_cpu:.2f} s for {light_total} light calls: "
           f"{per_front_cpu_second:.0f} light calls per CPU-second ({1e6 / per_front_cpu_second:.0f} us each"
           + (", forwarding the heavy loops' calls included)" if not args.no_heavy else ")"))
+    print(f"front event loop waited {results['front_loop_run_queue_wait_s']} s runnable for a CPU in the window (schedstat); "
+          f"heavy threads: {results['heavy_scheduling'] or 'one process'}"
+          + (f", starvation-guard boosts {boosts:.0f}" if results["heavy_scheduling"] == "idle" and boosts is not None else ""))
     print(f"processor: {processor_name()}, {os.cpu_count()} cores; load average before: {load_before}; after: {load_after}")
     print(f"targets (>= 1000 req/s light, p99 < 50 ms, no errors but RESOURCE_EXHAUSTED on heavy): {'MET' if meets else 'NOT MET'}")
     if args.json:

@@ -75,6 +75,9 @@ class Settings:
     heavy_process: bool = True
     """`kinship-server` runs heavy work (exact passes, registrations, merge jobs) in a child process, so light
     calls keep a CPU core and the GIL to themselves (docs/reliability.md); false: one process does everything."""
+    heavy_scheduling: str = "idle"
+    """Scheduling of the heavy-work process's heavy threads: `idle` (SCHED_IDLE, moved to their nice value for a
+    while whenever they starve; needs CAP_SYS_NICE, else it falls back to `nice`) or `nice` (nice values only)."""
     ray_address: str = ""
     """A Ray cluster (`host:port` of the head, `ray://host:10001` or `auto`): exact passes and merges run on its
     workers, which read checkpoints and write outputs at the same paths (shared storage). Empty: no Ray (the default)."""
@@ -147,6 +150,8 @@ class Settings:
             raise ConfigError("KINSHIP_PORT and KINSHIP_METRICS_PORT must be in 0..65535")
         if self.device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"KINSHIP_DEVICE={self.device!r}: use auto, cpu, cuda or cuda:N")
+        if self.heavy_scheduling not in ("idle", "nice"):
+            raise ConfigError(f"KINSHIP_HEAVY_SCHEDULING={self.heavy_scheduling!r}: use idle or nice")
         if self.log_format not in ("json", "text"):
             raise ConfigError(f"KINSHIP_LOG_FORMAT={self.log_format!r}: use json or text")
         for name in ("max_merge_jobs", "max_workers", "max_concurrent_rpcs", "max_message_bytes", "chunk_bytes", "heavy_workers"):
@@ -203,4 +208,6 @@ def _convert(name: str, raw: str) -> int | float | bool | str | Path | tuple[Pat
         return Path(raw).expanduser()
     if name == "log_level":
         return raw.upper()
+    if name == "heavy_scheduling":
+        return raw.strip().lower()
     return raw

@@ -38,4 +38,5 @@ def test_load_bench_smoke(tmp_path: Path) -> None:
     assert figures["server_peak_rss_mib"] > 0
     assert figures["light_calls_per_front_cpu_s"] > 0 and figures["processor"]
     assert "light calls per CPU-second" in done.stdout and "load average before" in done.stdout
-    assert "light load" in done.stdout and "server RSS" in done.stdout
+    assert "light load" in done.stdout and "server RSS" in done.stdout and "front event loop waited" in done.stdout
+    assert figures["heavy_scheduling"] in ("idle", "nice") and figures["front_loop_run_queue_wait_s"] >= 0

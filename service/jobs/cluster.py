@@ -52,9 +52,10 @@ WATCH_POLL_SECONDS = 0.5
 def _normal_priority() -> None:
     """Give the calling thread normal scheduling, where allowed (root, CAP_SYS_NICE; best effort).
 
-    The heavy-work process runs at SCHED_IDLE (server.main._yield_cpu_to_the_front), which a node
-    kept busy by other processes starves: a starved lease renewal would hand a healthy job to
-    another replica. Linux schedules threads one by one, so this thread alone leaves SCHED_IDLE.
+    Heavy threads of the heavy-work process may run SCHED_IDLE (server/priority.py), which a node
+    kept busy by other processes starves, and this thread may have been started by one: a starved
+    lease renewal would hand a healthy job to another replica. Linux schedules threads one by one,
+    so this thread alone leaves SCHED_IDLE.
     """
     try:
         os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))

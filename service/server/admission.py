@@ -23,15 +23,14 @@ The model, in one place:
   at least one caller still waits for it, and is cancelled (at its next cancellation check)
   once nobody waits; a later identical request then starts afresh.
 
-Heavy threads (this executor's, the merge workers and the fused CPU kernel's pool) run at a lower
-scheduling priority (nice +10, per thread, best effort) so the handler threads of light calls win
-the CPU when both are runnable.
+Heavy threads (this executor's, the merge workers, the fused CPU kernel's and the read pool) run at a
+lower scheduling priority (priority.py: nice +10, per thread, and in the heavy-work process SCHED_IDLE
+with a starvation guard) so light work wins the CPU when both are runnable.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Hashable
@@ -43,6 +42,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from kinship_service.errors import Cancelled, ResourceExhausted
 from kinship_service.server.metrics import REGISTRY
+from kinship_service.server.priority import lower_heavy_threads, lower_own_priority
 
 log = logging.getLogger("kinship.admission")
 
@@ -50,8 +50,6 @@ T = TypeVar("T")
 
 WAIT_SLICE_SECONDS = 0.05
 """How often a waiting caller re-checks its own cancellation and deadline."""
-HEAVY_NICE = 10
-"""Niceness added to heavy worker threads (Linux: per thread), so light RPCs win the CPU."""
 
 ADMITTED = Counter(
     "kinship_heavy_admitted_total", "Heavy computations admitted, by kind.", ["kind"], registry=REGISTRY
@@ -99,14 +97,14 @@ class Admission:
         # An explicit cap is honoured even below workers + queue (the server passes half its handler
         # threads): waiting callers must never hold every handler thread, whatever the queue size.
         self.max_waiters = max(1, max_waiters) if max_waiters is not None else 4 * (workers + queue)
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name, initializer=_lower_priority)
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name, initializer=lower_own_priority)
         self._lock = threading.Lock()
         self._flights: dict[Hashable, _Flight[Any]] = {}
         self._admitted = 0
         self._waiters = 0
         self._closed = False
         self._recent: list[float] = []
-        renice_heavy_threads()  # merge workers already run
+        lower_heavy_threads()  # merge workers already run
 
     # -- the one entry point -----------------------------------------------------------------
     def run(
@@ -206,7 +204,7 @@ class Admission:
                 log.info("heavy computation abandoned by every caller; cancelling it", extra={"kind": flight.kind})
 
     def _execute(self, flight: _Flight[T], work: Callable[[Callable[[], None]], T]) -> None:
-        renice_heavy_threads()  # the kernel's pool appears on first use
+        lower_heavy_threads()  # the kernel's and the read pool appear on first use
         started = time.perf_counter()
         RUNNING_NOW.inc()
         try:
@@ -245,32 +243,3 @@ class Admission:
         with self._lock:
             self._closed = True
         self._executor.shutdown(wait=wait, cancel_futures=False)
-
-
-HEAVY_THREAD_PREFIXES = ("merge-", "kinship-kernel")
-"""Other threads that do heavy work: merge workers (jobs.py) and the fused CPU kernel's pool (cpu_kernel.py)."""
-_reniced: set[int] = set()
-_renice_lock = threading.Lock()
-
-
-def _renice(tid: int) -> None:
-    with _renice_lock:
-        if tid in _reniced:
-            return
-        _reniced.add(tid)
-    try:
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + HEAVY_NICE))
-    except (OSError, AttributeError):  # not Linux, or not allowed: run at normal priority
-        pass
-
-
-def _lower_priority() -> None:
-    """Heavy executor threads: nice +HEAVY_NICE (per thread on Linux), best effort."""
-    _renice(threading.get_native_id())
-
-
-def renice_heavy_threads() -> None:
-    """Give the other heavy threads of the process (HEAVY_THREAD_PREFIXES) the same lower priority, once each."""
-    for thread in threading.enumerate():
-        if thread.native_id is not None and thread.name.startswith(HEAVY_THREAD_PREFIXES):
-            _renice(thread.native_id)

@@ -11,7 +11,7 @@
 - the **heavy-work process** (`kinship-server --backend SOCKET`, the monolithic server of
   server.py on a Unix socket in a private directory), which runs everything else: exact passes,
   registrations, merge jobs and merge-job queries, with admission control (admission.py),
-  at a lower priority (nice +5, its heavy threads +15; never SCHED_IDLE, which starved it).
+  at a lower priority (nice +5; its heavy threads nice 15 and SCHED_IDLE with a starvation guard, priority.py).
 
 Why: heavy work (reading gigabytes, SLERP kernels, safetensors writes) sharing a process with the
 light calls took the GIL and the handler threads from them; a single process topped out near 600

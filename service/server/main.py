@@ -28,7 +28,7 @@ from kinship_client.v1 import service_pb2, service_pb2_grpc
 from kinship_service import __version__
 from kinship_service.config import ConfigError, Settings
 from kinship_service.kinship.exact import resolve_device
-from kinship_service.server import auth, metrics
+from kinship_service.server import auth, metrics, priority
 from kinship_service.server.servicer import KinshipServicer
 
 SERVICE_NAME = service_pb2.DESCRIPTOR.services_by_name["KinshipService"].full_name
@@ -301,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
         # The warm-up thread keeps normal priority: Linux's nice values and scheduling policies are per thread.
         start_kernel_warm_up(settings)
         _yield_cpu_to_the_front()
+        # Before serve() starts the heavy threads: they are put in SCHED_IDLE (or not) as they start.
+        priority.configure("idle" if settings.heavy_scheduling == "idle" else "nice")
     try:
         running = serve(settings, bind=f"unix:{backend_socket}" if backend_socket else None, warm_up=not backend_socket)
     except (ConfigError, RuntimeError, OSError) as exc:
@@ -342,18 +344,16 @@ def _exit_when_parent_goes() -> None:
 
 
 HEAVY_PROCESS_NICE = 5
-"""Niceness of the heavy-work process (front.py) as a whole; its heavy threads add admission.HEAVY_NICE."""
+"""Niceness of the heavy-work process (front.py) as a whole; its heavy threads add priority.HEAVY_NICE."""
 
 
 def _yield_cpu_to_the_front() -> None:
     """The heavy-work process runs at a lower priority: nice +HEAVY_PROCESS_NICE, inherited by every thread it starts.
 
-    Nice values only, no SCHED_IDLE: a SCHED_IDLE process gets CPU only when nothing else wants
-    it, so with two busy loops of other processes on a 2-core machine heavy work starved (the
-    demo ran past 300 s). A nice value lowers its share without ever starving it: its heavy
-    threads (admission.HEAVY_NICE more, nice 15 in all) get about 3% of a core that the front's
-    event loop also wants, and everything the front leaves (docs/reliability.md, Priority).
-    Best effort: failures (not Linux, not allowed) are ignored.
+    Its heavy threads go lower still (priority.py: nice 15, and SCHED_IDLE with a starvation guard
+    under KINSHIP_HEAVY_SCHEDULING=idle); the process as a whole never runs SCHED_IDLE: its handler
+    threads (job queries, lease renewals) would starve with it whenever other processes keep every
+    core busy (the demo once ran past 300 s so). Best effort: failures (not Linux, not allowed) are ignored.
     """
     try:
         os.nice(HEAVY_PROCESS_NICE)
