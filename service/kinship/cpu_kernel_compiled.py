@@ -9,6 +9,12 @@ and subtracts the base, then `_tile_stats` adds every per-model sum, Gram entry 
 squared distance `sum((d_i - d_j)^2)` of the tile to the work item's partials, reading each
 tile row once per group of four models (`_self4`, `_cross4x2`: register-blocked, vectorised).
 
+The `*_from_files` kernels do the same from open files: each thread `pread`s the piece of every
+row it is about to use into its own cache-sized buffer (`_read_rows`) and runs the same tiles over
+it, so the bytes go from the page cache to L2 once and are used there, instead of being copied into
+chunk-sized buffers in DRAM and read back. Their tiles are the in-memory kernels' tiles, in the
+same order: the results are bit-identical.
+
 Annotations here document what the driver passes; numba types the arguments at each call.
 """
 
@@ -20,7 +26,16 @@ import numpy as np
 import numpy.typing as npt
 from numba.np.numpy_support import carray
 
-from kinship_service.kinship.cpu_kernel_jit import BF16, FASTMATH, FP16, f32_from_bits, f64_from_half_bits, jit, pointer
+from kinship_service.kinship.cpu_kernel_jit import (
+    BF16,
+    FASTMATH,
+    FP16,
+    call_pread,
+    f32_from_bits,
+    f64_from_half_bits,
+    jit,
+    pointer,
+)
 
 SUPER_BLOCK = 1 << 16
 """Elements per parallel work item. Fixed (not derived from the thread count) so the
@@ -313,5 +328,127 @@ def sketch_kernel(
         b0 = item_span[w] * span
         for i in range(n):
             target, source = sketch[i, b0 : b0 + span], local[i]
+            for u in range(span):
+                target[u] += source[u]
+
+
+# _read_rows's status codes (status[0]); status[1] is the row, status[2] the file offset.
+READ_OK, READ_SHORT, READ_FAILED = 0, 1, 2
+
+
+@jit()
+def _read_rows(
+    pread: int,
+    fds: npt.NDArray[np.int64],
+    offsets: npt.NDArray[np.int64],
+    at: int,
+    nbytes: int,
+    local: npt.NDArray[np.int64],
+    status: npt.NDArray[np.int64],
+) -> bool:
+    """Read bytes [offsets[i] + at, + nbytes) of every row i's file to address local[i]; False (and status set) on a short read or error."""
+    for i in range(fds.size):
+        done = 0
+        while done < nbytes:
+            got = call_pread(pread, fds[i], local[i] + done, nbytes - done, offsets[i] + at + done)
+            if got <= 0:
+                status[0] = READ_SHORT if got == 0 else READ_FAILED
+                status[1] = i
+                status[2] = offsets[i] + at + done
+                return False
+            done += got
+    return True
+
+
+@jit(nogil=True, fastmath=FASTMATH)
+def moments_kernel_from_files(
+    pread: int,
+    fds: npt.NDArray[np.int64],
+    offsets: npt.NDArray[np.int64],
+    local: npt.NDArray[np.int64],
+    piece: int,
+    like: npt.NDArray[Any],
+    kind: int,
+    length: int,
+    tile_elements: int,
+    partials: npt.NDArray[np.float64],
+    first: int,
+    last: int,
+    status: npt.NDArray[np.int64],
+) -> None:
+    """`moments_kernel` over `length` elements of like.dtype at file offsets `offsets[i]` of files `fds[i]` (without the GIL).
+
+    Each work item is read `piece` elements at a time (a multiple of the tile) into this
+    thread's row buffers at addresses `local` (n + 1 rows of `piece` elements), then tiled as
+    `moments_kernel` tiles it. On a short read or an error, stops with `status` set (`_read_rows`).
+    """
+    n = fds.size - 1
+    itemsize = like.itemsize
+    for block in range(first, last):
+        tile = np.zeros((n + 2, tile_elements), dtype=np.float64)
+        acc = partials[block]
+        acc[:] = 0.0
+        stop = min(length, (block + 1) * SUPER_BLOCK)
+        for begin in range(block * SUPER_BLOCK, stop, piece):
+            count = min(piece, stop - begin)
+            if not _read_rows(pread, fds, offsets, begin * itemsize, count * itemsize, local, status):
+                return
+            for start in range(0, count, tile_elements):
+                k = min(tile_elements, count - start)
+                _load_tile(local, like, kind, start, k, tile)
+                _tile_stats(tile, n, k, acc)
+
+
+@jit(nogil=True, fastmath=FASTMATH)
+def sketch_kernel_from_files(
+    pread: int,
+    fds: npt.NDArray[np.int64],
+    offsets: npt.NDArray[np.int64],
+    local: npt.NDArray[np.int64],
+    like: npt.NDArray[Any],
+    kind: int,
+    tile_elements: int,
+    partials: npt.NDArray[np.float64],
+    first: int,
+    last: int,
+    item_span: npt.NDArray[np.int64],
+    item_first: npt.NDArray[np.int64],
+    seg_start: npt.NDArray[np.int64],
+    seg_length: npt.NDArray[np.int64],
+    seg_lo: npt.NDArray[np.int64],
+    seg_sign: npt.NDArray[np.float64],
+    seg_bucket: npt.NDArray[np.int64],
+    sketch: npt.NDArray[np.float64],
+    signs: npt.NDArray[np.int8],
+    span: int,
+    status: npt.NDArray[np.int64],
+) -> None:
+    """`sketch_kernel` reading each segment (at most `span` elements) from the files into the row buffers at `local` first.
+
+    As `moments_kernel_from_files`: `fds`, `offsets`, `local` (n + 1 rows of at least `span`
+    elements) and `status`. A work item's sketch is added to `sketch` only when all its reads succeeded.
+    """
+    n = fds.size - 1
+    itemsize = like.itemsize
+    for w in range(first, last):
+        tile = np.zeros((n + 2, tile_elements), dtype=np.float64)
+        factor = np.empty(tile_elements, dtype=np.float64)
+        buckets = np.zeros((n, span), dtype=np.float64)
+        acc = partials[w]
+        acc[:] = 0.0
+        for s in range(item_first[w], item_first[w + 1]):
+            if not _read_rows(pread, fds, offsets, seg_start[s] * itemsize, seg_length[s] * itemsize, local, status):
+                return
+            for offset in range(0, seg_length[s], tile_elements):
+                k = min(tile_elements, seg_length[s] - offset)
+                _load_tile(local, like, kind, offset, k, tile)
+                _tile_stats(tile, n, k, acc)
+                bucket = seg_bucket[s] + offset
+                _signed(signs, seg_lo[s] + offset, seg_sign[s], k, factor)
+                for i in range(n):
+                    _sketch_add(buckets[i, bucket : bucket + k], factor, tile[i + 1], k)
+        b0 = item_span[w] * span
+        for i in range(n):
+            target, source = sketch[i, b0 : b0 + span], buckets[i]
             for u in range(span):
                 target[u] += source[u]
