@@ -26,6 +26,7 @@ import numpy as np
 import numpy.typing as npt
 from numba.np.numpy_support import carray
 
+from kinship_service.kinship.cpu_kernel_direct import direct1, direct2, direct3, direct4, sketch_add_direct
 from kinship_service.kinship.cpu_kernel_jit import (
     BF16,
     FASTMATH,
@@ -250,6 +251,72 @@ def _load_tile(addresses: npt.NDArray[np.int64], like: npt.NDArray[Any], kind: i
         source = carray(pointer(addresses[i + 1] + start * itemsize, like), (k,))
         _widen(source, kind, base, k, tile[i + 1])
 
+@jit(fastmath=FASTMATH)
+def _direct_stats(addresses: npt.NDArray[np.int64], like: npt.NDArray[Any], start: int, k: int, acc: npt.NDArray[np.float64]) -> None:
+    """The statistics of elements start..start+k-1 of bf16 rows (n <= 4) without a tile (`cpu_kernel_direct`)."""
+    n = addresses.size - 1
+    b = carray(pointer(addresses[0] + start * 2, like), (k,))
+    r0 = carray(pointer(addresses[1] + start * 2, like), (k,))
+    if n == 1:
+        _add_self(acc, n, 0, 1, direct1(b, r0, k), _GRAM1, _SQ1)
+        return
+    r1 = carray(pointer(addresses[2] + start * 2, like), (k,))
+    if n == 2:
+        _add_self(acc, n, 0, 2, direct2(b, r0, r1, k), _GRAM2, _SQ2)
+        return
+    r2 = carray(pointer(addresses[3] + start * 2, like), (k,))
+    if n == 3:
+        _add_self(acc, n, 0, 3, direct3(b, r0, r1, r2, k), _GRAM3, _SQ3)
+        return
+    r3 = carray(pointer(addresses[4] + start * 2, like), (k,))
+    _add_self(acc, n, 0, 4, direct4(b, r0, r1, r2, r3, k), _GRAM4, _SQ4)
+
+
+@jit(fastmath=FASTMATH)
+def _direct(kind: int, n: int) -> bool:
+    """Whether rows of `kind` for n models take the tile-free loops of `cpu_kernel_direct`."""
+    return kind == BF16 and n <= 4
+
+
+@jit(fastmath=FASTMATH)
+def _stats(addresses: npt.NDArray[np.int64], like: npt.NDArray[Any], kind: int, start: int, k: int, tile: npt.NDArray[np.float64], acc: npt.NDArray[np.float64]) -> None:
+    """Add the statistics of elements start..start+k-1 (one tile) to acc: tile-free when `_direct`, else through the float64 tile."""
+    n = addresses.size - 1
+    if _direct(kind, n):
+        _direct_stats(addresses, like, start, k, acc)
+    else:
+        _load_tile(addresses, like, kind, start, k, tile)
+        _tile_stats(tile, n, k, acc)
+
+
+@jit(fastmath=FASTMATH)
+def _sketch_tile(
+    addresses: npt.NDArray[np.int64],
+    like: npt.NDArray[Any],
+    kind: int,
+    start: int,
+    k: int,
+    tile: npt.NDArray[np.float64],
+    factor: npt.NDArray[np.float64],
+    buckets: npt.NDArray[np.float64],
+    bucket: int,
+    signs: npt.NDArray[np.int8],
+    lo: int,
+    sign: float,
+) -> None:
+    """Add elements start..start+k-1 (one tile, after `_stats` of it) to buckets[:, bucket:bucket+k] with signs sign * S[lo:lo+k]."""
+    n = addresses.size - 1
+    if _direct(kind, n):
+        b = carray(pointer(addresses[0] + start * 2, like), (k,))
+        for i in range(n):
+            row = carray(pointer(addresses[i + 1] + start * 2, like), (k,))
+            sketch_add_direct(buckets[i, bucket : bucket + k], signs, lo, sign, b, row, k)
+        return
+    _signed(signs, lo, sign, k, factor)  # the tile holds these elements' deltas (`_stats`)
+    for i in range(n):
+        _sketch_add(buckets[i, bucket : bucket + k], factor, tile[i + 1], k)
+
+
 @jit(nogil=True, fastmath=FASTMATH)
 def moments_kernel(
     addresses: npt.NDArray[np.int64],
@@ -276,8 +343,7 @@ def moments_kernel(
         stop = min(length, (block + 1) * SUPER_BLOCK)
         for start in range(block * SUPER_BLOCK, stop, tile_elements):
             k = min(tile_elements, stop - start)
-            _load_tile(addresses, like, kind, start, k, tile)
-            _tile_stats(tile, n, k, acc)
+            _stats(addresses, like, kind, start, k, tile, acc)
 
 @jit(nogil=True, fastmath=FASTMATH)
 def sketch_kernel(
@@ -319,12 +385,8 @@ def sketch_kernel(
         for s in range(item_first[w], item_first[w + 1]):
             for offset in range(0, seg_length[s], tile_elements):
                 k = min(tile_elements, seg_length[s] - offset)
-                _load_tile(addresses, like, kind, seg_start[s] + offset, k, tile)
-                _tile_stats(tile, n, k, acc)
-                bucket = seg_bucket[s] + offset
-                _signed(signs, seg_lo[s] + offset, seg_sign[s], k, factor)
-                for i in range(n):
-                    _sketch_add(local[i, bucket : bucket + k], factor, tile[i + 1], k)
+                _stats(addresses, like, kind, seg_start[s] + offset, k, tile, acc)
+                _sketch_tile(addresses, like, kind, seg_start[s] + offset, k, tile, factor, local, seg_bucket[s] + offset, signs, seg_lo[s] + offset, seg_sign[s])
         b0 = item_span[w] * span
         for i in range(n):
             target, source = sketch[i, b0 : b0 + span], local[i]
@@ -395,8 +457,7 @@ def moments_kernel_from_files(
                 return
             for start in range(0, count, tile_elements):
                 k = min(tile_elements, count - start)
-                _load_tile(local, like, kind, start, k, tile)
-                _tile_stats(tile, n, k, acc)
+                _stats(local, like, kind, start, k, tile, acc)
 
 
 @jit(nogil=True, fastmath=FASTMATH)
@@ -441,12 +502,8 @@ def sketch_kernel_from_files(
                 return
             for offset in range(0, seg_length[s], tile_elements):
                 k = min(tile_elements, seg_length[s] - offset)
-                _load_tile(local, like, kind, offset, k, tile)
-                _tile_stats(tile, n, k, acc)
-                bucket = seg_bucket[s] + offset
-                _signed(signs, seg_lo[s] + offset, seg_sign[s], k, factor)
-                for i in range(n):
-                    _sketch_add(buckets[i, bucket : bucket + k], factor, tile[i + 1], k)
+                _stats(local, like, kind, offset, k, tile, acc)
+                _sketch_tile(local, like, kind, offset, k, tile, factor, buckets, seg_bucket[s] + offset, signs, seg_lo[s] + offset, seg_sign[s])
         b0 = item_span[w] * span
         for i in range(n):
             target, source = sketch[i, b0 : b0 + span], buckets[i]
