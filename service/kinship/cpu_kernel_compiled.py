@@ -26,7 +26,14 @@ import numpy as np
 import numpy.typing as npt
 from numba.np.numpy_support import carray
 
-from kinship_service.kinship.cpu_kernel_direct import direct1, direct2, direct3, direct4, sketch_add_direct
+from kinship_service.kinship.cpu_kernel_direct import (
+    direct1,
+    direct2,
+    direct3,
+    direct4,
+    sketch_add_direct,
+    sketch_add_direct2,
+)
 from kinship_service.kinship.cpu_kernel_jit import (
     BF16,
     FASTMATH,
@@ -308,9 +315,13 @@ def _sketch_tile(
     n = addresses.size - 1
     if _direct(kind, n):
         b = carray(pointer(addresses[0] + start * 2, like), (k,))
-        for i in range(n):
-            row = carray(pointer(addresses[i + 1] + start * 2, like), (k,))
-            sketch_add_direct(buckets[i, bucket : bucket + k], signs, lo, sign, b, row, k)
+        for i in range(0, n - 1, 2):  # two rows per loop, then the odd one
+            row_a = carray(pointer(addresses[i + 1] + start * 2, like), (k,))
+            row_b = carray(pointer(addresses[i + 2] + start * 2, like), (k,))
+            sketch_add_direct2(buckets[i, bucket : bucket + k], buckets[i + 1, bucket : bucket + k], signs, lo, sign, b, row_a, row_b, k)
+        if n % 2:
+            row = carray(pointer(addresses[n] + start * 2, like), (k,))
+            sketch_add_direct(buckets[n - 1, bucket : bucket + k], signs, lo, sign, b, row, k)
         return
     _signed(signs, lo, sign, k, factor)  # the tile holds these elements' deltas (`_stats`)
     for i in range(n):

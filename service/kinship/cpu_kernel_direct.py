@@ -127,3 +127,24 @@ def sketch_add_direct(
     s = signs[lo : lo + k]
     for u in range(k):
         out[u] += (sign * np.float64(s[u])) * (_bf16(row[u]) - _bf16(b[u]))
+
+
+@jit(fastmath=FASTMATH)
+def sketch_add_direct2(
+    out_a: npt.NDArray[np.float64],
+    out_b: npt.NDArray[np.float64],
+    signs: npt.NDArray[np.int8],
+    lo: int,
+    sign: float,
+    b: npt.NDArray[np.uint16],
+    row_a: Any,
+    row_b: Any,
+    k: int,
+) -> None:
+    """`sketch_add_direct` of two rows in one loop: the signs and the base are converted once for both."""
+    s = signs[lo : lo + k]
+    for u in range(k):
+        factor = sign * np.float64(s[u])
+        base = _bf16(b[u])
+        out_a[u] += factor * (_bf16(row_a[u]) - base)
+        out_b[u] += factor * (_bf16(row_b[u]) - base)
