@@ -20,6 +20,12 @@ same bucket (no races, no atomics, no per-thread copies of the sketch) and the r
 does not depend on the thread count. The per-group statistics of the `StatsBuilder`
 are the moments' count, sums and Gram diagonal, so they cost nothing.
 
+`accumulate_from_files` does the same from open files (`CheckpointReader.open_tensor`): each
+thread `pread`s the pieces it is about to use into its own L2-sized buffers inside the compiled
+loop, so the bytes go from the page cache to L2 once instead of through chunk buffers in DRAM,
+with the same tiles in the same order (the same bits). bf16 rows of at most four models skip the
+float64 tile altogether (`cpu_kernel_direct.py`: widened in registers).
+
 This module is the driver: it checks the rows, cuts a chunk into work items, runs them on a
 thread pool and reduces their partials into the moments. The compiled loops are in
 `cpu_kernel_compiled.py`, numba's set-up (cache dir, import, bit intrinsics) in
