@@ -311,6 +311,8 @@ def _in_parallel(blocks: int, runner: Callable[[], Callable[[int, int], None]]) 
     one: a thread the OS parks on a busy machine holds up little. The kernels drop the
     GIL, and idle threads block instead of spinning (an OpenMP pool would fight torch's).
     """
+    if blocks <= 0:
+        return
     threads = min(blocks, max(1, torch.get_num_threads()))
     pieces = min(blocks, PIECES_PER_THREAD * threads)
     bounds = [blocks * i // pieces for i in range(pieces + 1)]
