@@ -9,6 +9,11 @@ FAILED_PRECONDITION `CHECKPOINT_CHANGED`, not a SIGBUS that kills the process. L
 are split across a small thread pool (`preadv` releases the GIL), so the copy uses every
 core. Every byte read is counted in a `ReadStats`, which tests use to prove one-pass
 reading and the server exports as a metric.
+
+`CheckpointReader.open_tensor` hands out a tensor's open file and byte range instead, for a
+reader that reads by offset itself (the fused kernel, `kinship/cpu_kernel.accumulate_from_files`,
+reads cache-sized pieces inside its compiled loop); `read_failed` turns what such a reader saw
+into the same CHECKPOINT_CHANGED / CHECKPOINT_UNREADABLE errors.
 """
 
 from __future__ import annotations
@@ -17,8 +22,9 @@ import math
 import os
 import threading
 from collections import Counter
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,6 +115,48 @@ def read_into(fd: int, out: torch.Tensor, offset: int, info: TensorInfo, label: 
         future.result()
 
 
+@dataclass(frozen=True)
+class OpenTensor:
+    """A tensor's elements as one byte range of an open file: `elements` items of `dtype` from byte `begin` of `fd`."""
+
+    fd: int
+    begin: int
+    elements: int
+    dtype: torch.dtype
+    itemsize: int
+    info: TensorInfo
+    label: str
+
+    def prefetch(self, start: int, count: int) -> None:
+        """Ask the kernel to read elements [start, start + count) ahead (cold files are then read in large sequential pieces)."""
+        if count > 0 and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self.fd, self.begin + start * self.itemsize, count * self.itemsize, os.POSIX_FADV_WILLNEED)
+
+    def read_failed(self, offset: int, short: bool) -> FailedPrecondition:
+        """The error of a read of this tensor at file `offset` that ended early (`short`) or failed.
+
+        A failure is read again here, to name the OS's reason; should it succeed now, the error
+        still says the read failed once.
+        """
+        if short:
+            return changed_error(self.info, self.label)
+        probe = bytearray(min(4096, max(1, self.begin + self.elements * self.itemsize - offset)))
+        try:
+            _read_exactly(self.fd, memoryview(probe), offset, self.info, self.label)
+        except FailedPrecondition as exc:
+            return exc
+        return FailedPrecondition(
+            f"{self.info.file.name} of {self.label} could not be read at byte {offset}; check the disk and the file",
+            reason="CHECKPOINT_UNREADABLE",
+        )
+
+
+def chunk_elements(shape: tuple[int, ...], max_elements: int) -> int:
+    """Elements per chunk of a tensor of `shape` read along dimension 0: whole rows, at most `max_elements` (at least one row)."""
+    row = max(1, math.prod(shape[1:])) if shape else 1
+    return max(1, max_elements // row) * row
+
+
 class CheckpointReader:
     """Streams one checkpoint's tensors, laid out as `safetensors_header` read and validated them."""
 
@@ -139,6 +187,36 @@ class CheckpointReader:
             return info.begin
         # An entry without its offset (built by hand): ask the header reader (memoised on the file's state).
         return read_header(info.file, self.checkpoint.label).tensors[info.name].begin
+
+    @contextmanager
+    def open_tensor(self, name: str, shape: tuple[int, ...] | None = None) -> Iterator[OpenTensor | None]:
+        """Tensor `name` (or its leading slice of `shape`) as an open file and byte range, closed on exit.
+
+        None when those elements are not one byte range (trailing dimensions sliced) or the dtype
+        cannot be read: use `read_chunks` then. Raises CHECKPOINT_CHANGED when the file no longer
+        holds the tensor where the validated header placed it. Count what is read with `count`.
+        """
+        info = self.tensors()[name]
+        target = tuple(info.shape) if shape is None else tuple(shape)
+        if info.dtype not in DTYPES or tuple(target[1:]) != tuple(info.shape[1:]):
+            yield None
+            return
+        label = self.checkpoint.label
+        begin = self._begin(info)
+        try:
+            fd = os.open(info.file, os.O_RDONLY)
+        except OSError:
+            raise changed_error(info, label) from None
+        try:
+            if os.fstat(fd).st_size < begin + info.nbytes:
+                raise changed_error(info, label)
+            yield OpenTensor(fd, begin, math.prod(target), DTYPES[info.dtype], ITEMSIZE[info.dtype], info, label)
+        finally:
+            os.close(fd)
+
+    def count(self, tensor: OpenTensor, elements: int, first_chunk: bool) -> None:
+        """Count `elements` of `tensor` as read (by whoever read them from `open_tensor`'s file)."""
+        self.stats.add(tensor.info.file, tensor.info.name, elements * tensor.itemsize, first_chunk)
 
     def read_chunks(
         self, name: str, *, max_elements: int, shape: tuple[int, ...] | None = None

@@ -20,6 +20,12 @@ same bucket (no races, no atomics, no per-thread copies of the sketch) and the r
 does not depend on the thread count. The per-group statistics of the `StatsBuilder`
 are the moments' count, sums and Gram diagonal, so they cost nothing.
 
+`accumulate_from_files` does the same from open files (`CheckpointReader.open_tensor`): each
+thread `pread`s the pieces it is about to use into its own L2-sized buffers inside the compiled
+loop, so the bytes go from the page cache to L2 once instead of through chunk buffers in DRAM,
+with the same tiles in the same order (the same bits). bf16 rows of at most four models skip the
+float64 tile altogether (`cpu_kernel_direct.py`: widened in registers).
+
 This module is the driver: it checks the rows, cuts a chunk into work items, runs them on a
 thread pool and reduces their partials into the moments. The compiled loops are in
 `cpu_kernel_compiled.py`, numba's set-up (cache dir, import, bit intrinsics) in
@@ -33,7 +39,7 @@ import itertools
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -41,13 +47,23 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from kinship_service.checkpoints.streaming import OpenTensor
 from kinship_service.kinship import cpu_kernel_jit
 from kinship_service.kinship.cpu_kernel_jit import BF16, FLOAT, FP16, as_numpy
 from kinship_service.kinship.fingerprint import GroupStats, SketchBuilder, StatsBuilder, block_params, sign_table
 from kinship_service.kinship.similarity import PairwiseMoments
 
 if cpu_kernel_jit.available():
-    from kinship_service.kinship.cpu_kernel_compiled import SUPER_BLOCK, moments_kernel, sketch_kernel
+    from kinship_service.kinship.cpu_kernel_compiled import (
+        READ_OK,
+        READ_SHORT,
+        SUPER_BLOCK,
+        moments_kernel,
+        moments_kernel_from_files,
+        sketch_kernel,
+        sketch_kernel_from_files,
+    )
+    from kinship_service.kinship.cpu_kernel_jit import PREAD_ADDRESS
 
 # The n + 2 float64 tile rows (base, n deltas, a zero row) fit in this much L1 (see _tile_elements).
 TILE_L1_BYTES = 32 * 1024
@@ -56,8 +72,14 @@ PIECES_PER_THREAD = 4
 # Mixed or exotic dtypes (fp8, a bf16 base with fp32 models) are widened exactly with
 # torch in pieces of this many elements, so the temporary copy stays small.
 WIDEN_PIECE = 1 << 20
-# Sketch buckets per work item of a sketched chunk (their n float64 partial sums stay in L2).
-SKETCH_SPAN = 4096
+# Sketch buckets per work item of a sketched chunk: their n float64 partial sums take at most
+# this much L2 (at least SKETCH_SPAN_MIN buckets). Larger spans mean longer runs per read (16,384
+# buckets for 3 models: 32 KiB reads of bf16; 4,096 buckets, 8 KiB reads, cost 0.6 CPU-s more per
+# exact pass of the benchmark). The span does not change any bucket's summation order.
+SKETCH_BUCKETS_L2_BYTES = 512 * 1024
+SKETCH_SPAN_MIN = 4096
+# accumulate_from_files: a thread's n + 1 row buffers (one piece of every row) take at most this much L2.
+READ_L2_BYTES = 512 * 1024
 
 # How the loader reads a row (the kernel's `kind` argument).
 _KIND = {torch.float32: FLOAT, torch.float64: FLOAT, torch.bfloat16: BF16, torch.float16: FP16}
@@ -88,6 +110,12 @@ def _tile_elements(n: int) -> int:
     return min(1 << (tile.bit_length() - 1), SUPER_BLOCK)
 
 
+def sketch_span(n: int, width: int) -> int:
+    """Buckets per work item of a sketched chunk: a power of two, n float64 rows within SKETCH_BUCKETS_L2_BYTES, at most `width`."""
+    fit = max(SKETCH_SPAN_MIN, SKETCH_BUCKETS_L2_BYTES // (8 * max(1, n)))
+    return min(1 << (fit.bit_length() - 1), width)
+
+
 class FusedFingerprint:
     """The sketch and statistics of a `FingerprintObserver`, filled by the fused kernel instead.
 
@@ -101,7 +129,7 @@ class FusedFingerprint:
     thread count).
 
     A sketched chunk is cut by sketch bucket, not by position: work item w owns buckets
-    [w * SKETCH_SPAN, (w + 1) * SKETCH_SPAN) and takes, from every sketch block the chunk
+    [w * span, (w + 1) * span) (`sketch_span`) and takes, from every sketch block the chunk
     touches, the run of elements hashed there. So threads never add to one bucket, and
     each bucket is updated once per chunk from a small cache-resident buffer instead of
     once per sketch block (the n * 16 bytes of read-modify-write per element would cost
@@ -113,7 +141,7 @@ class FusedFingerprint:
         self.stats = stats
         self.n = sketch.n
         self.width = sketch.width
-        self.span = min(SKETCH_SPAN, sketch.width)
+        self.span = sketch_span(sketch.n, sketch.width)
         self.signs = sign_table(sketch.width, sketch.seed).numpy().astype(np.int8)
         self.target = sketch.sketch.numpy()
 
@@ -260,30 +288,57 @@ def _run(
         segments = sketch.segments(tensor or "", offset, length)
         blocks = segments[0].size  # work items: the sketch spans the chunk hashes to
     partials = np.empty((blocks, n + 2 * n * n), dtype=np.float64)
+
+    def runner() -> Callable[[int, int], None]:
+        def run(first: int, last: int) -> None:
+            if sketch is None:
+                moments_kernel(addresses, like, kind, length, tile, partials, first, last)
+            else:
+                sketch_kernel(
+                    addresses, like, kind, tile, partials, first, last, *segments, sketch.target, sketch.signs, sketch.span,
+                )  # fmt: skip
+
+        return run
+
+    _in_parallel(blocks, runner)
+    _reduce(partials, n, length, moments)
+
+
+def _in_parallel(blocks: int, runner: Callable[[], Callable[[int, int], None]]) -> None:
+    """Run work items 0..blocks-1 as `runner()(first, last)` calls on this thread and the pool's (one runner per thread).
+
+    Runs of work items, several per thread, taken in turn by the pool's threads and this
+    one: a thread the OS parks on a busy machine holds up little. The kernels drop the
+    GIL, and idle threads block instead of spinning (an OpenMP pool would fight torch's).
+    """
+    if blocks <= 0:
+        return
     threads = min(blocks, max(1, torch.get_num_threads()))
-    # Runs of work items, several per thread, taken in turn by the pool's threads and this
-    # one: a thread the OS parks on a busy machine holds up little. The kernel drops the
-    # GIL, and idle threads block instead of spinning (an OpenMP pool would fight torch's).
     pieces = min(blocks, PIECES_PER_THREAD * threads)
     bounds = [blocks * i // pieces for i in range(pieces + 1)]
     taken = itertools.count()  # next() on it is atomic under the GIL
 
     def work() -> None:
+        run = runner()
         while (piece := next(taken)) < pieces:
-            if sketch is None:
-                moments_kernel(addresses, like, kind, length, tile, partials, bounds[piece], bounds[piece + 1])
-            else:
-                sketch_kernel(
-                    addresses, like, kind, tile, partials, bounds[piece], bounds[piece + 1],
-                    *segments, sketch.target, sketch.signs, sketch.span,
-                )  # fmt: skip
+            run(bounds[piece], bounds[piece + 1])
 
     futures = [_pool().submit(work) for _ in range(threads - 1)]
-    work()
+    try:
+        work()
+    finally:
+        for future in futures:
+            future.exception()  # every thread done before the buffers go or an error is raised
     for future in futures:
         future.result()
-    # Plain numpy on views of the moments' tensors: no torch op (and no wake-up of torch's
-    # thread pool) per chunk.
+
+
+def _reduce(partials: npt.NDArray[np.float64], n: int, length: int, moments: PairwiseMoments) -> None:
+    """Add the work items' partials, in order, to `moments`.
+
+    Plain numpy on views of the moments' tensors: no torch op (and no wake-up of torch's
+    thread pool) per chunk.
+    """
     total = partials.sum(axis=0)
     gram = total[n : n + n * n].reshape(n, n)
     sq = total[n + n * n :].reshape(n, n)
@@ -298,6 +353,95 @@ def _run(
     moments_sq = moments.sq_dist.numpy()
     moments_sq[upper] += sq[upper]
     moments_sq[upper[::-1]] += sq[upper]
+
+
+def reads_files(tensors: Sequence[OpenTensor]) -> bool:
+    """Whether `accumulate_from_files` takes these open tensors (numba present, one dtype it reads natively)."""
+    return available() and bool(tensors) and len({t.dtype for t in tensors}) == 1 and tensors[0].dtype in _KIND
+
+
+def _piece_elements(n: int, itemsize: int, tile: int) -> int:
+    """Elements per row read at a time: a power of two whose n + 1 rows fit in READ_L2_BYTES, between a tile and a work item."""
+    fit = max(tile, READ_L2_BYTES // ((n + 1) * itemsize))
+    return min(1 << (fit.bit_length() - 1), SUPER_BLOCK)
+
+
+def accumulate_from_files(
+    tensors: Sequence[OpenTensor],
+    start: int,
+    count: int,
+    moments: PairwiseMoments,
+    *,
+    sketch: FusedFingerprint | None = None,
+    tensor: str | None = None,
+) -> None:
+    """`accumulate` of elements [start, start + count) of open tensors (base first), read by the kernel itself.
+
+    Each thread reads the pieces it is about to use (`pread`, no GIL) into its own buffers of
+    READ_L2_BYTES, so the bytes travel from the page cache to L2 once, instead of through
+    chunk-sized buffers in DRAM: same tiles, same order, the same bits as `accumulate` on those
+    elements. With `sketch`, they are sketched as elements [start, start + count) of tensor
+    `tensor`. Take only tensors `reads_files` accepts. A read that ends early is
+    CHECKPOINT_CHANGED, one that fails CHECKPOINT_UNREADABLE (`OpenTensor.read_failed`); the
+    moments are then left as they were (the sketch may hold part of the chunk: discard it).
+    """
+    n = moments.n
+    if not reads_files(tensors):
+        raise ValueError("accumulate_from_files takes open tensors of one dtype the kernel reads (reads_files)")
+    if len(tensors) != n + 1:
+        raise ValueError(f"expected {n + 1} tensors (the base and {n} models), got {len(tensors)}")
+    if sketch is not None and (tensor is None or sketch.n != n):
+        raise ValueError("a sketched chunk needs its tensor name and a sketch of as many models")
+    if start < 0 or count < 0 or any(start + count > t.elements for t in tensors):
+        raise ValueError(f"elements [{start}, {start + count}) are not inside every tensor")
+    if count == 0:
+        return
+    dtype = tensors[0].dtype
+    like = np.empty(0, dtype=np.uint16 if dtype in (torch.bfloat16, torch.float16) else torch.empty(0, dtype=dtype).numpy().dtype)
+    itemsize = like.itemsize
+    for t in tensors:
+        t.prefetch(start, count)
+    fds = np.array([t.fd for t in tensors], dtype=np.int64)
+    offsets = np.array([t.begin + start * itemsize for t in tensors], dtype=np.int64)
+    kind = _KIND[dtype]
+    tile = _tile_elements(n)
+    segments: tuple[npt.NDArray[Any], ...] = ()
+    if sketch is None:
+        blocks = (count + SUPER_BLOCK - 1) // SUPER_BLOCK
+        row = _piece_elements(n, itemsize, tile)
+    else:
+        segments = sketch.segments(tensor or "", start, count)
+        blocks = segments[0].size
+        row = sketch.span
+    partials = np.empty((blocks, n + 2 * n * n), dtype=np.float64)
+    statuses: list[npt.NDArray[np.int64]] = []
+    buffers: list[npt.NDArray[Any]] = []  # each thread's row buffers, alive until every kernel returned
+
+    def runner() -> Callable[[int, int], None]:
+        buffer = np.empty((n + 1, row), dtype=like.dtype)  # this thread's rows, reused for every piece
+        buffers.append(buffer)
+        local = buffer.ctypes.data + np.arange(n + 1, dtype=np.int64) * (row * itemsize)
+        status = np.zeros(3, dtype=np.int64)
+        statuses.append(status)
+
+        def run(first: int, last: int) -> None:
+            if status[0] != READ_OK:
+                return  # this thread's read failed: the chunk is lost, skip the rest
+            if sketch is None:
+                moments_kernel_from_files(PREAD_ADDRESS, fds, offsets, local, row, like, kind, count, tile, partials, first, last, status)
+            else:
+                sketch_kernel_from_files(
+                    PREAD_ADDRESS, fds, offsets, local, like, kind, tile, partials, first, last,
+                    *segments, sketch.target, sketch.signs, sketch.span, status,
+                )  # fmt: skip
+
+        return run
+
+    _in_parallel(blocks, runner)
+    for status in statuses:
+        if status[0] != READ_OK:
+            raise tensors[int(status[1])].read_failed(int(status[2]), short=status[0] == READ_SHORT)
+    _reduce(partials, n, count, moments)
 
 
 def warm_up() -> float:

@@ -9,6 +9,12 @@ and subtracts the base, then `_tile_stats` adds every per-model sum, Gram entry 
 squared distance `sum((d_i - d_j)^2)` of the tile to the work item's partials, reading each
 tile row once per group of four models (`_self4`, `_cross4x2`: register-blocked, vectorised).
 
+The `*_from_files` kernels do the same from open files: each thread `pread`s the piece of every
+row it is about to use into its own cache-sized buffer (`_read_rows`) and runs the same tiles over
+it, so the bytes go from the page cache to L2 once and are used there, instead of being copied into
+chunk-sized buffers in DRAM and read back. Their tiles are the in-memory kernels' tiles, in the
+same order: the results are bit-identical.
+
 Annotations here document what the driver passes; numba types the arguments at each call.
 """
 
@@ -20,7 +26,24 @@ import numpy as np
 import numpy.typing as npt
 from numba.np.numpy_support import carray
 
-from kinship_service.kinship.cpu_kernel_jit import BF16, FASTMATH, FP16, f32_from_bits, f64_from_half_bits, jit, pointer
+from kinship_service.kinship.cpu_kernel_direct import (
+    direct1,
+    direct2,
+    direct3,
+    direct4,
+    sketch_add_direct,
+    sketch_add_direct2,
+)
+from kinship_service.kinship.cpu_kernel_jit import (
+    BF16,
+    FASTMATH,
+    FP16,
+    call_pread,
+    f32_from_bits,
+    f64_from_half_bits,
+    jit,
+    pointer,
+)
 
 SUPER_BLOCK = 1 << 16
 """Elements per parallel work item. Fixed (not derived from the thread count) so the
@@ -235,6 +258,76 @@ def _load_tile(addresses: npt.NDArray[np.int64], like: npt.NDArray[Any], kind: i
         source = carray(pointer(addresses[i + 1] + start * itemsize, like), (k,))
         _widen(source, kind, base, k, tile[i + 1])
 
+@jit(fastmath=FASTMATH)
+def _direct_stats(addresses: npt.NDArray[np.int64], like: npt.NDArray[Any], start: int, k: int, acc: npt.NDArray[np.float64]) -> None:
+    """The statistics of elements start..start+k-1 of bf16 rows (n <= 4) without a tile (`cpu_kernel_direct`)."""
+    n = addresses.size - 1
+    b = carray(pointer(addresses[0] + start * 2, like), (k,))
+    r0 = carray(pointer(addresses[1] + start * 2, like), (k,))
+    if n == 1:
+        _add_self(acc, n, 0, 1, direct1(b, r0, k), _GRAM1, _SQ1)
+        return
+    r1 = carray(pointer(addresses[2] + start * 2, like), (k,))
+    if n == 2:
+        _add_self(acc, n, 0, 2, direct2(b, r0, r1, k), _GRAM2, _SQ2)
+        return
+    r2 = carray(pointer(addresses[3] + start * 2, like), (k,))
+    if n == 3:
+        _add_self(acc, n, 0, 3, direct3(b, r0, r1, r2, k), _GRAM3, _SQ3)
+        return
+    r3 = carray(pointer(addresses[4] + start * 2, like), (k,))
+    _add_self(acc, n, 0, 4, direct4(b, r0, r1, r2, r3, k), _GRAM4, _SQ4)
+
+
+@jit(fastmath=FASTMATH)
+def _direct(kind: int, n: int) -> bool:
+    """Whether rows of `kind` for n models take the tile-free loops of `cpu_kernel_direct`."""
+    return kind == BF16 and n <= 4
+
+
+@jit(fastmath=FASTMATH)
+def _stats(addresses: npt.NDArray[np.int64], like: npt.NDArray[Any], kind: int, start: int, k: int, tile: npt.NDArray[np.float64], acc: npt.NDArray[np.float64]) -> None:
+    """Add the statistics of elements start..start+k-1 (one tile) to acc: tile-free when `_direct`, else through the float64 tile."""
+    n = addresses.size - 1
+    if _direct(kind, n):
+        _direct_stats(addresses, like, start, k, acc)
+    else:
+        _load_tile(addresses, like, kind, start, k, tile)
+        _tile_stats(tile, n, k, acc)
+
+
+@jit(fastmath=FASTMATH)
+def _sketch_tile(
+    addresses: npt.NDArray[np.int64],
+    like: npt.NDArray[Any],
+    kind: int,
+    start: int,
+    k: int,
+    tile: npt.NDArray[np.float64],
+    factor: npt.NDArray[np.float64],
+    buckets: npt.NDArray[np.float64],
+    bucket: int,
+    signs: npt.NDArray[np.int8],
+    lo: int,
+    sign: float,
+) -> None:
+    """Add elements start..start+k-1 (one tile, after `_stats` of it) to buckets[:, bucket:bucket+k] with signs sign * S[lo:lo+k]."""
+    n = addresses.size - 1
+    if _direct(kind, n):
+        b = carray(pointer(addresses[0] + start * 2, like), (k,))
+        for i in range(0, n - 1, 2):  # two rows per loop, then the odd one
+            row_a = carray(pointer(addresses[i + 1] + start * 2, like), (k,))
+            row_b = carray(pointer(addresses[i + 2] + start * 2, like), (k,))
+            sketch_add_direct2(buckets[i, bucket : bucket + k], buckets[i + 1, bucket : bucket + k], signs, lo, sign, b, row_a, row_b, k)
+        if n % 2:
+            row = carray(pointer(addresses[n] + start * 2, like), (k,))
+            sketch_add_direct(buckets[n - 1, bucket : bucket + k], signs, lo, sign, b, row, k)
+        return
+    _signed(signs, lo, sign, k, factor)  # the tile holds these elements' deltas (`_stats`)
+    for i in range(n):
+        _sketch_add(buckets[i, bucket : bucket + k], factor, tile[i + 1], k)
+
+
 @jit(nogil=True, fastmath=FASTMATH)
 def moments_kernel(
     addresses: npt.NDArray[np.int64],
@@ -261,8 +354,7 @@ def moments_kernel(
         stop = min(length, (block + 1) * SUPER_BLOCK)
         for start in range(block * SUPER_BLOCK, stop, tile_elements):
             k = min(tile_elements, stop - start)
-            _load_tile(addresses, like, kind, start, k, tile)
-            _tile_stats(tile, n, k, acc)
+            _stats(addresses, like, kind, start, k, tile, acc)
 
 @jit(nogil=True, fastmath=FASTMATH)
 def sketch_kernel(
@@ -304,14 +396,127 @@ def sketch_kernel(
         for s in range(item_first[w], item_first[w + 1]):
             for offset in range(0, seg_length[s], tile_elements):
                 k = min(tile_elements, seg_length[s] - offset)
-                _load_tile(addresses, like, kind, seg_start[s] + offset, k, tile)
-                _tile_stats(tile, n, k, acc)
-                bucket = seg_bucket[s] + offset
-                _signed(signs, seg_lo[s] + offset, seg_sign[s], k, factor)
-                for i in range(n):
-                    _sketch_add(local[i, bucket : bucket + k], factor, tile[i + 1], k)
+                _stats(addresses, like, kind, seg_start[s] + offset, k, tile, acc)
+                _sketch_tile(addresses, like, kind, seg_start[s] + offset, k, tile, factor, local, seg_bucket[s] + offset, signs, seg_lo[s] + offset, seg_sign[s])
         b0 = item_span[w] * span
         for i in range(n):
             target, source = sketch[i, b0 : b0 + span], local[i]
+            for u in range(span):
+                target[u] += source[u]
+
+
+# _read_rows's status codes (status[0]); status[1] is the row, status[2] the file offset.
+READ_OK, READ_SHORT, READ_FAILED = 0, 1, 2
+
+
+@jit()
+def _read_rows(
+    pread: int,
+    fds: npt.NDArray[np.int64],
+    offsets: npt.NDArray[np.int64],
+    at: int,
+    nbytes: int,
+    local: npt.NDArray[np.int64],
+    status: npt.NDArray[np.int64],
+) -> bool:
+    """Read bytes [offsets[i] + at, + nbytes) of every row i's file to address local[i]; False (and status set) on a short read or error."""
+    for i in range(fds.size):
+        done = 0
+        while done < nbytes:
+            got = call_pread(pread, fds[i], local[i] + done, nbytes - done, offsets[i] + at + done)
+            if got <= 0:
+                status[0] = READ_SHORT if got == 0 else READ_FAILED
+                status[1] = i
+                status[2] = offsets[i] + at + done
+                return False
+            done += got
+    return True
+
+
+@jit(nogil=True, fastmath=FASTMATH)
+def moments_kernel_from_files(
+    pread: int,
+    fds: npt.NDArray[np.int64],
+    offsets: npt.NDArray[np.int64],
+    local: npt.NDArray[np.int64],
+    piece: int,
+    like: npt.NDArray[Any],
+    kind: int,
+    length: int,
+    tile_elements: int,
+    partials: npt.NDArray[np.float64],
+    first: int,
+    last: int,
+    status: npt.NDArray[np.int64],
+) -> None:
+    """`moments_kernel` over `length` elements of like.dtype at file offsets `offsets[i]` of files `fds[i]` (without the GIL).
+
+    Each work item is read `piece` elements at a time (a multiple of the tile) into this
+    thread's row buffers at addresses `local` (n + 1 rows of `piece` elements), then tiled as
+    `moments_kernel` tiles it. On a short read or an error, stops with `status` set (`_read_rows`).
+    """
+    n = fds.size - 1
+    itemsize = like.itemsize
+    for block in range(first, last):
+        tile = np.zeros((n + 2, tile_elements), dtype=np.float64)
+        acc = partials[block]
+        acc[:] = 0.0
+        stop = min(length, (block + 1) * SUPER_BLOCK)
+        for begin in range(block * SUPER_BLOCK, stop, piece):
+            count = min(piece, stop - begin)
+            if not _read_rows(pread, fds, offsets, begin * itemsize, count * itemsize, local, status):
+                return
+            for start in range(0, count, tile_elements):
+                k = min(tile_elements, count - start)
+                _stats(local, like, kind, start, k, tile, acc)
+
+
+@jit(nogil=True, fastmath=FASTMATH)
+def sketch_kernel_from_files(
+    pread: int,
+    fds: npt.NDArray[np.int64],
+    offsets: npt.NDArray[np.int64],
+    local: npt.NDArray[np.int64],
+    like: npt.NDArray[Any],
+    kind: int,
+    tile_elements: int,
+    partials: npt.NDArray[np.float64],
+    first: int,
+    last: int,
+    item_span: npt.NDArray[np.int64],
+    item_first: npt.NDArray[np.int64],
+    seg_start: npt.NDArray[np.int64],
+    seg_length: npt.NDArray[np.int64],
+    seg_lo: npt.NDArray[np.int64],
+    seg_sign: npt.NDArray[np.float64],
+    seg_bucket: npt.NDArray[np.int64],
+    sketch: npt.NDArray[np.float64],
+    signs: npt.NDArray[np.int8],
+    span: int,
+    status: npt.NDArray[np.int64],
+) -> None:
+    """`sketch_kernel` reading each segment (at most `span` elements) from the files into the row buffers at `local` first.
+
+    As `moments_kernel_from_files`: `fds`, `offsets`, `local` (n + 1 rows of at least `span`
+    elements) and `status`. A work item's sketch is added to `sketch` only when all its reads succeeded.
+    """
+    n = fds.size - 1
+    itemsize = like.itemsize
+    for w in range(first, last):
+        tile = np.zeros((n + 2, tile_elements), dtype=np.float64)
+        factor = np.empty(tile_elements, dtype=np.float64)
+        buckets = np.zeros((n, span), dtype=np.float64)
+        acc = partials[w]
+        acc[:] = 0.0
+        for s in range(item_first[w], item_first[w + 1]):
+            if not _read_rows(pread, fds, offsets, seg_start[s] * itemsize, seg_length[s] * itemsize, local, status):
+                return
+            for offset in range(0, seg_length[s], tile_elements):
+                k = min(tile_elements, seg_length[s] - offset)
+                _stats(local, like, kind, offset, k, tile, acc)
+                _sketch_tile(local, like, kind, offset, k, tile, factor, buckets, seg_bucket[s] + offset, signs, seg_lo[s] + offset, seg_sign[s])
+        b0 = item_span[w] * span
+        for i in range(n):
+            target, source = sketch[i, b0 : b0 + span], buckets[i]
             for u in range(span):
                 target[u] += source[u]

@@ -7,11 +7,15 @@ says whether it did, and the callers keep their torch paths when it did not.
 
 When numba is present this module also defines `jit` (njit with the on-disk cache, or in
 memory where no cache location is writable), `intrinsic` (numba's, typed for callers) and
-the three LLVM intrinsics numba lacks: `f32_from_bits`, `f64_from_half_bits`, `pointer`.
+the LLVM intrinsics numba lacks: `f32_from_bits`, `f64_from_half_bits`, `pointer`, and
+`call_pread`, which calls libc's `pread` through its address (`PREAD_ADDRESS`), so a kernel reads
+file bytes straight into its cache-sized buffers without the GIL. The address is an argument, not
+a constant in the compiled code: numba can still cache the kernels on disk.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import tempfile
@@ -141,3 +145,22 @@ if IMPORT_ERROR is None:
 
     pointer: Callable[[Any, npt.NDArray[Any]], Any] = intrinsic(_pointer_typing)
     """The integer `address` as a pointer to elements of `like`'s dtype."""
+
+    PREAD_ADDRESS: int = ctypes.cast(ctypes.CDLL(None).pread, ctypes.c_void_p).value or 0
+    """Where libc's `pread(int fd, void *buf, size_t count, off_t offset)` is, for `call_pread` (Linux, 64-bit off_t)."""
+
+    def _call_pread_typing(typingctx: Any, function: Any, fd: Any, address: Any, count: Any, offset: Any) -> tuple[Any, Callable[..., Any]]:
+        """Typing and code generation of `call_pread`."""
+        sig = types.int64(types.int64, types.int64, types.int64, types.int64, types.int64)
+
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            i64, byte_pointer = ir.IntType(64), ir.IntType(8).as_pointer()
+            prototype = ir.FunctionType(i64, [ir.IntType(32), byte_pointer, i64, i64])
+            target = builder.inttoptr(args[0], prototype.as_pointer())
+            return builder.call(target, [builder.trunc(args[1], ir.IntType(32)), builder.inttoptr(args[2], byte_pointer), args[3], args[4]])
+
+        return sig, codegen
+
+    call_pread: Callable[[int, int, int, int, int], int] = intrinsic(_call_pread_typing)
+    """`pread(fd, address, count, offset)` through the function at `PREAD_ADDRESS` (the first argument):
+    bytes read, 0 at the end of the file, -1 on an error. Releases nothing itself: call it from a nogil kernel."""

@@ -8,6 +8,7 @@ once per request whatever n is, and memory stays at a few chunk buffers.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -19,7 +20,7 @@ import torch
 from kinship_service.checkpoints.dtypes import ITEMSIZE
 from kinship_service.checkpoints.safetensors_header import TensorInfo
 from kinship_service.checkpoints.sources import Checkpoint
-from kinship_service.checkpoints.streaming import CheckpointReader, ReadStats
+from kinship_service.checkpoints.streaming import CheckpointReader, ReadStats, chunk_elements
 from kinship_service.errors import InvalidArgument
 from kinship_service.kinship import cpu_kernel
 from kinship_service.kinship.similarity import PairwiseMoments, Similarities, layer_group, similarities
@@ -274,6 +275,8 @@ def partial_moments(
             check_cancelled()
             group = moments.setdefault(tensor.group, PairwiseMoments(n, device=device))
             tensors_by_group[tensor.group] = tensors_by_group.get(tensor.group, 0) + 1
+            if _fused_from_files(readers, tensor, group, sketch, read_elements, check_cancelled):
+                continue
             offset = 0
             for chunks in _lockstep(readers, tensor, read_elements):
                 cpu_kernel.accumulate(chunks, group, sketch=sketch, tensor=tensor.name, offset=offset)
@@ -309,6 +312,40 @@ def partial_moments(
                 offset += k
             check_cancelled()
     return PassPartial(moments, tensors_by_group)
+
+
+def _fused_from_files(
+    readers: Sequence[CheckpointReader],
+    tensor: TensorPlan,
+    group: PairwiseMoments,
+    sketch: cpu_kernel.FusedFingerprint | None,
+    max_elements: int,
+    check_cancelled: Callable[[], None],
+) -> bool:
+    """Feed `tensor` to the fused kernel reading the files itself (`cpu_kernel.accumulate_from_files`), chunk by chunk.
+
+    False, having read nothing, when it cannot: trailing dimensions sliced, or mixed or exotic
+    dtypes (the caller then reads chunks into memory). Chunks are the ones `read_chunks` would
+    cut (whole rows), so the sums are the same bits either way.
+    """
+    shape = tensor.shape if tensor.sliced else None
+    with contextlib.ExitStack() as stack:
+        opened = [stack.enter_context(reader.open_tensor(tensor.name, shape)) for reader in readers]
+        files = [o for o in opened if o is not None]
+        if len(files) != len(readers) or not cpu_kernel.reads_files(files):
+            return False
+        total = files[0].elements
+        step = chunk_elements(tensor.shape, max_elements)
+        if total == 0:
+            for reader, file in zip(readers, files, strict=True):
+                reader.count(file, 0, True)
+        for start in range(0, total, step):
+            count = min(step, total - start)
+            cpu_kernel.accumulate_from_files(files, start, count, group, sketch=sketch, tensor=tensor.name)
+            for reader, file in zip(readers, files, strict=True):
+                reader.count(file, count, start == 0)
+            check_cancelled()
+    return True
 
 
 def _fused_kernel(
