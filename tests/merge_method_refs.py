@@ -176,8 +176,11 @@ def run_method(
     threads: int = 2,
     leading_slice: bool = False,
     tag: str = "out",
+    use_cpu_kernel: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """Save `inputs` (the method's order: base first for task-vector methods), merge them with the real runner, read the output."""
+    """Save `inputs` (the method's order: base first for task-vector methods), merge them with the real runner, read the output.
+
+    `use_cpu_kernel`: False runs the torch path instead of the numba kernels."""
 
     def spec(value: float | InterpolationSpec) -> InterpolationSpec:
         return value if isinstance(value, InterpolationSpec) else InterpolationSpec.constant(value)
@@ -207,6 +210,7 @@ def run_method(
         chunk_elements=chunk_elements,
         allowed_roots=roots,
         threads=threads,
+        use_cpu_kernel=use_cpu_kernel,
     )
     out = tmp_path / "merged" / tag
     out.parent.mkdir(exist_ok=True)

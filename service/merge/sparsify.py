@@ -146,12 +146,17 @@ def mask_key(seed: int, name: str, model: int) -> int:
     return _mix_int((seed & MASK64) ^ fnv1a64(f"{name}\x00{model}".encode()))
 
 
+def random_limit(density: float) -> int:
+    """The bound `(h >> 11)` stays under for a kept element: `u < density` with `u = (h >> 11) / 2**53`."""
+    return int(density * (1 << 53))
+
+
 def random_mask(key: int, start: int, stop: int, density: float, use_kernel: bool = True) -> torch.Tensor:
     """DARE's kept elements [start, stop) of one stream (bool): `u < density`, see the module docstring.
 
     With numba (`use_kernel`) one fused pass (`sparsify_jit`); else torch int64 ops, bit-identical.
     """
-    limit = int(density * (1 << 53))
+    limit = random_limit(density)
     if use_kernel and sparsify_jit.available():
         return sparsify_jit.random_mask(key, start, stop, limit)
     index = torch.arange(start + 1, stop + 1, dtype=torch.int64)
