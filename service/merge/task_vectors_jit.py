@@ -34,6 +34,8 @@ from kinship_service.kinship import cpu_kernel_jit
 
 DENSE, RANDOM, MAGNITUDE = 0, 1, 2
 """How each model's task vector is sparsified in `combine` (its `kinds` entry)."""
+BLOCK = 2048
+"""Elements `combine` takes at a time: the models' rows of a block stay in the L1 cache."""
 
 def available() -> bool:
     """Whether numba imported (the kernels compile on first use, then load from numba's cache); else torch."""
@@ -116,6 +118,22 @@ if cpu_kernel_jit.available():
             out[r, 1] = part
 
     @jit(nogil=True)
+    def _tie_cutoff(flat: Any, stride: Any, k: Any, row: Any, bits: Any, room: Any) -> Any:  # pragma: no cover - compiled
+        """The element index before which a range's elements equal to the threshold are kept (the first `room` of them)."""
+        if room <= 0:
+            return 0
+        if room >= k:
+            return k  # a range holds at most k equal elements: all of them are kept
+        at = row * stride
+        seen = 0
+        for e in range(k):
+            if _magnitude(flat[at + e], flat[e]) == bits:
+                seen += 1
+                if seen == room:
+                    return e + 1
+        return k
+
+    @jit(nogil=True)
     def _combine(
         flat: Any,
         stride: Any,
@@ -136,53 +154,83 @@ if cpu_kernel_jit.available():
         lam: Any,
         apply_lam: Any,
     ) -> None:  # pragma: no cover - compiled
+        # Blocks of BLOCK elements, each step a loop over one model's row (vectorisable), so the
+        # per-element order of the float operations is the torch path's: over models, row by row.
         models = kinds.shape[0]
-        deltas = np.empty(models, np.float32)
-        seen = before.copy()
         one = np.float32(1.0)
         zero = np.float32(0.0)
-        for e in range(k):
-            b = flat[e]
+        cutoffs = np.zeros(models, np.int64)
+        for m in range(models):
+            if kinds[m] == MAGNITUDE:
+                cutoffs[m] = _tie_cutoff(flat, stride, k, m + 1, bits[m], quotas[m] - before[m])
+        deltas = np.empty((models, BLOCK), np.float32)
+        mixed = np.empty(BLOCK, np.float32)
+        total = np.empty(BLOCK, np.float32)
+        divisor = np.empty(BLOCK, np.float32)
+        for first in range(0, k, BLOCK):
+            n = min(BLOCK, k - first)
             for m in range(models):
-                d = np.float32(flat[(m + 1) * stride + e] - b)
+                at = (m + 1) * stride + first
                 kind = kinds[m]
+                scale = scales[m] if kind != DENSE else one
+                weight = weights[m]
+                row = deltas[m]
                 if kind == RANDOM:
-                    d = d * (one if _kept(keys[m], np.uint64(start + e), limits[m]) else zero)
+                    key = keys[m]
+                    limit = limits[m]
+                    for j in range(n):
+                        d = np.float32(flat[at + j] - flat[first + j])
+                        d = d * (one if _kept(key, np.uint64(start + first + j), limit) else zero)
+                        row[j] = (d * scale) * weight
                 elif kind == MAGNITUDE:
-                    size = _f32_bits(d) & np.uint32(0x7FFFFFFF)
-                    keep = size > bits[m]
-                    if size == bits[m]:
-                        seen[m] += 1
-                        keep = seen[m] <= quotas[m]
-                    d = d * (one if keep else zero)
-                if kind != DENSE and scales[m] != one:
-                    d = d * scales[m]
-                deltas[m] = d * weights[m]
+                    threshold = bits[m]
+                    cut = cutoffs[m] - first
+                    for j in range(n):
+                        d = np.float32(flat[at + j] - flat[first + j])
+                        size = _f32_bits(d) & np.uint32(0x7FFFFFFF)
+                        keep = size > threshold or (size == threshold and j < cut)
+                        d = d * (one if keep else zero)
+                        row[j] = (d * scale) * weight
+                else:
+                    for j in range(n):
+                        row[j] = np.float32(flat[at + j] - flat[first + j]) * weight
+            for j in range(n):
+                mixed[j] = zero
             if consensus:
-                total = zero
+                for j in range(n):
+                    total[j] = zero
+                    divisor[j] = zero
                 for m in range(models):
-                    total = total + deltas[m]
-                majority = one if total >= zero else -one
-                mixed = zero
-                divisor = zero
+                    row = deltas[m]
+                    for j in range(n):
+                        total[j] = total[j] + row[j]
                 for m in range(models):
-                    d = deltas[m]
-                    sign = one if d > zero else (-one if d < zero else zero)
-                    agree = one if sign == majority else zero
-                    mixed = mixed + d * agree
-                    divisor = divisor + weights[m] * agree
-                if divisor == zero:
-                    divisor = one
+                    row = deltas[m]
+                    weight = weights[m]
+                    for j in range(n):
+                        d = row[j]
+                        majority = one if total[j] >= zero else -one
+                        sign = one if d > zero else (-one if d < zero else zero)
+                        agree = one if sign == majority else zero
+                        mixed[j] = mixed[j] + d * agree
+                        divisor[j] = divisor[j] + weight * agree
+                for j in range(n):
+                    if divisor[j] == zero:
+                        divisor[j] = one
             else:
-                mixed = zero
                 for m in range(models):
-                    mixed = mixed + deltas[m]
-                divisor = divisor_all
-            if normalize:
-                mixed = mixed / divisor
-            if apply_lam:
-                mixed = mixed * lam
-            out[e] = mixed + b
+                    row = deltas[m]
+                    for j in range(n):
+                        mixed[j] = mixed[j] + row[j]
+                for j in range(n):
+                    divisor[j] = divisor_all
+            for j in range(n):
+                value = mixed[j]
+                if normalize:
+                    value = value / divisor[j]
+                if apply_lam:
+                    value = value * lam
+                out[first + j] = value + flat[first + j]
 
 
 def _flat(stack: torch.Tensor) -> tuple[npt.NDArray[np.float32], int, int]:
