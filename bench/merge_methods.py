@@ -2,6 +2,7 @@
 
     /work/venvs/bm14/bin/python bench/merge_methods.py                       # 509M parameters per model
     /work/venvs/bm14/bin/python bench/merge_methods.py --params 20e6 --methods linear,ties   # quick
+    /work/venvs/bm14/bin/python bench/merge_methods.py --params 50e6 --methods ties --torch-path  # kernels vs torch path
 
 For each method it merges a base and two models (three for ties and model_stock) with our
 runner (exactly as a merge job does: `MergeRunner` into a temp dir renamed into place, 2 math
@@ -108,8 +109,8 @@ def mergekit_config(directory: Path, method: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def ours(directory: Path, method: str, out: Path, threads: int) -> None:
-    """Merge with our runner, as a job does; print a JSON summary."""
+def ours(directory: Path, method: str, out: Path, threads: int, use_cpu_kernel: bool = True) -> None:
+    """Merge with our runner, as a job does (`use_cpu_kernel=False`: the torch path); print a JSON summary."""
     from kinship_service.checkpoints.sources import LocalPath, resolve
     from kinship_service.merge.model_card import ModelCard
     from kinship_service.merge.parameters import MethodParameters
@@ -138,7 +139,8 @@ def ours(directory: Path, method: str, out: Path, threads: int) -> None:
         settings = MergeSettings(out_dtype="BF16", method=method, method_parameters=parameters, model_count=len(models))
         card = ModelCard("", "", "", "", constant(0.0), method=method, models=tuple((n, "") for n in models))
     started = time.perf_counter()
-    runner = MergeRunner(checkpoints[0], checkpoints[1], settings, more_checkpoints=checkpoints[2:], allowed_roots=roots, threads=threads)
+    runner = MergeRunner(checkpoints[0], checkpoints[1], settings, more_checkpoints=checkpoints[2:], allowed_roots=roots, threads=threads,
+                         use_cpu_kernel=use_cpu_kernel)
     summary = runner.run(out.parent / f".kinship-tmp-{out.name}", out, overwrite=True, card=card)
     print(json.dumps({"seconds": time.perf_counter() - started, "bytes_written": summary.bytes_written, "tensors": summary.tensors}))
 
@@ -282,13 +284,16 @@ def main() -> int:
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
     parser.add_argument("--threads", type=int, default=2, help="our merge's math threads (the server uses 2)")
     parser.add_argument("--keep", action="store_true", help="keep the inputs afterwards (default: delete them)")
+    parser.add_argument("--torch-path", action="store_true",
+                        help="also run our merge on its torch path (numba kernels off) in the same run: an A/B of the kernels")
+    parser.add_argument("--no-kernel", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--role", choices=["main", "ours"], default="main", help=argparse.SUPPRESS)
     parser.add_argument("--method", default="", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     directory = args.dir / f"p{int(args.params)}"
     if args.role == "ours":
-        ours(directory, args.method, args.out, args.threads)
+        ours(directory, args.method, args.out, args.threads, use_cpu_kernel=not args.no_kernel)
         return 0
     methods = [m for m in args.methods.split(",") if m]
     unknown = sorted(set(methods) - set(METHODS))
@@ -305,8 +310,10 @@ def main() -> int:
         config = directory / f"{method}.yml"
         config.write_text(mergekit_config(directory, method))
         load = os.getloadavg()[0]
-        mine = _timed_child([sys.executable, __file__, "--role", "ours", "--params", str(args.params), "--dir", str(args.dir),
-                             "--method", method, "--out", str(out_ours), "--threads", str(args.threads)], directory / f"{method}-ours.log")
+        child = [sys.executable, __file__, "--role", "ours", "--params", str(args.params), "--dir", str(args.dir),
+                 "--method", method, "--out", str(out_ours), "--threads", str(args.threads)]
+        mine = _timed_child(child, directory / f"{method}-ours.log")
+        plain = _timed_child(child + ["--no-kernel"], directory / f"{method}-ours-torch.log") if args.torch_path else None
         shutil.rmtree(out_theirs, ignore_errors=True)
         theirs = _timed_child([str(MERGEKIT), str(config), str(out_theirs), "--lazy-unpickle", "--out-shard-size", shard,
                                "--no-copy-tokenizer", "--quiet"], directory / f"{method}-mergekit.log")
@@ -314,6 +321,9 @@ def main() -> int:
         row = {"method": method, "models": len([n for n in _inputs(method) if n != "base"]), "load_average": load,
                "ours": mine, "mergekit": theirs, "time_ratio": mine["seconds"] / theirs["seconds"],
                "rss_ratio": mine["peak_rss_mib"] / theirs["peak_rss_mib"], "check": check}
+        if plain is not None:
+            row["ours_torch_path"] = plain
+            row["kernel_cpu_ratio"] = mine["cpu_seconds"] / plain["cpu_seconds"]
         rows.append(row)
         print(json.dumps(row), flush=True)
         shutil.rmtree(out_ours, ignore_errors=True)
