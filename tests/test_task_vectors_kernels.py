@@ -118,3 +118,7 @@ def test_l1_kernel_matches_torch_to_float64_rounding() -> None:
         delta = (stack[1 + row] - stack[0]).double()
         mask = sparsify.random_mask(keys[row], 1234, 1234 + 70_001, (0.3, 0.9)[row], use_kernel=False)
         np.testing.assert_allclose(sums[row], [float(delta.abs().sum()), float((delta.abs() * mask).sum())], rtol=1e-12)
+
+
+def test_warm_up_compiles_every_kernel() -> None:
+    assert task_vectors_jit.warm_up() >= 0

@@ -23,6 +23,7 @@ only; float64 merges keep the torch path.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -326,3 +327,33 @@ def combine(
         f32(lam),
         lam != 1,
     )
+
+
+def warm_up() -> float:
+    """Compile (or load from numba's cache) every kernel here and DARE's mask; returns the seconds taken."""
+    from kinship_service.merge import sparsify_jit
+
+    started = time.perf_counter()
+    stack = torch.zeros(3, 8)
+    high_histograms(stack, [0, 1], 1 << 15)
+    low_histograms(stack, [0, 1], [0, 0])
+    l1_sums(stack, [0, 1], [1, 2], [1, 1], 0)
+    combine(
+        stack,
+        torch.empty(8),
+        kinds=[RANDOM, MAGNITUDE],
+        weights=[1.0, 1.0],
+        scales=[1.0, 1.0],
+        keys=[1, 2],
+        limits=[1, 1],
+        bits=[0, 0],
+        quotas=[1, 1],
+        before=[0, 0],
+        start=0,
+        consensus=True,
+        normalize=True,
+        divisor=1.0,
+        lam=1.0,
+    )
+    sparsify_jit.random_mask(1, 0, 8, 1)
+    return time.perf_counter() - started
