@@ -3,6 +3,7 @@
     /work/venvs/bm14/bin/python bench/merge_methods.py                       # 509M parameters per model
     /work/venvs/bm14/bin/python bench/merge_methods.py --params 20e6 --methods linear,ties   # quick
     python bench/merge_methods.py --device cuda --peer cpu   # ours on the GPU against ours on the CPU
+    python bench/merge_methods.py --params 50e6 --methods ties --torch-path  # kernels vs torch path
 
 For each method it merges a base and two models (three for ties and model_stock) with our
 runner (exactly as a merge job does: `MergeRunner` into a temp dir renamed into place, 2 math
@@ -113,8 +114,8 @@ def mergekit_config(directory: Path, method: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def ours(directory: Path, method: str, out: Path, threads: int, device: str = "cpu") -> None:
-    """Merge with our runner, as a job does; print a JSON summary."""
+def ours(directory: Path, method: str, out: Path, threads: int, device: str = "cpu", use_cpu_kernel: bool = True) -> None:
+    """Merge with our runner, as a job does (`use_cpu_kernel=False`: the torch path); print a JSON summary."""
     from kinship_service.checkpoints.sources import LocalPath, resolve
     from kinship_service.merge.model_card import ModelCard
     from kinship_service.merge.parameters import MethodParameters
@@ -144,7 +145,8 @@ def ours(directory: Path, method: str, out: Path, threads: int, device: str = "c
         card = ModelCard("", "", "", "", constant(0.0), method=method, models=tuple((n, "") for n in models))
     started = time.perf_counter()
     runner = MergeRunner(
-        checkpoints[0], checkpoints[1], settings, more_checkpoints=checkpoints[2:], allowed_roots=roots, threads=threads, device=device
+        checkpoints[0], checkpoints[1], settings, more_checkpoints=checkpoints[2:], allowed_roots=roots, threads=threads, device=device,
+        use_cpu_kernel=use_cpu_kernel,
     )
     summary = runner.run(out.parent / f".kinship-tmp-{out.name}", out, overwrite=True, card=card)
     device_peak = 0.0
@@ -298,13 +300,16 @@ def main() -> int:
     parser.add_argument("--device", default="cpu", help="where our merge's math runs: cpu (default), cuda or cuda:N")
     parser.add_argument("--peer", choices=["mergekit", "cpu"], default="mergekit",
                         help="what ours is compared with: mergekit's CLI (default) or our own merge on the CPU")
+    parser.add_argument("--torch-path", action="store_true",
+                        help="also run our merge on its torch path (numba kernels off) in the same run: an A/B of the kernels")
+    parser.add_argument("--no-kernel", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--role", choices=["main", "ours"], default="main", help=argparse.SUPPRESS)
     parser.add_argument("--method", default="", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     directory = args.dir / f"p{int(args.params)}"
     if args.role == "ours":
-        ours(directory, args.method, args.out, args.threads, args.device)
+        ours(directory, args.method, args.out, args.threads, args.device, use_cpu_kernel=not args.no_kernel)
         return 0
     methods = [m for m in args.methods.split(",") if m]
     unknown = sorted(set(methods) - set(METHODS))
@@ -324,6 +329,12 @@ def main() -> int:
         ours_command = [sys.executable, __file__, "--role", "ours", "--params", str(args.params), "--dir", str(args.dir),
                         "--method", method, "--threads", str(args.threads)]
         mine = _timed_child([*ours_command, "--out", str(out_ours), "--device", args.device], directory / f"{method}-ours.log")
+        plain = None
+        if args.torch_path:
+            out_plain = directory / f"out-ours-torch-{method}"
+            plain = _timed_child([*ours_command, "--out", str(out_plain), "--device", args.device, "--no-kernel"],
+                                 directory / f"{method}-ours-torch.log")
+            shutil.rmtree(out_plain, ignore_errors=True)
         shutil.rmtree(out_theirs, ignore_errors=True)
         if args.peer == "cpu":
             theirs = _timed_child([*ours_command, "--out", str(out_theirs), "--device", "cpu"], directory / f"{method}-cpu.log")
@@ -335,6 +346,9 @@ def main() -> int:
         row = {"method": method, "models": len([n for n in _inputs(method) if n != "base"]), "load_average": load,
                "ours": mine, "mergekit": theirs, "time_ratio": mine["seconds"] / theirs["seconds"],
                "rss_ratio": mine["peak_rss_mib"] / theirs["peak_rss_mib"], "check": check}
+        if plain is not None:
+            row["ours_torch_path"] = plain
+            row["kernel_cpu_ratio"] = mine["cpu_seconds"] / plain["cpu_seconds"]
         rows.append(row)
         print(json.dumps(row), flush=True)
         shutil.rmtree(out_ours, ignore_errors=True)

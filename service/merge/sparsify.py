@@ -146,6 +146,11 @@ def mask_key(seed: int, name: str, model: int) -> int:
     return _mix_int((seed & MASK64) ^ fnv1a64(f"{name}\x00{model}".encode()))
 
 
+def random_limit(density: float) -> int:
+    """The bound `(h >> 11)` stays under for a kept element: `u < density` with `u = (h >> 11) / 2**53`."""
+    return int(density * (1 << 53))
+
+
 def random_mask(
     key: int, start: int, stop: int, density: float, use_kernel: bool = True, device: torch.device | str = "cpu"
 ) -> torch.Tensor:
@@ -155,7 +160,7 @@ def random_mask(
     bit-identical on any device: int64 `*` wraps mod 2**64 (two's complement) on CPU and CUDA
     alike, `^` and `&` act on the bits, and `_shr` masks the sign bits an arithmetic shift copies.
     """
-    limit = int(density * (1 << 53))
+    limit = random_limit(density)
     if use_kernel and torch.device(device).type == "cpu" and sparsify_jit.available():
         return sparsify_jit.random_mask(key, start, stop, limit)
     index = torch.arange(start + 1, stop + 1, dtype=torch.int64, device=device)

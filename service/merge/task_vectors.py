@@ -17,21 +17,25 @@ mergekit 0.1.5's semantics, computed in float32 (float64 when an input is float6
   the base's dtype, then to the output dtype.
 
 Global quantities of a tensor take a first pass over its ranges before the one that writes: the
-L1 norms of DARE's rescaling (one pass), TIES's exact magnitude thresholds (two histogram passes,
-plus one counting ties at the threshold when they must be broken). Each pass reads every input's
-range again from the page cache: memory stays n x one range. Partial sums are added in range
-order, so the output does not depend on the thread count.
+L1 norms of DARE's rescaling (one pass), TIES's exact magnitude thresholds (two histogram passes;
+the second also yields, per range, how many elements equal the threshold, for tie breaking; the
+torch path and a tensor with too many distinct values in the threshold's bin count them in a third).
+Each pass reads every input's range again from the page cache: memory stays n x one range. Partial
+sums are added in range order, so the output does not depend on the thread count. On float32
+stacks (every merge but float64 ones) the passes are the fused numba kernels of
+`task_vectors_jit`, bit for bit these torch ops; `use_cpu_kernel=False` keeps torch.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
-from kinship_service.merge import sparsify
+from kinship_service.merge import sparsify, task_vectors_jit
 from kinship_service.merge.parameters import per_model
-from kinship_service.merge.streams import TensorInputs, weights_column
+from kinship_service.merge.streams import GROUP_RANGES, TensorInputs, weights_column
 
 if TYPE_CHECKING:
     from kinship_service.merge.context import MergeContext, Span
@@ -42,6 +46,10 @@ L1_EPS = 1e-7
 """Norms below which DARE's rescaling is skipped (mergekit's `eps`)."""
 WEIGHT_EPS = 1e-8
 """|sum of weights| below which the plain divisor counts as 1 (mergekit)."""
+HELD_LOW_VALUES = 1 << 22
+"""(value, count) pairs of TIES's low pass held per tensor for tie breaking; past it, ties are counted in a pass of their own."""
+ALL_KEPT = 1 << 62
+"""A quota no tensor reaches: every element equal to the threshold is kept."""
 
 
 def merge_linear_tensor(ctx: MergeContext, writer: SafetensorsWriter, base: int, tensor: PlannedTensor) -> None:
@@ -84,6 +92,8 @@ class _TaskVectors:
         total = sum(self.weights)
         self.plain_divisor = torch.tensor(1.0 if abs(total) < WEIGHT_EPS else total, dtype=self.inputs.work, device=ctx.device)
         self.use_kernel = ctx.use_cpu_kernel
+        self.fused = self.use_kernel and task_vectors_jit.available() and self.inputs.work == torch.float32
+        """Whether the passes run as the numba kernels of `task_vectors_jit` (float32 stacks), else as torch ops."""
         self.normalize = self.method.normalizes(ctx.settings)
         self.rescale = self.method.rescales(ctx.settings)
         seed = ctx.settings.method_parameters.seed
@@ -112,8 +122,12 @@ class _TaskVectors:
     # -- first passes ----------------------------------------------------------------------------
     def measure_l1(self) -> None:
         """DARE's rescaling: per sparsified model, L1 of its task vector and of its kept part (float64, range order)."""
+        keys = [self.keys[m] for m in self.sparse]
+        limits = [sparsify.random_limit(self.densities[m]) for m in self.sparse]
 
         def l1(span: Span) -> torch.Tensor:
+            if self.fused:
+                return task_vectors_jit.l1_sums(self.inputs.load(span), self.sparse, keys, limits, span[0])
             stack = self.deltas(span)
             out = torch.zeros(len(self.sparse), 2, dtype=torch.float64, device=stack.device)
             for row, model in enumerate(self.sparse):
@@ -133,24 +147,30 @@ class _TaskVectors:
         numel = self.inputs.numel
 
         def high(span: Span) -> torch.Tensor:
+            if self.fused:
+                return task_vectors_jit.high_histograms(self.inputs.load(span), self.sparse, sparsify.HIGH_BINS)
             stack = self.deltas(span)
             return torch.stack([sparsify.high_histogram(sparsify.magnitude_bits(stack[1 + m])) for m in self.sparse])
 
         highs = self.inputs.fold(high, torch.add)
         ks = [sparsify.keep_count(self.densities[m], numel) for m in self.sparse]
         bins = [sparsify.high_bin(highs[row], k) for row, k in enumerate(ks)]
+        if self.fused:
+            if self._fused_low_pass(bins, ks):
+                return
+        else:
 
-        def low(span: Span) -> torch.Tensor:
-            stack = self.deltas(span)
-            return torch.stack(
-                [sparsify.low_histogram(sparsify.magnitude_bits(stack[1 + m]), bins[row][0]) for row, m in enumerate(self.sparse)]
-            )
+            def low(span: Span) -> torch.Tensor:
+                stack = self.deltas(span)
+                return torch.stack(
+                    [sparsify.low_histogram(sparsify.magnitude_bits(stack[1 + m]), bins[row][0]) for row, m in enumerate(self.sparse)]
+                )
 
-        lows = self.inputs.fold(low, torch.add)
-        for row, model in enumerate(self.sparse):
-            self.thresholds[model] = sparsify.threshold(bins[row][0], bins[row][1], lows[row], ks[row])
-        if all(t.all_equal_kept for t in self.thresholds.values()):
-            return
+            lows = self.inputs.fold(low, torch.add)
+            for row, model in enumerate(self.sparse):
+                self.thresholds[model] = sparsify.threshold(bins[row][0], bins[row][1], lows[row], ks[row])
+            if all(t.all_equal_kept for t in self.thresholds.values()):
+                return
 
         def equal(span: Span) -> list[int]:
             stack = self.deltas(span)
@@ -163,9 +183,46 @@ class _TaskVectors:
             self.equal_before.append(list(running))
             running = [r + c for r, c in zip(running, counts, strict=True)]
 
+    def _fused_low_pass(self, bins: list[tuple[int, int]], ks: list[int]) -> bool:
+        """TIES's low pass as a kernel: thresholds, and the ties before each range from the same pass.
+
+        False when the (value, count) pairs held for tie breaking outgrew HELD_LOW_VALUES and ties
+        must be broken: the thresholds are set, the ties are left to the caller's counting pass.
+        """
+        highs = [high for high, _ in bins]
+        lows = [np.zeros(sparsify.LOW_BINS, dtype=np.int64) for _ in self.sparse]
+        held: list[list[tuple[np.ndarray, np.ndarray]]] | None = []
+        pairs = 0
+        ranges = self.inputs.ranges
+        for i in range(0, len(ranges), GROUP_RANGES):
+            for parts in self.inputs.ctx.map(lambda span: task_vectors_jit.low_histograms(self.inputs.load(span), self.sparse, highs),
+                                             ranges[i : i + GROUP_RANGES]):
+                for row, (values, counts) in enumerate(parts):
+                    lows[row][values] += counts  # values are distinct within a range
+                    pairs += values.size
+                if held is not None:
+                    held.append(parts)
+                    if pairs > HELD_LOW_VALUES:
+                        held = None
+        for row, model in enumerate(self.sparse):
+            self.thresholds[model] = sparsify.threshold(bins[row][0], bins[row][1], torch.from_numpy(lows[row]), ks[row])
+        if all(t.all_equal_kept for t in self.thresholds.values()):
+            return True
+        if held is None:
+            return False
+        running = [0] * len(self.sparse)
+        for parts in held:
+            self.equal_before.append(list(running))
+            for row, (values, counts) in enumerate(parts):
+                low = self.thresholds[self.sparse[row]].bits & 0xFFFF
+                running[row] += int(counts[values == low].sum())
+        return True
+
     # -- the pass that writes --------------------------------------------------------------------
     def combine(self, span: Span, index: int) -> torch.Tensor:
         """`base + lambda * mixed / divisor` of one range (working dtype)."""
+        if self.fused:
+            return self._combine_fused(span, index)
         stack = self.deltas(span)
         base, deltas = stack[0], stack[1:]
         for model in self.sparse:
@@ -189,6 +246,41 @@ class _TaskVectors:
         if self.lam != 1:
             mixed *= self.lam
         return mixed.add_(base)
+
+    def _combine_fused(self, span: Span, index: int) -> torch.Tensor:
+        """`combine` as one kernel pass over the range (float32, bit for bit the torch ops for up to 4 models)."""
+        stack = self.inputs.load(span)
+        out = self.inputs.ctx.buffer("mixed", torch.float32, span[1] - span[0])
+        kinds = [task_vectors_jit.DENSE] * self.models
+        bits, quotas, before = [0] * self.models, [0] * self.models, [0] * self.models
+        for row, model in enumerate(self.sparse):
+            if self.method.sparsification == "random":
+                kinds[model] = task_vectors_jit.RANDOM
+                continue
+            limit = self.thresholds[model]
+            kinds[model] = task_vectors_jit.MAGNITUDE
+            bits[model] = limit.bits
+            quotas[model] = ALL_KEPT if limit.all_equal_kept else limit.quota
+            before[model] = self.equal_before[index][row] if self.equal_before else 0
+        total = sum(self.weights)
+        task_vectors_jit.combine(
+            stack,
+            out,
+            kinds=kinds,
+            weights=self.weights,
+            scales=self.scales,
+            keys=self.keys,
+            limits=[sparsify.random_limit(d) for d in self.densities],
+            bits=bits,
+            quotas=quotas,
+            before=before,
+            start=span[0],
+            consensus=self.method.consensus,
+            normalize=self.normalize,
+            divisor=1.0 if abs(total) < WEIGHT_EPS else total,
+            lam=self.lam,
+        )
+        return out
 
 
 def merge_task_vector_tensor(ctx: MergeContext, writer: SafetensorsWriter, base: int, tensor: PlannedTensor) -> None:

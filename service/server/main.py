@@ -241,6 +241,14 @@ def _warm_up_cpu_kernel() -> None:
         log.exception("SLERP kernel warm-up failed")
         return
     log.info("SLERP kernels ready", extra={"seconds": round(seconds, 3)})
+    try:  # the task-vector merges' kernels (task_vectors_jit.py: ties, dare_*, task_arithmetic)
+        from kinship_service.merge import task_vectors_jit
+
+        seconds = task_vectors_jit.warm_up()
+    except Exception:
+        log.exception("task-vector kernel warm-up failed")
+        return
+    log.info("task-vector kernels ready", extra={"seconds": round(seconds, 3)})
 
 
 def main(argv: list[str] | None = None) -> int:
