@@ -65,10 +65,11 @@ COPY proto ./proto
 RUN pip install --no-cache-dir --no-deps . \
     && python -m pip uninstall -y pip
 
-# Compile the fused CPU kernel (numba) now, so the server finds it in the cache instead of
-# compiling for seconds at start. Entries are for this build machine's CPU; on another CPU
-# the server compiles once at start, in the background (a copy under /tmp if read-only).
-RUN NUMBA_CACHE_DIR=/opt/numba-cache python -c "from kinship_service.kinship import cpu_kernel; print('numba warm-up', cpu_kernel.warm_up())"
+# Compile the fused CPU kernels (numba: kinship pass, SLERP, task vectors) now, so the server
+# finds them in the cache instead of compiling for seconds at start. Entries are for this build
+# machine's CPU; on another CPU the server compiles once at start, in the background (a copy
+# under /tmp if read-only).
+RUN NUMBA_CACHE_DIR=/opt/numba-cache python -c "from kinship_service.kinship import cpu_kernel; from kinship_service.merge import slerp_kernel, task_vectors_jit; print('numba warm-up', cpu_kernel.warm_up(), slerp_kernel.warm_up(), task_vectors_jit.warm_up())"
 
 # --------------------------------------------------------------------------- runtime
 FROM ${BASE_IMAGE} AS runtime
