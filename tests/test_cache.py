@@ -594,14 +594,22 @@ def _reference_sketch(base: dict[str, torch.Tensor], model: dict[str, torch.Tens
 MEDIUM = LlamaShape(vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2)
 
 
-@pytest.mark.parametrize("cpu_kernel", [True, False])
-def test_fingerprint_only_registration_matches_the_reference(server_factory, model_root: Path, tmp_path: Path, cpu_kernel: bool) -> None:
-    """A cache too small for the delta: RegisterCheckpoint computes only the fingerprint (fused kernel or torch)."""
+@pytest.mark.parametrize(("cpu_kernel", "bf16_base"), [(True, False), (False, False), (True, True)])
+def test_fingerprint_only_registration_matches_the_reference(
+    server_factory, model_root: Path, tmp_path: Path, cpu_kernel: bool, bf16_base: bool
+) -> None:
+    """A cache too small for the delta: RegisterCheckpoint computes only the fingerprint (fused kernel or torch).
+
+    With a bf16 base (one dtype throughout) the fused kernel reads the files itself; with a float32
+    base the chunks are read into memory first.
+    """
     base_weights = make_base(MEDIUM, seed=21)
+    if bf16_base:
+        base_weights = {k: v.to(torch.bfloat16) for k, v in base_weights.items()}
     model_weights = make_family(base_weights, 1, rho=0.5, seed=22)[0]
     base_dir = save_checkpoint(base_weights, model_root / "base")
     model_dir = save_checkpoint({k: v.to(torch.bfloat16) for k, v in model_weights.items()}, model_root / "m")
-    server = server_factory(cpu_kernel=cpu_kernel, cache_dir=tmp_path / f"cache-{cpu_kernel}", cache_size_limit=4 * 2**20)
+    server = server_factory(cpu_kernel=cpu_kernel, cache_dir=tmp_path / f"cache-{cpu_kernel}-{bf16_base}", cache_size_limit=4 * 2**20)
     with KinshipClient(server.address) as client:
         reg = client.register_checkpoint(str(model_dir), str(base_dir))
     assert reg.delta_bytes == 0 and reg.fingerprint_bytes == 4 * 2**18

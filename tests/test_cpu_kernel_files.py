@@ -23,7 +23,7 @@ from kinship_service.checkpoints.sources import LocalPath, resolve  # noqa: E402
 from kinship_service.checkpoints.streaming import CheckpointReader, OpenTensor, ReadStats  # noqa: E402
 from kinship_service.errors import FailedPrecondition  # noqa: E402
 from kinship_service.kinship import cpu_kernel  # noqa: E402
-from kinship_service.kinship.fingerprint import SketchBuilder, StatsBuilder  # noqa: E402
+from kinship_service.kinship.fingerprint import SketchBuilder, StatsBuilder, block_params, sign_table  # noqa: E402
 from kinship_service.kinship.similarity import PairwiseMoments  # noqa: E402
 
 SHAPE = (1_000, 203)  # 203,000 elements: several work items and a ragged last one
@@ -104,6 +104,49 @@ def test_reading_the_files_gives_the_bits_of_the_in_memory_kernel(tmp_path: Path
             assert file_sketch is not None and memory_sketch is not None
             assert torch.equal(file_sketch.builder.sketch, memory_sketch.builder.sketch)
             assert file_sketch.builder.sketch.abs().max() > 0
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_sketching_segments_in_pairs_gives_the_same_bits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, n: int) -> None:
+    """bf16, n <= 4: spans narrower than the sketch, so most consecutive segments share their buckets and go in pairs."""
+    dirs, stored = _family(tmp_path, torch.bfloat16, n, seed=5)
+    width = 2**15
+    # Spans of 4,096 buckets, 8 per block: most blocks' runs in a span are the whole span, as in
+    # real passes (16 spans of 16,384 per block of 2**18).
+    monkeypatch.setattr(cpu_kernel, "SKETCH_BUCKETS_L2_BYTES", 8 * n * cpu_kernel.SKETCH_SPAN_MIN)
+    assert cpu_kernel.sketch_span(n, width) == width // 8
+    cuts = [0, 65_536 + 203 * 7, 203_000]
+    flat = [t.reshape(-1) for t in stored]
+    memory_sketch = cpu_kernel.FusedFingerprint(SketchBuilder(n, width=width), StatsBuilder(n))
+    in_memory = PairwiseMoments(n)
+    for start, stop in zip(cuts[:-1], cuts[1:], strict=True):
+        cpu_kernel.accumulate([f[start:stop] for f in flat], in_memory, sketch=memory_sketch, tensor="b.weight", offset=start)
+    _, item_first, _, seg_length, _, _, seg_bucket = memory_sketch.segments("b.weight", cuts[1], cuts[2] - cuts[1])
+    paired = [
+        s for w in range(item_first.size - 1) for s in range(item_first[w], item_first[w + 1] - 1)
+        if seg_bucket[s] == seg_bucket[s + 1] and seg_length[s] == seg_length[s + 1]
+    ]  # fmt: skip
+    assert paired, "the second chunk should have segments to pair"
+    readers = _readers(tmp_path, dirs)
+    for pairs in (True, False):
+        monkeypatch.setattr(cpu_kernel, "SKETCH_PAIRS", pairs)
+        file_sketch = cpu_kernel.FusedFingerprint(SketchBuilder(n, width=width), StatsBuilder(n))
+        with ExitStack() as stack:
+            files = [stack.enter_context(r.open_tensor("b.weight")) for r in readers]
+            moments = _from_files(files, n, cuts, file_sketch)
+        for name in ("sums", "gram", "sq_dist"):
+            assert torch.equal(getattr(moments, name), getattr(in_memory, name)), name
+        assert torch.equal(file_sketch.builder.sketch, memory_sketch.builder.sketch), f"pairs={pairs}"
+    # and the sketch is the float64 reference's: element e of block j in bucket (e + r_j) mod width, sign s_j * S[e]
+    deltas = np.stack([f.double().numpy() - flat[0].double().numpy() for f in flat[1:]])
+    signs = sign_table(width).numpy()
+    reference = np.zeros((n, width))
+    for block in range((deltas.shape[1] + width - 1) // width):
+        rotation, sign = block_params("b.weight", block, width)
+        part = deltas[:, block * width : (block + 1) * width]
+        lo = np.arange(part.shape[1])
+        np.add.at(reference, (slice(None), (lo + rotation) % width), sign * signs[lo] * part)
+    np.testing.assert_allclose(memory_sketch.builder.sketch.numpy(), reference, rtol=0, atol=1e-9 * np.abs(reference).max())
 
 
 def test_a_file_shrinking_under_the_kernel_is_checkpoint_changed(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from kinship_service.checkpoints.streaming import CheckpointReader, ReadStats
 from kinship_service.errors import FailedPrecondition
 from kinship_service.kinship import cpu_kernel
 from kinship_service.kinship.cpu_kernel import FusedFingerprint
-from kinship_service.kinship.exact import ComparisonPlan, _group_key, _lockstep
+from kinship_service.kinship.exact import ComparisonPlan, _fused_from_files, _group_key, _lockstep
 from kinship_service.kinship.fingerprint import (
     Fingerprint,
     SketchBuilder,
@@ -109,8 +109,9 @@ def register_pass(
 
     On CPU, with `use_cpu_kernel` (Settings.cpu_kernel) and numba present, the sketch and the
     statistics come from the exact pass's fused kernel (`cpu_kernel.accumulate` with one model:
-    widening, delta, sums and sketch in one read of each chunk, on every core); the float64
-    delta is then made in torch only when the delta is stored. Else everything is torch.
+    widening, delta, sums and sketch in one read of each chunk, on every core); when no delta is
+    stored the kernel reads the files itself (`exact._fused_from_files`), else the chunks are read
+    into memory and the float64 delta is made in torch from them. Else everything is torch.
     Raises FailedPrecondition (CHECKPOINT_CHANGED) when a file changed during the pass
     (nothing usable is stored then).
     """
@@ -126,6 +127,12 @@ def register_pass(
     moments: dict[str, PairwiseMoments] = {}
     for t_index, tensor in enumerate(plan.tensors):
         check_cancelled()
+        if fused is not None and not store_delta:
+            # Fingerprint only: the kernel reads the files itself, as the exact pass does (no
+            # chunk buffers in DRAM); the same chunks, so the same bits as the loop below.
+            group = moments.setdefault(tensor.group, PairwiseMoments(1))
+            if _fused_from_files(readers, tensor, group, fused, read_elements, check_cancelled):
+                continue
         counts: list[int] = []
         offset = 0
         for c_index, (base_chunk, model_chunk) in enumerate(_lockstep(readers, tensor, read_elements)):

@@ -78,6 +78,10 @@ WIDEN_PIECE = 1 << 20
 # exact pass of the benchmark). The span does not change any bucket's summation order.
 SKETCH_BUCKETS_L2_BYTES = 512 * 1024
 SKETCH_SPAN_MIN = 4096
+# accumulate_from_files, bf16 and n <= 4: sketch two segments hashed to the same buckets in one
+# pass over them (one bucket read-modify-write instead of two; the same bits). The row buffers
+# then hold two segments.
+SKETCH_PAIRS = True
 # accumulate_from_files: a thread's n + 1 row buffers (one piece of every row) take at most this much L2.
 READ_L2_BYTES = 512 * 1024
 
@@ -406,13 +410,14 @@ def accumulate_from_files(
     kind = _KIND[dtype]
     tile = _tile_elements(n)
     segments: tuple[npt.NDArray[Any], ...] = ()
+    pairs = SKETCH_PAIRS and kind == BF16 and n <= 4  # the kernel's `_direct` loops
     if sketch is None:
         blocks = (count + SUPER_BLOCK - 1) // SUPER_BLOCK
         row = _piece_elements(n, itemsize, tile)
     else:
         segments = sketch.segments(tensor or "", start, count)
         blocks = segments[0].size
-        row = sketch.span
+        row = 2 * sketch.span if pairs else sketch.span
     partials = np.empty((blocks, n + 2 * n * n), dtype=np.float64)
     statuses: list[npt.NDArray[np.int64]] = []
     buffers: list[npt.NDArray[Any]] = []  # each thread's row buffers, alive until every kernel returned
@@ -432,7 +437,7 @@ def accumulate_from_files(
             else:
                 sketch_kernel_from_files(
                     PREAD_ADDRESS, fds, offsets, local, like, kind, tile, partials, first, last,
-                    *segments, sketch.target, sketch.signs, sketch.span, status,
+                    *segments, sketch.target, sketch.signs, sketch.span, status, pairs,
                 )  # fmt: skip
 
         return run

@@ -33,6 +33,8 @@ from kinship_service.kinship.cpu_kernel_direct import (
     direct4,
     sketch_add_direct,
     sketch_add_direct2,
+    sketch_add_pair,
+    sketch_add_pair2,
 )
 from kinship_service.kinship.cpu_kernel_jit import (
     BF16,
@@ -328,6 +330,37 @@ def _sketch_tile(
         _sketch_add(buckets[i, bucket : bucket + k], factor, tile[i + 1], k)
 
 
+@jit(fastmath=FASTMATH)
+def _sketch_pair(
+    first: npt.NDArray[np.int64],
+    second: npt.NDArray[np.int64],
+    like: npt.NDArray[Any],
+    k: int,
+    buckets: npt.NDArray[np.float64],
+    bucket: int,
+    signs: npt.NDArray[np.int8],
+    lo_a: int,
+    sign_a: float,
+    lo_b: int,
+    sign_b: float,
+) -> None:
+    """Add two segments of k bf16 elements (rows at `first`, then at `second`) to buckets[:, bucket:bucket+k], the first's terms first."""
+    n = first.size - 1
+    b_a = carray(pointer(first[0], like), (k,))
+    b_b = carray(pointer(second[0], like), (k,))
+    for i in range(0, n - 1, 2):  # two models per loop, then the odd one
+        sketch_add_pair2(
+            buckets[i, bucket : bucket + k], buckets[i + 1, bucket : bucket + k], signs,
+            lo_a, sign_a, b_a, carray(pointer(first[i + 1], like), (k,)), carray(pointer(first[i + 2], like), (k,)),
+            lo_b, sign_b, b_b, carray(pointer(second[i + 1], like), (k,)), carray(pointer(second[i + 2], like), (k,)),
+            k,
+        )  # fmt: skip
+    if n % 2:
+        row_a = carray(pointer(first[n], like), (k,))
+        row_b = carray(pointer(second[n], like), (k,))
+        sketch_add_pair(buckets[n - 1, bucket : bucket + k], signs, lo_a, sign_a, b_a, row_a, lo_b, sign_b, b_b, row_b, k)
+
+
 @jit(nogil=True, fastmath=FASTMATH)
 def moments_kernel(
     addresses: npt.NDArray[np.int64],
@@ -494,27 +527,49 @@ def sketch_kernel_from_files(
     signs: npt.NDArray[np.int8],
     span: int,
     status: npt.NDArray[np.int64],
+    pairs: bool,
 ) -> None:
     """`sketch_kernel` reading each segment (at most `span` elements) from the files into the row buffers at `local` first.
 
     As `moments_kernel_from_files`: `fds`, `offsets`, `local` (n + 1 rows of at least `span`
-    elements) and `status`. A work item's sketch is added to `sketch` only when all its reads succeeded.
+    elements; of 2 * span with `pairs`) and `status`. A work item's sketch is added to `sketch`
+    only when all its reads succeeded. With `pairs` (bf16 rows, n <= 4: `_direct`), two
+    consecutive segments hashed to the same buckets (most of them: a span is cut in two only
+    where a block's rotation wraps) are read together and sketched in one pass over their
+    buckets (`sketch_add_pair`); the statistics still take the segments one after the other, and
+    every bucket adds the same terms in the same order: the same bits.
     """
     n = fds.size - 1
     itemsize = like.itemsize
+    second = local + span * itemsize  # the row buffers of a pair's second segment
+    pairs = pairs and _direct(kind, n)
     for w in range(first, last):
         tile = np.zeros((n + 2, tile_elements), dtype=np.float64)
         factor = np.empty(tile_elements, dtype=np.float64)
         buckets = np.zeros((n, span), dtype=np.float64)
         acc = partials[w]
         acc[:] = 0.0
-        for s in range(item_first[w], item_first[w + 1]):
-            if not _read_rows(pread, fds, offsets, seg_start[s] * itemsize, seg_length[s] * itemsize, local, status):
+        s, end = item_first[w], item_first[w + 1]
+        while s < end:
+            length = seg_length[s]
+            if pairs and s + 1 < end and seg_bucket[s + 1] == seg_bucket[s] and seg_length[s + 1] == length:
+                if not _read_rows(pread, fds, offsets, seg_start[s] * itemsize, length * itemsize, local, status):
+                    return
+                if not _read_rows(pread, fds, offsets, seg_start[s + 1] * itemsize, length * itemsize, second, status):
+                    return
+                for rows in (local, second):
+                    for offset in range(0, length, tile_elements):
+                        _stats(rows, like, kind, offset, min(tile_elements, length - offset), tile, acc)
+                _sketch_pair(local, second, like, length, buckets, seg_bucket[s], signs, seg_lo[s], seg_sign[s], seg_lo[s + 1], seg_sign[s + 1])
+                s += 2
+                continue
+            if not _read_rows(pread, fds, offsets, seg_start[s] * itemsize, length * itemsize, local, status):
                 return
-            for offset in range(0, seg_length[s], tile_elements):
-                k = min(tile_elements, seg_length[s] - offset)
+            for offset in range(0, length, tile_elements):
+                k = min(tile_elements, length - offset)
                 _stats(local, like, kind, offset, k, tile, acc)
                 _sketch_tile(local, like, kind, offset, k, tile, factor, buckets, seg_bucket[s] + offset, signs, seg_lo[s] + offset, seg_sign[s])
+            s += 1
         b0 = item_span[w] * span
         for i in range(n):
             target, source = sketch[i, b0 : b0 + span], buckets[i]

@@ -148,3 +148,61 @@ def sketch_add_direct2(
         base = _bf16(b[u])
         out_a[u] += factor * (_bf16(row_a[u]) - base)
         out_b[u] += factor * (_bf16(row_b[u]) - base)
+
+
+# No "reassoc" here: each bucket must add segment j's term before segment j + 1's, as two
+# separate read-modify-writes would (the same bits), only without the store in between.
+_IN_ORDER = {"contract"}
+
+
+@jit(fastmath=_IN_ORDER)
+def sketch_add_pair(
+    out: npt.NDArray[np.float64],
+    signs: npt.NDArray[np.int8],
+    lo_a: int,
+    sign_a: float,
+    b_a: npt.NDArray[np.uint16],
+    row_a: Any,
+    lo_b: int,
+    sign_b: float,
+    b_b: npt.NDArray[np.uint16],
+    row_b: Any,
+    k: int,
+) -> None:
+    """`sketch_add_direct` of two segments hashed to the same k buckets, a's term added before b's: one load and store per bucket, not two."""
+    s_a = signs[lo_a : lo_a + k]
+    s_b = signs[lo_b : lo_b + k]
+    for u in range(k):
+        first = out[u] + (sign_a * np.float64(s_a[u])) * (_bf16(row_a[u]) - _bf16(b_a[u]))
+        out[u] = first + (sign_b * np.float64(s_b[u])) * (_bf16(row_b[u]) - _bf16(b_b[u]))
+
+
+@jit(fastmath=_IN_ORDER)
+def sketch_add_pair2(
+    out_a: npt.NDArray[np.float64],
+    out_b: npt.NDArray[np.float64],
+    signs: npt.NDArray[np.int8],
+    lo_1: int,
+    sign_1: float,
+    b_1: npt.NDArray[np.uint16],
+    row_a1: Any,
+    row_b1: Any,
+    lo_2: int,
+    sign_2: float,
+    b_2: npt.NDArray[np.uint16],
+    row_a2: Any,
+    row_b2: Any,
+    k: int,
+) -> None:
+    """`sketch_add_pair` of two models (a, b) in one loop: each segment's signs and base are converted once for both."""
+    s_1 = signs[lo_1 : lo_1 + k]
+    s_2 = signs[lo_2 : lo_2 + k]
+    for u in range(k):
+        f_1 = sign_1 * np.float64(s_1[u])
+        f_2 = sign_2 * np.float64(s_2[u])
+        base_1 = _bf16(b_1[u])
+        base_2 = _bf16(b_2[u])
+        first = out_a[u] + f_1 * (_bf16(row_a1[u]) - base_1)
+        out_a[u] = first + f_2 * (_bf16(row_a2[u]) - base_2)
+        first = out_b[u] + f_1 * (_bf16(row_b1[u]) - base_1)
+        out_b[u] = first + f_2 * (_bf16(row_b2[u]) - base_2)
