@@ -15,7 +15,7 @@ import torch
 
 pytest.importorskip("numba")
 
-from kinship_service.kinship import cpu_kernel  # noqa: E402
+from kinship_service.kinship import cpu_kernel, cpu_kernel_jit  # noqa: E402
 from kinship_service.kinship.similarity import PairwiseMoments, similarities  # noqa: E402
 
 REL = 1e-9
@@ -481,5 +481,19 @@ def test_read_only_prefilled_cache_is_copied_to_a_writable_place(tmp_path):
     env = {**os.environ, "NUMBA_CACHE_DIR": str(prefilled), "TMPDIR": str(scratch)}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=True)
     copy = scratch / "kinship-numba-cache"
-    assert out.stdout.strip() == str(copy)
+    assert out.stdout.strip() == str(copy / cpu_kernel_jit.kernel_cache_name())  # a folder per version of the kernels
     assert (copy / "sub" / "entry.nbi").read_text() == "index"
+
+
+def test_numba_cache_folder_is_named_by_the_kernels_sources(tmp_path):
+    """numba checks only each function's own file; the folder per digest of kinship/ and merge/ catches inlined edits."""
+    code = "import os\nfrom kinship_service.kinship import cpu_kernel\nprint(os.environ['NUMBA_CACHE_DIR'])\n"
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache")}
+    first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=True)
+    chosen = first.stdout.strip()
+    assert chosen == str(tmp_path / "cache" / cpu_kernel_jit.kernel_cache_name())
+    # A child process inherits the setting as it is: the name is not appended twice.
+    again = subprocess.run([sys.executable, "-c", code], env={**os.environ, "NUMBA_CACHE_DIR": chosen}, capture_output=True, text=True, timeout=120, check=True)
+    assert again.stdout.strip() == chosen
+    name = cpu_kernel_jit.kernel_cache_name()
+    assert name.startswith("kinship-kernels-") and len(name) == len("kinship-kernels-") + 16

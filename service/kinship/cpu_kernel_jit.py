@@ -16,6 +16,7 @@ a constant in the compiled code: numba can still cache the kernels on disk.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import os
 import shutil
 import tempfile
@@ -31,32 +32,57 @@ import torch
 FLOAT, BF16, FP16 = 0, 1, 2
 
 
-def _ensure_cache_dir() -> None:
-    """Point numba's on-disk cache at a writable place when the default would not be.
+def kernel_cache_name() -> str:
+    """The cache folder's name for this code: a digest of every module of `kinship/` and `merge/`.
 
-    numba caches next to this source file, else in a per-user cache dir; in a read-only
-    container neither may be writable. `NUMBA_CACHE_DIR`, when set and writable, wins;
-    when set but read-only (the image's pre-filled cache under a read-only root
-    filesystem: numba only uses a cache it can write), it is copied to a writable place.
+    numba's disk cache checks only the source file of each compiled function, not the files of
+    the functions it inlines, so an edit of `cpu_kernel_direct.py` would leave the kernels of
+    `cpu_kernel_compiled.py` running stale code. A folder per digest makes any edit a fresh cache.
     """
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    digest = hashlib.sha256()
+    for folder in ("kinship", "merge"):
+        directory = os.path.join(package, folder)
+        for name in sorted(n for n in os.listdir(directory) if n.endswith(".py")):
+            with open(os.path.join(directory, name), "rb") as source:
+                digest.update(name.encode() + b"\0" + source.read())
+    return f"kinship-kernels-{digest.hexdigest()[:16]}"
+
+
+def _ensure_cache_dir() -> None:
+    """Point numba's on-disk cache at a writable folder of this code's own (`kernel_cache_name`).
+
+    `NUMBA_CACHE_DIR`, when set and writable, holds that folder; when set but read-only (the
+    image's pre-filled cache under a read-only root filesystem: numba only uses a cache it can
+    write), it is copied to a writable place first. Unset, the folder goes under the package's
+    `__pycache__` (where numba would cache), else under the temporary directory. Child processes
+    inherit the setting as it is (the name is not appended twice).
+    """
+    name = kernel_cache_name()
     configured = os.environ.get("NUMBA_CACHE_DIR")
     fallback = os.path.join(tempfile.gettempdir(), "kinship-numba-cache")
+    if configured and os.path.basename(os.path.normpath(configured)) == name:
+        return
     if configured:
         if os.access(configured, os.W_OK) or not os.path.isdir(configured):
+            os.environ["NUMBA_CACHE_DIR"] = os.path.join(configured, name)
             return
         try:
             shutil.copytree(configured, fallback, dirs_exist_ok=True)
-            os.environ["NUMBA_CACHE_DIR"] = fallback
+            os.environ["NUMBA_CACHE_DIR"] = os.path.join(fallback, name)
         except OSError:
             pass  # jit then compiles without an on-disk cache
         return
-    if os.access(os.path.dirname(os.path.abspath(__file__)), os.W_OK):
-        return
-    try:
-        os.makedirs(fallback, exist_ok=True)
-        os.environ["NUMBA_CACHE_DIR"] = fallback
-    except OSError:
-        pass  # jit then compiles without an on-disk cache
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for root in (os.path.join(package, "__pycache__"), fallback):
+        try:
+            os.makedirs(root, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(root, os.W_OK):
+            os.environ["NUMBA_CACHE_DIR"] = os.path.join(root, name)
+            return
+    # nowhere writable: jit compiles without an on-disk cache
 
 
 _ensure_cache_dir()
