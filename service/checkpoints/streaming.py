@@ -52,6 +52,22 @@ def _pool() -> ThreadPoolExecutor:
     return _read_pool
 
 
+@contextmanager
+def _validated_file(info: TensorInfo, begin: int, label: str) -> Iterator[int]:
+    """`info.file` open for reading, closed on exit; CHECKPOINT_CHANGED when it cannot be opened or is
+    now too short to hold the tensor where the validated header placed it."""
+    try:
+        fd = os.open(info.file, os.O_RDONLY)
+    except OSError:
+        raise changed_error(info, label) from None
+    try:
+        if os.fstat(fd).st_size < begin + info.nbytes:
+            raise changed_error(info, label)
+        yield fd
+    finally:
+        os.close(fd)
+
+
 @dataclass
 class ReadStats:
     """Bytes and tensor reads per file; thread-safe."""
@@ -203,16 +219,8 @@ class CheckpointReader:
             return
         label = self.checkpoint.label
         begin = self._begin(info)
-        try:
-            fd = os.open(info.file, os.O_RDONLY)
-        except OSError:
-            raise changed_error(info, label) from None
-        try:
-            if os.fstat(fd).st_size < begin + info.nbytes:
-                raise changed_error(info, label)
+        with _validated_file(info, begin, label) as fd:
             yield OpenTensor(fd, begin, math.prod(target), DTYPES[info.dtype], ITEMSIZE[info.dtype], info, label)
-        finally:
-            os.close(fd)
 
     def count(self, tensor: OpenTensor, elements: int, first_chunk: bool) -> None:
         """Count `elements` of `tensor` as read (by whoever read them from `open_tensor`'s file)."""
@@ -237,13 +245,7 @@ class CheckpointReader:
             )
         dtype, itemsize, label = DTYPES[info.dtype], ITEMSIZE[info.dtype], self.checkpoint.label
         begin = self._begin(info)
-        try:
-            fd = os.open(info.file, os.O_RDONLY)
-        except OSError:
-            raise changed_error(info, label) from None
-        try:
-            if os.fstat(fd).st_size < begin + info.nbytes:
-                raise changed_error(info, label)
+        with _validated_file(info, begin, label) as fd:
             if len(target) == 0:
                 out = self._buffer(dtype, 1)
                 read_into(fd, out, begin, info, label)
@@ -273,5 +275,3 @@ class CheckpointReader:
                     del whole, corner
                 self.stats.add(info.file, name, chunk.numel() * itemsize, start == 0)
                 yield chunk
-        finally:
-            os.close(fd)
