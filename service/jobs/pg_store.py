@@ -13,14 +13,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import grpc
 import psycopg
 from psycopg import errors as pg_errors
 
 from kinship_service.errors import FailedPrecondition, NotFound, status_code_number
-from kinship_service.jobs.records import CANCELLED, FAILED, QUEUED, RUNNING, JobError, JobRecord
+from kinship_service.jobs.records import CANCELLED, FAILED, QUEUED, RUNNING, JobError, JobRecord, page_query
 from kinship_service.merge.model_card import published_job_id
 from kinship_service.merge.output import temp_dir_for
 from kinship_service.state.database import Database
@@ -116,16 +115,7 @@ class PgJobStore:
 
     def page(self, before_seq: int | None, state: str | None, limit: int) -> list[tuple[int, JobRecord]]:
         """Up to `limit` jobs newest first, older than `before_seq`, optionally in one state, with their sequence numbers."""
-        query = "SELECT seq, record FROM merge_jobs WHERE true"
-        args: list[Any] = []
-        if before_seq is not None:
-            query += " AND seq < %s"
-            args.append(before_seq)
-        if state is not None:
-            query += " AND state = %s"
-            args.append(state)
-        query += " ORDER BY seq DESC LIMIT %s"
-        args.append(limit)
+        query, args = page_query("merge_jobs", "%s", before_seq, state, limit)
         rows = self.database.run(lambda conn: conn.execute(query.encode(), args).fetchall())
         return [(int(seq), _record(text)) for seq, text in rows]  # type: ignore[call-overload]  # a bigint column
 

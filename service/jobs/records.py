@@ -202,3 +202,19 @@ def job_error_from_os(exc: OSError) -> JobError:
         f"an I/O error stopped the merge{where}: {text}; no output was left behind; start it again",
         "IO_ERROR",
     )
+
+
+def page_query(table: str, placeholder: str, before_seq: int | None, state: str | None, limit: int) -> tuple[str, list[Any]]:
+    """The SQL and arguments of a registry page (newest first, older than `before_seq`, optionally in
+    one state), for either backend: `placeholder` is its parameter marker (`?` SQLite, `%s` psycopg)."""
+    query = f"SELECT seq, record FROM {table} WHERE 1 = 1"
+    args: list[Any] = []
+    if before_seq is not None:
+        query += f" AND seq < {placeholder}"
+        args.append(before_seq)
+    if state is not None:
+        query += f" AND state = {placeholder}"
+        args.append(state)
+    query += f" ORDER BY seq DESC LIMIT {placeholder}"
+    args.append(limit)
+    return query, args

@@ -12,9 +12,9 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
-from kinship_service.jobs.records import ACTIVE, JobRecord
+from kinship_service.jobs.records import ACTIVE, JobRecord, page_query
 
 
 class JobRegistry(Protocol):
@@ -95,16 +95,7 @@ class JobStore:
 
     def page(self, before_seq: int | None, state: str | None, limit: int) -> list[tuple[int, JobRecord]]:
         """Up to `limit` jobs newest first, older than `before_seq`, optionally in one state, with their sequence numbers."""
-        query = "SELECT seq, record FROM jobs WHERE 1 = 1"
-        args: list[Any] = []
-        if before_seq is not None:
-            query += " AND seq < ?"
-            args.append(before_seq)
-        if state is not None:
-            query += " AND state = ?"
-            args.append(state)
-        query += " ORDER BY seq DESC LIMIT ?"
-        args.append(limit)
+        query, args = page_query("jobs", "?", before_seq, state, limit)
         with self._lock:
             rows = self._db.execute(query, args).fetchall()
         return [(seq, JobRecord.from_json(text)) for seq, text in rows]
