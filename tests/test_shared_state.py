@@ -2,9 +2,9 @@
 
 Two `python -m kinship_service` processes with separate cache directories share a database
 (and, as replicas on shared storage would, the model and output directories). They run as one
-process each (KINSHIP_HEAVY_PROCESS=false): the heavy-work process runs at SCHED_IDLE, which a
-machine kept busy by other work starves for minutes (docs/reliability.md); the front's light
-path over the database is tested in-process (`split_factory`). What one replica does, the other
+process each (KINSHIP_HEAVY_PROCESS=false): one process per replica keeps two replicas within a
+busy 2-core machine's means (each heavy-work process would add its own kernel pool and start-up);
+the front's light path over the database is tested in-process (`split_factory`). What one replica does, the other
 sees: registrations answer FINGERPRINT there with no bytes read; a merge started on one is watched
 to its end and cancelled from the other; a replica killed mid-merge leaves a job that is run
 again or FAILED, never stuck RUNNING and never half-published. Losing the database answers
