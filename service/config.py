@@ -54,6 +54,9 @@ class Settings:
     """Torch device for the math: `auto` (CUDA when present, else CPU), `cpu` or `cuda:N`."""
     cpu_kernel: bool = True
     """On CPU, use the fused numba kernel for exact passes (and their fingerprints) when numba is available."""
+    mapped_reads: bool = True
+    """The fused kernel reads the checkpoints' page-cache pages in place through read-only memory maps
+    (SIGBUS-guarded, `checkpoints/mapped.py`); `false`: it copies them with `pread`."""
     cache_dir: Path = field(default_factory=_default_cache_dir)
     """Directory of the fingerprint, delta and pair cache (diskcache)."""
     cache_size_limit: int = 50 * 2**30
@@ -198,7 +201,7 @@ def _convert(name: str, raw: str) -> int | float | bool | str | Path | tuple[Pat
         return float(raw)
     if name == "health_port":
         return int(raw)
-    if name in ("cpu_kernel", "heavy_process"):
+    if name in ("cpu_kernel", "heavy_process", "mapped_reads"):
         return _parse_bool(raw)
     if name == "allowed_roots":
         return tuple(Path(p).expanduser() for p in raw.split(os.pathsep) if p)

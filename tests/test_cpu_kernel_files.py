@@ -56,20 +56,39 @@ def _reference(stored: list[torch.Tensor]) -> dict[str, np.ndarray]:
     return {"sums": deltas.sum(axis=1), "gram": deltas @ deltas.T, "sq_dist": sq}
 
 
-def _from_files(files: list[OpenTensor], n: int, cuts: list[int], sketch: cpu_kernel.FusedFingerprint | None) -> PairwiseMoments:
+def _from_files(
+    files: list[OpenTensor], n: int, cuts: list[int], sketch: cpu_kernel.FusedFingerprint | None, mapped_reads: bool
+) -> PairwiseMoments:
     moments = PairwiseMoments(n)
     for start, stop in zip(cuts[:-1], cuts[1:], strict=True):
-        cpu_kernel.accumulate_from_files(files, start, stop - start, moments, sketch=sketch, tensor="b.weight")
+        cpu_kernel.accumulate_from_files(
+            files, start, stop - start, moments, sketch=sketch, tensor="b.weight", mapped_reads=mapped_reads
+        )
     return moments
 
 
+# Both ways the kernel reads: the ranges mapped (the default on Linux) and `pread` into its buffers.
+READS = [pytest.param(True, id="mapped"), pytest.param(False, id="pread")]
+
+
 # bf16 with n <= 4 takes the tile-free loops (cpu_kernel_direct), the rest the float64 tile.
-CASES = [(torch.bfloat16, 1), (torch.bfloat16, 3), (torch.bfloat16, 4), (torch.bfloat16, 5), (torch.float16, 3), (torch.float32, 2), (torch.float64, 3)]
+CASES = [
+    (torch.bfloat16, 1),
+    (torch.bfloat16, 3),
+    (torch.bfloat16, 4),
+    (torch.bfloat16, 5),
+    (torch.float16, 3),
+    (torch.float32, 2),
+    (torch.float64, 3),
+]
 
 
 @pytest.mark.parametrize("dtype,n", CASES)
 @pytest.mark.parametrize("sketched", [False, True])
-def test_reading_the_files_gives_the_bits_of_the_in_memory_kernel(tmp_path: Path, dtype: torch.dtype, n: int, sketched: bool) -> None:
+@pytest.mark.parametrize("mapped_reads", READS)
+def test_reading_the_files_gives_the_bits_of_the_in_memory_kernel(
+    tmp_path: Path, dtype: torch.dtype, n: int, sketched: bool, mapped_reads: bool
+) -> None:
     dirs, stored = _family(tmp_path, dtype, n, seed=1)
     cuts = [0, 65_536 + 203 * 7, 203_000]
     flat = [t.reshape(-1) for t in stored]
@@ -77,18 +96,22 @@ def test_reading_the_files_gives_the_bits_of_the_in_memory_kernel(tmp_path: Path
     memory_sketch = cpu_kernel.FusedFingerprint(SketchBuilder(n, width=width), StatsBuilder(n)) if sketched else None
     in_memory = PairwiseMoments(n)
     for start, stop in zip(cuts[:-1], cuts[1:], strict=True):
-        cpu_kernel.accumulate([f[start:stop] for f in flat], in_memory, sketch=memory_sketch, tensor="b.weight", offset=start)
+        cpu_kernel.accumulate(
+            [f[start:stop] for f in flat], in_memory, sketch=memory_sketch, tensor="b.weight", offset=start
+        )
     readers = _readers(tmp_path, dirs)
     results = []
     before = torch.get_num_threads()
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            file_sketch = cpu_kernel.FusedFingerprint(SketchBuilder(n, width=width), StatsBuilder(n)) if sketched else None
+            file_sketch = (
+                cpu_kernel.FusedFingerprint(SketchBuilder(n, width=width), StatsBuilder(n)) if sketched else None
+            )
             with ExitStack() as stack:
                 files = [stack.enter_context(r.open_tensor("b.weight")) for r in readers]
                 assert all(f is not None for f in files) and cpu_kernel.reads_files(files)
-                moments = _from_files(files, n, cuts, file_sketch)
+                moments = _from_files(files, n, cuts, file_sketch, mapped_reads)
             results.append((moments, file_sketch))
     finally:
         torch.set_num_threads(before)
@@ -107,7 +130,9 @@ def test_reading_the_files_gives_the_bits_of_the_in_memory_kernel(tmp_path: Path
 
 
 @pytest.mark.parametrize("n", [2, 3, 4])
-def test_sketching_segments_in_pairs_gives_the_same_bits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, n: int) -> None:
+def test_sketching_segments_in_pairs_gives_the_same_bits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, n: int
+) -> None:
     """bf16, n <= 4: spans narrower than the sketch, so most consecutive segments share their buckets and go in pairs."""
     dirs, stored = _family(tmp_path, torch.bfloat16, n, seed=5)
     width = 2**15
@@ -120,7 +145,9 @@ def test_sketching_segments_in_pairs_gives_the_same_bits(tmp_path: Path, monkeyp
     memory_sketch = cpu_kernel.FusedFingerprint(SketchBuilder(n, width=width), StatsBuilder(n))
     in_memory = PairwiseMoments(n)
     for start, stop in zip(cuts[:-1], cuts[1:], strict=True):
-        cpu_kernel.accumulate([f[start:stop] for f in flat], in_memory, sketch=memory_sketch, tensor="b.weight", offset=start)
+        cpu_kernel.accumulate(
+            [f[start:stop] for f in flat], in_memory, sketch=memory_sketch, tensor="b.weight", offset=start
+        )
     _, item_first, _, seg_length, _, _, seg_bucket = memory_sketch.segments("b.weight", cuts[1], cuts[2] - cuts[1])
     paired = [
         s for w in range(item_first.size - 1) for s in range(item_first[w], item_first[w + 1] - 1)
@@ -128,12 +155,12 @@ def test_sketching_segments_in_pairs_gives_the_same_bits(tmp_path: Path, monkeyp
     ]  # fmt: skip
     assert paired, "the second chunk should have segments to pair"
     readers = _readers(tmp_path, dirs)
-    for pairs in (True, False):
+    for pairs, mapped_reads in ((True, False), (False, False), (False, True)):  # pairs: a pread-path loop
         monkeypatch.setattr(cpu_kernel, "SKETCH_PAIRS", pairs)
         file_sketch = cpu_kernel.FusedFingerprint(SketchBuilder(n, width=width), StatsBuilder(n))
         with ExitStack() as stack:
             files = [stack.enter_context(r.open_tensor("b.weight")) for r in readers]
-            moments = _from_files(files, n, cuts, file_sketch)
+            moments = _from_files(files, n, cuts, file_sketch, mapped_reads)
         for name in ("sums", "gram", "sq_dist"):
             assert torch.equal(getattr(moments, name), getattr(in_memory, name)), name
         assert torch.equal(file_sketch.builder.sketch, memory_sketch.builder.sketch), f"pairs={pairs}"
@@ -146,10 +173,13 @@ def test_sketching_segments_in_pairs_gives_the_same_bits(tmp_path: Path, monkeyp
         part = deltas[:, block * width : (block + 1) * width]
         lo = np.arange(part.shape[1])
         np.add.at(reference, (slice(None), (lo + rotation) % width), sign * signs[lo] * part)
-    np.testing.assert_allclose(memory_sketch.builder.sketch.numpy(), reference, rtol=0, atol=1e-9 * np.abs(reference).max())
+    np.testing.assert_allclose(
+        memory_sketch.builder.sketch.numpy(), reference, rtol=0, atol=1e-9 * np.abs(reference).max()
+    )
 
 
-def test_a_file_shrinking_under_the_kernel_is_checkpoint_changed(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mapped_reads", READS)
+def test_a_file_shrinking_under_the_kernel_is_checkpoint_changed(tmp_path: Path, mapped_reads: bool) -> None:
     n = 2
     dirs, _stored = _family(tmp_path, torch.bfloat16, n, seed=2)
     readers = _readers(tmp_path, dirs)
@@ -163,13 +193,15 @@ def test_a_file_shrinking_under_the_kernel_is_checkpoint_changed(tmp_path: Path)
             moments = PairwiseMoments(n)
             sketch = cpu_kernel.FusedFingerprint(SketchBuilder(n), StatsBuilder(n)) if sketched else None
             with pytest.raises(FailedPrecondition) as excinfo:
-                cpu_kernel.accumulate_from_files(files, 0, 203_000, moments, sketch=sketch, tensor="b.weight")
+                cpu_kernel.accumulate_from_files(
+                    files, 0, 203_000, moments, sketch=sketch, tensor="b.weight", mapped_reads=mapped_reads
+                )
             assert excinfo.value.reason == "CHECKPOINT_CHANGED", excinfo.value
             assert "model.safetensors of" in str(excinfo.value) and "c2" in str(excinfo.value)
             assert moments.count == 0 and not moments.gram.any()  # nothing half-added
         # The untouched part still reads.
         moments = PairwiseMoments(n)
-        cpu_kernel.accumulate_from_files(files, 0, 1_000, moments)
+        cpu_kernel.accumulate_from_files(files, 0, 1_000, moments, mapped_reads=mapped_reads)
         assert moments.count == 1_000
 
 

@@ -12,8 +12,9 @@ reading and the server exports as a metric.
 
 `CheckpointReader.open_tensor` hands out a tensor's open file and byte range instead, for a
 reader that reads by offset itself (the fused kernel, `kinship/cpu_kernel.accumulate_from_files`,
-reads cache-sized pieces inside its compiled loop); `read_failed` turns what such a reader saw
-into the same CHECKPOINT_CHANGED / CHECKPOINT_UNREADABLE errors.
+maps the range read-only under `checkpoints/mapped.py`'s SIGBUS guard, or reads cache-sized pieces
+inside its compiled loop); `read_failed` turns what such a reader saw into the same
+CHECKPOINT_CHANGED / CHECKPOINT_UNREADABLE errors.
 """
 
 from __future__ import annotations

@@ -47,6 +47,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from kinship_service.checkpoints import mapped
 from kinship_service.checkpoints.streaming import OpenTensor
 from kinship_service.kinship import cpu_kernel_jit
 from kinship_service.kinship.cpu_kernel_jit import BF16, FLOAT, FP16, as_numpy
@@ -285,6 +286,20 @@ def _run(
     arrays = [as_numpy(r) for r in rows]  # kept referenced until the kernel returns
     addresses = np.array([a.ctypes.data for a in arrays], dtype=np.int64)
     like = np.empty(0, dtype=arrays[0].dtype)  # only its dtype matters: one compiled kernel per dtype
+    _reduce(_partials(addresses, like, kind, n, length, sketch, tensor, offset), n, length, moments)
+
+
+def _partials(
+    addresses: npt.NDArray[np.int64],
+    like: npt.NDArray[Any],
+    kind: int,
+    n: int,
+    length: int,
+    sketch: FusedFingerprint | None,
+    tensor: str | None,
+    offset: int,
+) -> npt.NDArray[np.float64]:
+    """The work items' partial sums of `length` elements of the n + 1 rows at `addresses` (sketched as elements offset.. of `tensor`)."""
     blocks = (length + SUPER_BLOCK - 1) // SUPER_BLOCK
     tile = _tile_elements(n)
     segments: tuple[npt.NDArray[Any], ...] = ()
@@ -300,12 +315,13 @@ def _run(
             else:
                 sketch_kernel(
                     addresses, like, kind, tile, partials, first, last, *segments, sketch.target, sketch.signs, sketch.span,
+                    SKETCH_PAIRS,
                 )  # fmt: skip
 
         return run
 
     _in_parallel(blocks, runner)
-    _reduce(partials, n, length, moments)
+    return partials
 
 
 def _in_parallel(blocks: int, runner: Callable[[], Callable[[int, int], None]]) -> None:
@@ -378,13 +394,15 @@ def accumulate_from_files(
     *,
     sketch: FusedFingerprint | None = None,
     tensor: str | None = None,
+    mapped_reads: bool | None = None,
 ) -> None:
     """`accumulate` of elements [start, start + count) of open tensors (base first), read by the kernel itself.
 
-    Each thread reads the pieces it is about to use (`pread`, no GIL) into its own buffers of
-    READ_L2_BYTES, so the bytes travel from the page cache to L2 once, instead of through
-    chunk-sized buffers in DRAM: same tiles, same order, the same bits as `accumulate` on those
-    elements. With `sketch`, they are sketched as elements [start, start + count) of tensor
+    Where `checkpoints.mapped` is available (64-bit Linux; `mapped_reads` None), the ranges are
+    mapped and the kernel reads the page-cache pages in place (`_accumulate_mapped`). Else, or with
+    `mapped_reads=False`, each thread reads the pieces it is about to use (`pread`, no GIL) into its
+    own buffers of READ_L2_BYTES, so the bytes travel from the page cache to L2 once. Either way:
+    same tiles, same order, the same bits as `accumulate` on those elements. With `sketch`, they are sketched as elements [start, start + count) of tensor
     `tensor`. Take only tensors `reads_files` accepts. A read that ends early is
     CHECKPOINT_CHANGED, one that fails CHECKPOINT_UNREADABLE (`OpenTensor.read_failed`); the
     moments are then left as they were (the sketch may hold part of the chunk: discard it).
@@ -403,6 +421,9 @@ def accumulate_from_files(
     dtype = tensors[0].dtype
     like = np.empty(0, dtype=np.uint16 if dtype in (torch.bfloat16, torch.float16) else torch.empty(0, dtype=dtype).numpy().dtype)
     itemsize = like.itemsize
+    if mapped_reads if mapped_reads is not None else mapped.available():
+        _accumulate_mapped(tensors, start, count, moments, like, sketch, tensor)
+        return
     for t in tensors:
         t.prefetch(start, count)
     fds = np.array([t.fd for t in tensors], dtype=np.int64)
@@ -449,6 +470,33 @@ def accumulate_from_files(
     _reduce(partials, n, count, moments)
 
 
+def _accumulate_mapped(
+    tensors: Sequence[OpenTensor],
+    start: int,
+    count: int,
+    moments: PairwiseMoments,
+    like: npt.NDArray[Any],
+    sketch: FusedFingerprint | None,
+    tensor: str | None,
+) -> None:
+    """`accumulate_from_files` with the ranges mapped (`checkpoints.mapped`): the kernel reads the page cache in place, no copy.
+
+    The same in-memory kernels as `accumulate` over the same chunk: the same bits as the `pread`
+    path. A range whose file shrank under the kernel (zeros mapped by the SIGBUS guard, or the
+    file now shorter) is CHECKPOINT_CHANGED and leaves `moments` as they were.
+    """
+    n, itemsize = moments.n, like.itemsize
+    offsets = [t.begin + start * itemsize for t in tensors]
+    with mapped.MappedRows([t.fd for t in tensors], offsets, count * itemsize) as rows:
+        addresses = np.array(rows.addresses, dtype=np.int64)
+        partials = _partials(addresses, like, _KIND[tensors[0].dtype], n, count, sketch, tensor, start)
+        faulted = rows.faulted()
+    for i, t in enumerate(tensors):
+        if i in faulted or os.fstat(t.fd).st_size < offsets[i] + count * itemsize:
+            raise t.read_failed(offsets[i], short=True)
+    _reduce(partials, n, count, moments)
+
+
 def warm_up() -> float:
     """Compile (or load from numba's disk cache) the kernel for every stored dtype; returns seconds.
 
@@ -458,6 +506,7 @@ def warm_up() -> float:
     started = time.perf_counter()
     if not available():
         return 0.0
+    mapped.guard()  # compiles the SIGBUS handler of mapped reads (a fraction of a second)
     for dtype in _KIND:
         base = torch.zeros(3, dtype=dtype)
         accumulate([base, base + 1, base + 2], PairwiseMoments(2))

@@ -408,6 +408,7 @@ def sketch_kernel(
     sketch: npt.NDArray[np.float64],
     signs: npt.NDArray[np.int8],
     span: int,
+    pairs: bool,
 ) -> None:
     """The statistics AND the sketch of work items first..last-1 of one chunk (without the GIL).
 
@@ -417,20 +418,39 @@ def sketch_kernel(
     at sign-table index seg_lo[s], block sign seg_sign[s], bucket seg_bucket[s] of the
     span. Their sketch is summed in a small local buffer and added to `sketch` once,
     so work items never add to the same bucket (no races) and each bucket is
-    read-modified-written once per chunk, not once per sketch block.
+    read-modified-written once per chunk, not once per sketch block. With `pairs` (bf16, n <= 4),
+    two consecutive segments hashed to the same buckets go through the buckets in one loop
+    (`_sketch_pair`), as `sketch_kernel_from_files` does: the same terms in the same order.
     """
     n = addresses.size - 1
+    itemsize = like.itemsize
+    pairs = pairs and _direct(kind, n)
     for w in range(first, last):
         tile = np.zeros((n + 2, tile_elements), dtype=np.float64)
         factor = np.empty(tile_elements, dtype=np.float64)
         local = np.zeros((n, span), dtype=np.float64)
+        first_rows = np.empty_like(addresses)
+        second_rows = np.empty_like(addresses)
         acc = partials[w]
         acc[:] = 0.0
-        for s in range(item_first[w], item_first[w + 1]):
+        s, end = item_first[w], item_first[w + 1]
+        while s < end:
+            length = seg_length[s]
+            if pairs and s + 1 < end and seg_bucket[s + 1] == seg_bucket[s] and seg_length[s + 1] == length:
+                for i in range(n + 1):
+                    first_rows[i] = addresses[i] + seg_start[s] * itemsize
+                    second_rows[i] = addresses[i] + seg_start[s + 1] * itemsize
+                for rows in (first_rows, second_rows):
+                    for offset in range(0, length, tile_elements):
+                        _stats(rows, like, kind, offset, min(tile_elements, length - offset), tile, acc)
+                _sketch_pair(first_rows, second_rows, like, length, local, seg_bucket[s], signs, seg_lo[s], seg_sign[s], seg_lo[s + 1], seg_sign[s + 1])
+                s += 2
+                continue
             for offset in range(0, seg_length[s], tile_elements):
                 k = min(tile_elements, seg_length[s] - offset)
                 _stats(addresses, like, kind, seg_start[s] + offset, k, tile, acc)
                 _sketch_tile(addresses, like, kind, seg_start[s] + offset, k, tile, factor, local, seg_bucket[s] + offset, signs, seg_lo[s] + offset, seg_sign[s])
+            s += 1
         b0 = item_span[w] * span
         for i in range(n):
             target, source = sketch[i, b0 : b0 + span], local[i]

@@ -217,6 +217,9 @@ def start_kernel_warm_up(settings: Settings, device: torch.device | None = None)
         except RuntimeError:  # serve() reports it
             return
     if settings.cpu_kernel and device.type == "cpu":
+        from kinship_service.checkpoints import mapped
+
+        mapped.configure(settings.mapped_reads)
         threading.Thread(target=_warm_up_cpu_kernel, name="cpu-kernel-warm-up", daemon=True).start()
 
 
