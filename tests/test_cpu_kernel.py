@@ -273,7 +273,14 @@ def countsketch_reference(deltas: np.ndarray, name: str, offset: int, width: int
     return out
 
 
-def assert_sketch_close(got: np.ndarray, want: np.ndarray, rel: float = 1e-9) -> None:
+# The fused kernel sums each chunk's sketch terms per bucket in float32 (cpu_kernel: at most a few
+# hundred terms per bucket per chunk, each add rounded by at most 2**-24 of the partial sum) before
+# adding them to the float64 sketch: within 1e-6 of the largest bucket, against a sketch error of
+# 0.002 (fingerprint.py). The statistics stay float64 throughout.
+FUSED_SKETCH_REL = 1e-6
+
+
+def assert_sketch_close(got: np.ndarray, want: np.ndarray, rel: float = FUSED_SKETCH_REL) -> None:
     scale = np.abs(want).max()
     assert scale > 0
     error = np.abs(got - want).max() / scale
@@ -351,7 +358,7 @@ def test_sketch_does_not_depend_on_threads_or_chunking():
     finally:
         torch.set_num_threads(before)
     assert np.array_equal(sketches[0], sketches[1])
-    assert_sketch_close(sketches[2], sketches[0], rel=1e-12)
+    assert_sketch_close(sketches[2], sketches[0])  # other chunks: other float32 partial sums
 
 
 def test_fused_observer_supports_only_what_it_can_fill():

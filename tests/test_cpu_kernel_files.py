@@ -174,7 +174,7 @@ def test_sketching_segments_in_pairs_gives_the_same_bits(
         lo = np.arange(part.shape[1])
         np.add.at(reference, (slice(None), (lo + rotation) % width), sign * signs[lo] * part)
     np.testing.assert_allclose(
-        memory_sketch.builder.sketch.numpy(), reference, rtol=0, atol=1e-9 * np.abs(reference).max()
+        memory_sketch.builder.sketch.numpy(), reference, rtol=0, atol=1e-6 * np.abs(reference).max()  # float32 partial sums per chunk
     )
 
 

@@ -1,4 +1,4 @@
-"""The numba-compiled loops of the exact pass: tiles of stored rows in, float64 moments and sketches out.
+"""The numba-compiled loops of the exact pass: tiles of stored rows in, float64 moments and sketch partial sums out.
 
 `cpu_kernel.py` drives them (work items, threads, the reduction of their partials); this
 module is only the compiled arithmetic, imported when `cpu_kernel_jit.available()`. A work
@@ -428,7 +428,7 @@ def sketch_kernel(
     for w in range(first, last):
         tile = np.zeros((n + 2, tile_elements), dtype=np.float64)
         factor = np.empty(tile_elements, dtype=np.float64)
-        local = np.zeros((n, span), dtype=np.float64)
+        local = np.zeros((n, span), dtype=np.float32)
         first_rows = np.empty_like(addresses)
         second_rows = np.empty_like(addresses)
         acc = partials[w]
@@ -566,7 +566,7 @@ def sketch_kernel_from_files(
     for w in range(first, last):
         tile = np.zeros((n + 2, tile_elements), dtype=np.float64)
         factor = np.empty(tile_elements, dtype=np.float64)
-        buckets = np.zeros((n, span), dtype=np.float64)
+        buckets = np.zeros((n, span), dtype=np.float32)
         acc = partials[w]
         acc[:] = 0.0
         s, end = item_first[w], item_first[w + 1]

@@ -6,7 +6,9 @@ register-blocked group, no cross terms) these loops read the stored bits and wid
 they are used instead: the tile's stores (one float64 store per row and element; without them
 the loop for 3 models ran 1.6x faster on AMD Zen 4, rows in L2) go away, and the sketch
 adds its deltas without a tile either. Same formulas, same tiles, the same float64 values; the
-result layout is `cpu_kernel_compiled`'s `_selfK`.
+result layout is `cpu_kernel_compiled`'s `_selfK`. The sketch's terms are float32 (`_bf16_32`:
+the bf16 widened exactly, the delta rounded only when base and model differ by more than 2**16
+in magnitude) into float32 buckets, summed per chunk (see `cpu_kernel`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,13 @@ from kinship_service.kinship.cpu_kernel_jit import FASTMATH, f32_from_bits, jit
 def _bf16(bits: np.uint16) -> np.float64:
     """The bf16 with these bits, as float64 (exact: the upper half of a float32)."""
     value: np.float64 = np.float64(f32_from_bits(np.uint32(bits) << np.uint32(16)))
+    return value
+
+
+@jit(fastmath=FASTMATH)
+def _bf16_32(bits: np.uint16) -> np.float32:
+    """The bf16 with these bits, as float32 (exact), for the sketch's float32 terms."""
+    value: np.float32 = f32_from_bits(np.uint32(bits) << np.uint32(16))
     return value
 
 
@@ -124,9 +133,9 @@ def sketch_add_direct(
     out: npt.NDArray[np.float64], signs: npt.NDArray[np.int8], lo: int, sign: float, b: npt.NDArray[np.uint16], row: Any, k: int
 ) -> None:
     """out[:k] += sign * S[lo:lo+k] * (row - b)[:k] (bf16 bits): the tiled kernel's `_signed` and `_sketch_add`, in registers."""
-    s = signs[lo : lo + k]
+    s, g = signs[lo : lo + k], np.float32(sign)
     for u in range(k):
-        out[u] += (sign * np.float64(s[u])) * (_bf16(row[u]) - _bf16(b[u]))
+        out[u] += (g * np.float32(s[u])) * (_bf16_32(row[u]) - _bf16_32(b[u]))
 
 
 @jit(fastmath=FASTMATH)
@@ -142,12 +151,12 @@ def sketch_add_direct2(
     k: int,
 ) -> None:
     """`sketch_add_direct` of two rows in one loop: the signs and the base are converted once for both."""
-    s = signs[lo : lo + k]
+    s, g = signs[lo : lo + k], np.float32(sign)
     for u in range(k):
-        factor = sign * np.float64(s[u])
-        base = _bf16(b[u])
-        out_a[u] += factor * (_bf16(row_a[u]) - base)
-        out_b[u] += factor * (_bf16(row_b[u]) - base)
+        factor = g * np.float32(s[u])
+        base = _bf16_32(b[u])
+        out_a[u] += factor * (_bf16_32(row_a[u]) - base)
+        out_b[u] += factor * (_bf16_32(row_b[u]) - base)
 
 
 # No "reassoc" here: each bucket must add segment j's term before segment j + 1's, as two
@@ -170,11 +179,11 @@ def sketch_add_pair(
     k: int,
 ) -> None:
     """`sketch_add_direct` of two segments hashed to the same k buckets, a's term added before b's: one load and store per bucket, not two."""
-    s_a = signs[lo_a : lo_a + k]
-    s_b = signs[lo_b : lo_b + k]
+    s_a, g_a = signs[lo_a : lo_a + k], np.float32(sign_a)
+    s_b, g_b = signs[lo_b : lo_b + k], np.float32(sign_b)
     for u in range(k):
-        first = out[u] + (sign_a * np.float64(s_a[u])) * (_bf16(row_a[u]) - _bf16(b_a[u]))
-        out[u] = first + (sign_b * np.float64(s_b[u])) * (_bf16(row_b[u]) - _bf16(b_b[u]))
+        first = out[u] + (g_a * np.float32(s_a[u])) * (_bf16_32(row_a[u]) - _bf16_32(b_a[u]))
+        out[u] = first + (g_b * np.float32(s_b[u])) * (_bf16_32(row_b[u]) - _bf16_32(b_b[u]))
 
 
 @jit(fastmath=_IN_ORDER)
@@ -195,14 +204,14 @@ def sketch_add_pair2(
     k: int,
 ) -> None:
     """`sketch_add_pair` of two models (a, b) in one loop: each segment's signs and base are converted once for both."""
-    s_1 = signs[lo_1 : lo_1 + k]
-    s_2 = signs[lo_2 : lo_2 + k]
+    s_1, g_1 = signs[lo_1 : lo_1 + k], np.float32(sign_1)
+    s_2, g_2 = signs[lo_2 : lo_2 + k], np.float32(sign_2)
     for u in range(k):
-        f_1 = sign_1 * np.float64(s_1[u])
-        f_2 = sign_2 * np.float64(s_2[u])
-        base_1 = _bf16(b_1[u])
-        base_2 = _bf16(b_2[u])
-        first = out_a[u] + f_1 * (_bf16(row_a1[u]) - base_1)
-        out_a[u] = first + f_2 * (_bf16(row_a2[u]) - base_2)
-        first = out_b[u] + f_1 * (_bf16(row_b1[u]) - base_1)
-        out_b[u] = first + f_2 * (_bf16(row_b2[u]) - base_2)
+        f_1 = g_1 * np.float32(s_1[u])
+        f_2 = g_2 * np.float32(s_2[u])
+        base_1 = _bf16_32(b_1[u])
+        base_2 = _bf16_32(b_2[u])
+        first = out_a[u] + f_1 * (_bf16_32(row_a1[u]) - base_1)
+        out_a[u] = first + f_2 * (_bf16_32(row_a2[u]) - base_2)
+        first = out_b[u] + f_1 * (_bf16_32(row_b1[u]) - base_1)
+        out_b[u] = first + f_2 * (_bf16_32(row_b2[u]) - base_2)
