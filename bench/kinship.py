@@ -184,6 +184,7 @@ def main() -> int:
     parser.add_argument("--dir", type=Path, default=ROOT / "bench-output" / "kinship")
     parser.add_argument("--repeat", type=int, default=3, help="timed runs; the best is reported")
     parser.add_argument("--torch-path", action="store_true", help="KINSHIP_CPU_KERNEL=false: the torch loop, not the fused kernel")
+    parser.add_argument("--pread", action="store_true", help="KINSHIP_MAPPED_READS=false: the fused kernel copies with pread instead of mapping")
     args = parser.parse_args()
 
     dirs = ensure_family(args.dir / f"p{args.params:.0e}-n{args.models}", args.params, args.models)
@@ -215,6 +216,7 @@ def main() -> int:
                 allowed_roots=(args.dir,),
                 cache_dir=Path(cache_dir),
                 cpu_kernel=not args.torch_path,
+                mapped_reads=not args.pread,
                 log_format="text",
                 log_level="WARNING",
             )
@@ -239,6 +241,7 @@ def main() -> int:
                 cache_dir=Path(cache_dir),
                 cache_size_limit=2**30,
                 cpu_kernel=not args.torch_path,
+                mapped_reads=not args.pread,
                 log_format="text",
                 log_level="WARNING",
             )
@@ -257,7 +260,8 @@ def main() -> int:
     total_bytes = sum(f.stat().st_size for f in files)
     print(f"processor: {cpu_model()}, {os.cpu_count()} CPUs; load average before {load_before}, after {load_average()}")
     print(f"models: base + {args.models}, {params / 1e6:.0f}M parameters each, bf16, {total_bytes / 2**30:.2f} GiB in all")
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {result.device}")
+    reads = "torch path" if args.torch_path else ("pread" if args.pread else "mapped")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {result.device}, fused kernel reads: {reads}")
     report(f"exact Kinship RPC (base + {args.models} models)", exact_runs)
     report("RegisterCheckpoint, fingerprint only (base + 1 model)", register_runs)
     label = "peak RSS above baseline" if resettable else "peak RSS above baseline (process peak)"

@@ -326,7 +326,8 @@ def _fused_from_files(
 
     False, having read nothing, when it cannot: trailing dimensions sliced, or mixed or exotic
     dtypes (the caller then reads chunks into memory). Chunks are the ones `read_chunks` would
-    cut (whole rows), so the sums are the same bits either way.
+    cut (whole rows), so the sums are the same bits either way; when the kernel maps the files,
+    at most `cpu_kernel.MAPPED_CHUNK_BYTES` of them (mapped pages count in the RSS).
     """
     shape = tensor.shape if tensor.sliced else None
     with contextlib.ExitStack() as stack:
@@ -335,7 +336,7 @@ def _fused_from_files(
         if len(files) != len(readers) or not cpu_kernel.reads_files(files):
             return False
         total = files[0].elements
-        step = chunk_elements(tensor.shape, max_elements)
+        step = chunk_elements(tensor.shape, min(max_elements, cpu_kernel.mapped_chunk_elements(files)))
         if total == 0:
             for reader, file in zip(readers, files, strict=True):
                 reader.count(file, 0, True)
