@@ -87,7 +87,7 @@ def _compile_handler(libc: Any) -> Any:
     windows, slots, default = int(_windows.ctypes.data), _SLOTS, ctypes.addressof(_default_action)
     zero_flags = _MAP_PRIVATE | _MAP_FIXED | _MAP_ANONYMOUS
     page_mask = ~(_PAGE - 1)
-    bus, adrerr, prot = int(signal.SIGBUS), _BUS_ADRERR, _PROT_READ
+    bus, adrerr, prot, failed = int(signal.SIGBUS), _BUS_ADRERR, _PROT_READ, _MAP_FAILED
 
     @cfunc(types.void(types.int32, types.int64, types.int64))
     def on_sigbus(signo: int, info: int, context: int) -> None:  # pragma: no cover - runs as a signal handler
@@ -97,7 +97,8 @@ def _compile_handler(libc: Any) -> Any:
             for slot in range(slots):
                 entry = windows + slot * 24
                 if load64(entry) <= address < load64(entry + 8):
-                    map_pages(address & page_mask, _PAGE, prot, zero_flags, -1, 0)
+                    if map_pages(address & page_mask, _PAGE, prot, zero_flags, -1, 0) == failed:
+                        break  # no page of zeros to be had: returning would fault again forever
                     store(entry + 16, load64(entry + 16) + 1)
                     return
         sigaction(bus, default, 0)  # not ours: the re-executed access ends the process, as SIGBUS does by default
