@@ -33,8 +33,7 @@ from kinship_service.kinship.cpu_kernel_direct import (
     direct4,
     sketch_add_direct,
     sketch_add_direct2,
-    sketch_add_pair,
-    sketch_add_pair2,
+    sketch_pair,
 )
 from kinship_service.kinship.cpu_kernel_jit import (
     BF16,
@@ -331,34 +330,22 @@ def _sketch_tile(
 
 
 @jit(fastmath=FASTMATH)
-def _sketch_pair(
-    first: npt.NDArray[np.int64],
-    second: npt.NDArray[np.int64],
-    like: npt.NDArray[Any],
-    k: int,
-    buckets: npt.NDArray[np.float64],
-    bucket: int,
-    signs: npt.NDArray[np.int8],
-    lo_a: int,
-    sign_a: float,
-    lo_b: int,
-    sign_b: float,
+def _paired(s: int, end: int, seg_bucket: npt.NDArray[np.int64], seg_length: npt.NDArray[np.int64]) -> bool:
+    """Whether segments s and s + 1 (of a work item ending at `end`) go through the same buckets: a pair for `_pair`."""
+    return s + 1 < end and seg_bucket[s + 1] == seg_bucket[s] and seg_length[s + 1] == seg_length[s]
+
+
+@jit(fastmath=FASTMATH)
+def _pair(
+    first: npt.NDArray[np.int64], second: npt.NDArray[np.int64], like: npt.NDArray[Any], kind: int, length: int,
+    tile_elements: int, tile: npt.NDArray[np.float64], acc: npt.NDArray[np.float64], buckets: npt.NDArray[np.float32],
+    s: int, seg_bucket: npt.NDArray[np.int64], signs: npt.NDArray[np.int8], seg_lo: npt.NDArray[np.int64], seg_sign: npt.NDArray[np.float64],
 ) -> None:
-    """Add two segments of k bf16 elements (rows at `first`, then at `second`) to buckets[:, bucket:bucket+k], the first's terms first."""
-    n = first.size - 1
-    b_a = carray(pointer(first[0], like), (k,))
-    b_b = carray(pointer(second[0], like), (k,))
-    for i in range(0, n - 1, 2):  # two models per loop, then the odd one
-        sketch_add_pair2(
-            buckets[i, bucket : bucket + k], buckets[i + 1, bucket : bucket + k], signs,
-            lo_a, sign_a, b_a, carray(pointer(first[i + 1], like), (k,)), carray(pointer(first[i + 2], like), (k,)),
-            lo_b, sign_b, b_b, carray(pointer(second[i + 1], like), (k,)), carray(pointer(second[i + 2], like), (k,)),
-            k,
-        )  # fmt: skip
-    if n % 2:
-        row_a = carray(pointer(first[n], like), (k,))
-        row_b = carray(pointer(second[n], like), (k,))
-        sketch_add_pair(buckets[n - 1, bucket : bucket + k], signs, lo_a, sign_a, b_a, row_a, lo_b, sign_b, b_b, row_b, k)
+    """Segments s and s + 1 (rows at `first`, then at `second`): the statistics of one, then the other, then their sketch in one pass over their buckets."""
+    for rows in (first, second):
+        for offset in range(0, length, tile_elements):
+            _stats(rows, like, kind, offset, min(tile_elements, length - offset), tile, acc)
+    sketch_pair(first, second, like, length, buckets, seg_bucket[s], signs, seg_lo[s], seg_sign[s], seg_lo[s + 1], seg_sign[s + 1])  # fmt: skip
 
 
 @jit(nogil=True, fastmath=FASTMATH)
@@ -420,7 +407,7 @@ def sketch_kernel(
     so work items never add to the same bucket (no races) and each bucket is
     read-modified-written once per chunk, not once per sketch block. With `pairs` (bf16, n <= 4),
     two consecutive segments hashed to the same buckets go through the buckets in one loop
-    (`_sketch_pair`), as `sketch_kernel_from_files` does: the same terms in the same order.
+    (`_pair`), as `sketch_kernel_from_files` does: the same terms in the same order.
     """
     n = addresses.size - 1
     itemsize = like.itemsize
@@ -436,14 +423,11 @@ def sketch_kernel(
         s, end = item_first[w], item_first[w + 1]
         while s < end:
             length = seg_length[s]
-            if pairs and s + 1 < end and seg_bucket[s + 1] == seg_bucket[s] and seg_length[s + 1] == length:
+            if pairs and _paired(s, end, seg_bucket, seg_length):
                 for i in range(n + 1):
                     first_rows[i] = addresses[i] + seg_start[s] * itemsize
                     second_rows[i] = addresses[i] + seg_start[s + 1] * itemsize
-                for rows in (first_rows, second_rows):
-                    for offset in range(0, length, tile_elements):
-                        _stats(rows, like, kind, offset, min(tile_elements, length - offset), tile, acc)
-                _sketch_pair(first_rows, second_rows, like, length, local, seg_bucket[s], signs, seg_lo[s], seg_sign[s], seg_lo[s + 1], seg_sign[s + 1])
+                _pair(first_rows, second_rows, like, kind, length, tile_elements, tile, acc, local, s, seg_bucket, signs, seg_lo, seg_sign)
                 s += 2
                 continue
             for offset in range(0, seg_length[s], tile_elements):
@@ -572,15 +556,12 @@ def sketch_kernel_from_files(
         s, end = item_first[w], item_first[w + 1]
         while s < end:
             length = seg_length[s]
-            if pairs and s + 1 < end and seg_bucket[s + 1] == seg_bucket[s] and seg_length[s + 1] == length:
+            if pairs and _paired(s, end, seg_bucket, seg_length):
                 if not _read_rows(pread, fds, offsets, seg_start[s] * itemsize, length * itemsize, local, status):
                     return
                 if not _read_rows(pread, fds, offsets, seg_start[s + 1] * itemsize, length * itemsize, second, status):
                     return
-                for rows in (local, second):
-                    for offset in range(0, length, tile_elements):
-                        _stats(rows, like, kind, offset, min(tile_elements, length - offset), tile, acc)
-                _sketch_pair(local, second, like, length, buckets, seg_bucket[s], signs, seg_lo[s], seg_sign[s], seg_lo[s + 1], seg_sign[s + 1])
+                _pair(local, second, like, kind, length, tile_elements, tile, acc, buckets, s, seg_bucket, signs, seg_lo, seg_sign)
                 s += 2
                 continue
             if not _read_rows(pread, fds, offsets, seg_start[s] * itemsize, length * itemsize, local, status):

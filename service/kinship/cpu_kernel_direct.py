@@ -8,7 +8,8 @@ the loop for 3 models ran 1.6x faster on AMD Zen 4, rows in L2) go away, and the
 adds its deltas without a tile either. Same formulas, same tiles, the same float64 values; the
 result layout is `cpu_kernel_compiled`'s `_selfK`. The sketch's terms are float32 (`_bf16_32`:
 the bf16 widened exactly, the delta rounded only when base and model differ by more than 2**16
-in magnitude) into float32 buckets, summed per chunk (see `cpu_kernel`).
+in magnitude) into float32 buckets, summed per chunk (see `cpu_kernel`). `sketch_pair` adds two segments hashed to
+the same buckets in one pass over them (the loops `sketch_add_pair*`).
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from numba.np.numpy_support import carray
 
-from kinship_service.kinship.cpu_kernel_jit import FASTMATH, f32_from_bits, jit
+from kinship_service.kinship.cpu_kernel_jit import FASTMATH, f32_from_bits, jit, pointer
 
 
 @jit(fastmath=FASTMATH)
@@ -215,3 +217,34 @@ def sketch_add_pair2(
         out_a[u] = first + f_2 * (_bf16_32(row_a2[u]) - base_2)
         first = out_b[u] + f_1 * (_bf16_32(row_b1[u]) - base_1)
         out_b[u] = first + f_2 * (_bf16_32(row_b2[u]) - base_2)
+
+
+@jit(fastmath=FASTMATH)
+def sketch_pair(
+    first: npt.NDArray[np.int64],
+    second: npt.NDArray[np.int64],
+    like: npt.NDArray[Any],
+    k: int,
+    buckets: npt.NDArray[np.float32],
+    bucket: int,
+    signs: npt.NDArray[np.int8],
+    lo_a: int,
+    sign_a: float,
+    lo_b: int,
+    sign_b: float,
+) -> None:
+    """Add two segments of k bf16 elements (rows at `first`, then at `second`) to buckets[:, bucket:bucket+k], the first's terms first."""
+    n = first.size - 1
+    b_a = carray(pointer(first[0], like), (k,))
+    b_b = carray(pointer(second[0], like), (k,))
+    for i in range(0, n - 1, 2):  # two models per loop, then the odd one
+        sketch_add_pair2(
+            buckets[i, bucket : bucket + k], buckets[i + 1, bucket : bucket + k], signs,
+            lo_a, sign_a, b_a, carray(pointer(first[i + 1], like), (k,)), carray(pointer(first[i + 2], like), (k,)),
+            lo_b, sign_b, b_b, carray(pointer(second[i + 1], like), (k,)), carray(pointer(second[i + 2], like), (k,)),
+            k,
+        )  # fmt: skip
+    if n % 2:
+        row_a = carray(pointer(first[n], like), (k,))
+        row_b = carray(pointer(second[n], like), (k,))
+        sketch_add_pair(buckets[n - 1, bucket : bucket + k], signs, lo_a, sign_a, b_a, row_a, lo_b, sign_b, b_b, row_b, k)
