@@ -100,3 +100,19 @@ def test_the_setting_turns_mapped_reads_off_and_names_itself_when_wrong() -> Non
     finally:
         mapped.configure(True)
     assert mapped.available()
+
+
+def test_a_file_the_system_cannot_map_is_left_to_pread() -> None:
+    """A descriptor mmap refuses (here a pipe: ENODEV, as on a file system without mmap) gives None, not an error."""
+    assert mapped.guard()
+    read_end, write_end = os.pipe()
+    try:
+        assert mapped.map_rows([read_end], [0], 4096) is None
+        with mapped.MappedRows([], [], 0) as rows:  # nothing mapped, nothing held
+            assert rows.faulted() == []
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    free_before = len(mapped._free)
+    assert mapped.map_rows([read_end], [0], 4096) is None  # a closed descriptor (EBADF) too
+    assert len(mapped._free) == free_before  # no window slot left behind

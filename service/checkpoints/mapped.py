@@ -179,6 +179,8 @@ class MappedRows:
         self.addresses: list[int] = []
 
     def __enter__(self) -> MappedRows:
+        if self.addresses:  # already mapped (`map_rows`)
+            return self
         libc = _state["libc"]
         try:
             for fd, offset in zip(self._fds, self._offsets, strict=True):
@@ -220,3 +222,13 @@ class MappedRows:
         for base, size in self._maps:
             libc.munmap(base, size)
         self._maps, self._slots = [], []
+
+
+def map_rows(fds: Sequence[int], offsets: Sequence[int], length: int) -> MappedRows | None:
+    """`MappedRows` already mapped, or None when the system refuses the map (a file system without
+    mmap, no address space left): the caller then reads with `pread`. Use it in a `with` block."""
+    rows = MappedRows(fds, offsets, length)
+    try:
+        return rows.__enter__()
+    except OSError:
+        return None

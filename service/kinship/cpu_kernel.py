@@ -431,8 +431,9 @@ def accumulate_from_files(
     dtype = tensors[0].dtype
     like = np.empty(0, dtype=np.uint16 if dtype in (torch.bfloat16, torch.float16) else torch.empty(0, dtype=dtype).numpy().dtype)
     itemsize = like.itemsize
-    if mapped_reads if mapped_reads is not None else mapped.available():
-        _accumulate_mapped(tensors, start, count, moments, like, sketch, tensor)
+    if (mapped_reads if mapped_reads is not None else mapped.available()) and _accumulate_mapped(
+        tensors, start, count, moments, like, sketch, tensor
+    ):
         return
     for t in tensors:
         t.prefetch(start, count)
@@ -495,16 +496,20 @@ def _accumulate_mapped(
     like: npt.NDArray[Any],
     sketch: FusedFingerprint | None,
     tensor: str | None,
-) -> None:
+) -> bool:
     """`accumulate_from_files` with the ranges mapped (`checkpoints.mapped`): the kernel reads the page cache in place, no copy.
 
     The same in-memory kernels as `accumulate` over the same chunk: the same bits as the `pread`
     path. A range whose file shrank under the kernel (zeros mapped by the SIGBUS guard, or the
-    file now shorter) is CHECKPOINT_CHANGED and leaves `moments` as they were.
+    file now shorter) is CHECKPOINT_CHANGED and leaves `moments` as they were. False, having
+    done nothing, when the system refuses the maps (the caller reads with `pread` instead).
     """
     n, itemsize = moments.n, like.itemsize
     offsets = [t.begin + start * itemsize for t in tensors]
-    with mapped.MappedRows([t.fd for t in tensors], offsets, count * itemsize) as rows:
+    window = mapped.map_rows([t.fd for t in tensors], offsets, count * itemsize)
+    if window is None:
+        return False
+    with window as rows:
         addresses = np.array(rows.addresses, dtype=np.int64)
         partials = _partials(addresses, like, _KIND[tensors[0].dtype], n, count, sketch, tensor, start)
         faulted = rows.faulted()
@@ -512,6 +517,7 @@ def _accumulate_mapped(
         if i in faulted or os.fstat(t.fd).st_size < offsets[i] + count * itemsize:
             raise t.read_failed(offsets[i], short=True)
     _reduce(partials, n, count, moments)
+    return True
 
 
 def warm_up() -> float:
