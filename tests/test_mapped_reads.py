@@ -116,3 +116,29 @@ def test_a_file_the_system_cannot_map_is_left_to_pread() -> None:
     free_before = len(mapped._free)
     assert mapped.map_rows([read_end], [0], 4096) is None  # a closed descriptor (EBADF) too
     assert len(mapped._free) == free_before  # no window slot left behind
+
+
+def test_an_exact_pass_leaves_no_checkpoint_mapped(tmp_path: Path) -> None:
+    """Chunks are unmapped one chunk late (while the next one computes) and the last when the pass ends."""
+    import torch
+    from safetensors.torch import save_file
+
+    from kinship_service.checkpoints.sources import LocalPath, resolve
+    from kinship_service.kinship.exact import exact_kinship
+
+    generator = torch.Generator().manual_seed(3)
+    base = {f"w{i}": torch.randn(256, 256, generator=generator).to(torch.bfloat16) for i in range(3)}
+    dirs = []
+    for name, scale in (("base", 0.0), ("m0", 0.01), ("m1", 0.02)):
+        folder = tmp_path / name
+        folder.mkdir()
+        tensors = {k: (v.float() + scale * torch.randn(v.shape, generator=generator)).to(torch.bfloat16) for k, v in base.items()}
+        save_file(tensors if scale else base, str(folder / "model.safetensors"))
+        dirs.append(folder)
+    checkpoints = [resolve(LocalPath(str(d)), [tmp_path]) for d in dirs]
+    free_before = len(mapped._free)
+    result = exact_kinship(checkpoints[0], checkpoints[1:])
+    assert result.overall.cosine[0][1] > 0
+    mapped_files = Path("/proc/self/maps").read_text()
+    assert str(tmp_path) not in mapped_files, "a checkpoint is still mapped after the pass"
+    assert len(mapped._free) == free_before  # every window slot given back

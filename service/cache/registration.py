@@ -131,37 +131,38 @@ def register_pass(
     read_elements = max(DELTA_CHUNK_ELEMENTS, widest)
     fused = FusedFingerprint(sketch, group_stats) if use_cpu_kernel and device.type == "cpu" and cpu_kernel.available() else None
     moments: dict[str, PairwiseMoments] = {}
-    for t_index, tensor in enumerate(plan.tensors):
-        check_cancelled()
-        if fused is not None and not store_delta:
-            # Fingerprint only: the kernel reads the files itself, as the exact pass does (no
-            # chunk buffers in DRAM), in larger chunks than the loop below (the same sums to rounding).
-            group = moments.setdefault(tensor.group, PairwiseMoments(1))
-            if _fused_from_files(readers, tensor, group, fused, FUSED_REGISTER_ELEMENTS, check_cancelled):
-                continue
-        counts: list[int] = []
-        offset = 0
-        for c_index, (base_chunk, model_chunk) in enumerate(_lockstep(readers, tensor, read_elements)):
-            size = base_chunk.numel()
-            if fused is not None:
-                group = moments.setdefault(tensor.group, PairwiseMoments(1))
-                cpu_kernel.accumulate([base_chunk, model_chunk], group, sketch=fused, tensor=tensor.name, offset=offset)
-            if store_delta or fused is None:
-                base64 = base_chunk.reshape(-1).to(device=device, dtype=torch.float64)
-                model = model_chunk.reshape(-1).to(device)
-                d64 = model.to(torch.float64) - base64
-                if fused is None:
-                    row = d64.unsqueeze(0)
-                    sketch.add(tensor.name, offset, row)
-                    group_stats.add(tensor.group, row)
-                if store_delta:
-                    encoded = encode(model, base64, d64)
-                    encoded = EncodedChunk(encoded.dtype, encoded.delta.cpu(), encoded.patch_index.cpu(), encoded.patch_bits.cpu())
-                    delta_bytes += stores.deltas.put_chunk(base_ident.identity, ident.identity, t_index, c_index, encoded)
-            counts.append(size)
-            offset += size
+    with cpu_kernel.mapped_pass():  # the kernel's last mapped chunk is unmapped when the loop ends
+        for t_index, tensor in enumerate(plan.tensors):
             check_cancelled()
-        manifest_tensors.append((tensor.name, tuple(tensor.shape), counts))
+            if fused is not None and not store_delta:
+                # Fingerprint only: the kernel reads the files itself, as the exact pass does (no
+                # chunk buffers in DRAM), in larger chunks than the loop below (the same sums to rounding).
+                group = moments.setdefault(tensor.group, PairwiseMoments(1))
+                if _fused_from_files(readers, tensor, group, fused, FUSED_REGISTER_ELEMENTS, check_cancelled):
+                    continue
+            counts: list[int] = []
+            offset = 0
+            for c_index, (base_chunk, model_chunk) in enumerate(_lockstep(readers, tensor, read_elements)):
+                size = base_chunk.numel()
+                if fused is not None:
+                    group = moments.setdefault(tensor.group, PairwiseMoments(1))
+                    cpu_kernel.accumulate([base_chunk, model_chunk], group, sketch=fused, tensor=tensor.name, offset=offset)
+                if store_delta or fused is None:
+                    base64 = base_chunk.reshape(-1).to(device=device, dtype=torch.float64)
+                    model = model_chunk.reshape(-1).to(device)
+                    d64 = model.to(torch.float64) - base64
+                    if fused is None:
+                        row = d64.unsqueeze(0)
+                        sketch.add(tensor.name, offset, row)
+                        group_stats.add(tensor.group, row)
+                    if store_delta:
+                        encoded = encode(model, base64, d64)
+                        encoded = EncodedChunk(encoded.dtype, encoded.delta.cpu(), encoded.patch_index.cpu(), encoded.patch_bits.cpu())
+                        delta_bytes += stores.deltas.put_chunk(base_ident.identity, ident.identity, t_index, c_index, encoded)
+                counts.append(size)
+                offset += size
+                check_cancelled()
+            manifest_tensors.append((tensor.name, tuple(tensor.shape), counts))
     if fused is not None:
         fused.finish(moments)
     fp = build_fingerprints(sketch.sketch, group_stats, tensor_list(plan), [skipped_tuples(plan.skipped)])[0]

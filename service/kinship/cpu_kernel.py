@@ -39,11 +39,12 @@ and the caller keeps the torch path (`PairwiseMoments.update`, and the observers
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -95,6 +96,8 @@ READ_L2_BYTES = 512 * 1024
 # (`mapped_chunk_elements`). 256 MiB chunks (KINSHIP_CHUNK_BYTES) held +230 MiB of RSS; 128 MiB
 # chunks were as fast on the benchmark's sketched pass (64 MiB: 4 % slower, the per-chunk work).
 MAPPED_CHUNK_BYTES = 128 * 2**20
+# Mapped chunks are unmapped while the next chunk's kernel already runs (`mapped.unmap_deferred`).
+DEFER_UNMAP = True
 
 # How the loader reads a row (the kernel's `kind` argument).
 _KIND = {torch.float32: FLOAT, torch.float64: FLOAT, torch.bfloat16: BF16, torch.float16: FP16}
@@ -308,6 +311,7 @@ def _partials(
     sketch: FusedFingerprint | None,
     tensor: str | None,
     offset: int,
+    meanwhile: Callable[[], None] | None = None,
 ) -> npt.NDArray[np.float64]:
     """The work items' partial sums of `length` elements of the n + 1 rows at `addresses` (sketched as elements offset.. of `tensor`)."""
     blocks = (length + SUPER_BLOCK - 1) // SUPER_BLOCK
@@ -330,12 +334,15 @@ def _partials(
 
         return run
 
-    _in_parallel(blocks, runner)
+    _in_parallel(blocks, runner, meanwhile)
     return partials
 
 
-def _in_parallel(blocks: int, runner: Callable[[], Callable[[int, int], None]]) -> None:
+def _in_parallel(blocks: int, runner: Callable[[], Callable[[int, int], None]], meanwhile: Callable[[], None] | None = None) -> None:
     """Run work items 0..blocks-1 as `runner()(first, last)` calls on this thread and the pool's (one runner per thread).
+
+    `meanwhile` runs on this thread once the pool's threads have their work, before this thread
+    joins it (the unmapping of the previous chunk, `checkpoints.mapped.unmap_deferred`).
 
     Runs of work items, several per thread, taken in turn by the pool's threads and this
     one: a thread the OS parks on a busy machine holds up little. The kernels drop the
@@ -355,6 +362,8 @@ def _in_parallel(blocks: int, runner: Callable[[], Callable[[int, int], None]]) 
 
     futures = [_pool().submit(work) for _ in range(threads - 1)]
     try:
+        if meanwhile is not None:
+            meanwhile()
         work()
     finally:
         for future in futures:
@@ -481,6 +490,15 @@ def accumulate_from_files(
     _reduce(partials, n, count, moments)
 
 
+@contextlib.contextmanager
+def mapped_pass() -> Iterator[None]:
+    """Around a pass's calls of `accumulate_from_files`: the last chunk's deferred unmapping is done when it ends."""
+    try:
+        yield
+    finally:
+        mapped.unmap_deferred()
+
+
 def mapped_chunk_elements(tensors: Sequence[OpenTensor]) -> int:
     """The most elements per chunk `accumulate_from_files` should be given when it maps: MAPPED_CHUNK_BYTES over all rows (no limit when it reads by `pread`)."""
     if not tensors or not mapped.available():
@@ -506,12 +524,12 @@ def _accumulate_mapped(
     """
     n, itemsize = moments.n, like.itemsize
     offsets = [t.begin + start * itemsize for t in tensors]
-    window = mapped.map_rows([t.fd for t in tensors], offsets, count * itemsize)
+    window = mapped.map_rows([t.fd for t in tensors], offsets, count * itemsize, defer_unmap=DEFER_UNMAP)
     if window is None:
         return False
     with window as rows:
         addresses = np.array(rows.addresses, dtype=np.int64)
-        partials = _partials(addresses, like, _KIND[tensors[0].dtype], n, count, sketch, tensor, start)
+        partials = _partials(addresses, like, _KIND[tensors[0].dtype], n, count, sketch, tensor, start, mapped.unmap_deferred)
         faulted = rows.faulted()
     for i, t in enumerate(tensors):
         if i in faulted or os.fstat(t.fd).st_size < offsets[i] + count * itemsize:

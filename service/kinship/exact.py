@@ -271,17 +271,18 @@ def partial_moments(
     fused = _fused_kernel(device, observers, use_cpu_kernel)
     if fused is not None:
         sketch = fused[0] if fused else None
-        for tensor in tensors:
-            check_cancelled()
-            group = moments.setdefault(tensor.group, PairwiseMoments(n, device=device))
-            tensors_by_group[tensor.group] = tensors_by_group.get(tensor.group, 0) + 1
-            if _fused_from_files(readers, tensor, group, sketch, read_elements, check_cancelled):
-                continue
-            offset = 0
-            for chunks in _lockstep(readers, tensor, read_elements):
-                cpu_kernel.accumulate(chunks, group, sketch=sketch, tensor=tensor.name, offset=offset)
-                offset += chunks[0].numel()
+        with cpu_kernel.mapped_pass():
+            for tensor in tensors:
                 check_cancelled()
+                group = moments.setdefault(tensor.group, PairwiseMoments(n, device=device))
+                tensors_by_group[tensor.group] = tensors_by_group.get(tensor.group, 0) + 1
+                if _fused_from_files(readers, tensor, group, sketch, read_elements, check_cancelled):
+                    continue
+                offset = 0
+                for chunks in _lockstep(readers, tensor, read_elements):
+                    cpu_kernel.accumulate(chunks, group, sketch=sketch, tensor=tensor.name, offset=offset)
+                    offset += chunks[0].numel()
+                    check_cancelled()
         if sketch is not None:
             sketch.finish(moments)
         return PassPartial(moments, tensors_by_group)
