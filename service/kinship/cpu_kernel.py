@@ -93,8 +93,9 @@ SKETCH_PAIRS = True
 READ_L2_BYTES = 512 * 1024
 # accumulate_from_files mapping the files: the chunk's mapped pages count in the process's RSS (as
 # file pages) until it is unmapped, so passes cut mapped chunks at this many bytes over all rows
-# (`mapped_chunk_elements`). 256 MiB chunks (KINSHIP_CHUNK_BYTES) held +230 MiB of RSS; 128 MiB
-# chunks were as fast on the benchmark's sketched pass (64 MiB: 4 % slower, the per-chunk work).
+# (`mapped_chunk_elements`; with DEFER_UNMAP two chunks are mapped at a time). 256 MiB chunks
+# (KINSHIP_CHUNK_BYTES) held +230 MiB of RSS; 128 MiB chunks were as fast on the benchmark's
+# sketched pass (64 MiB: 4-5 % slower, the per-chunk work, with and without DEFER_UNMAP).
 MAPPED_CHUNK_BYTES = 128 * 2**20
 # Mapped chunks are unmapped while the next chunk's kernel already runs (`mapped.unmap_deferred`).
 DEFER_UNMAP = True
