@@ -142,3 +142,12 @@ def test_an_exact_pass_leaves_no_checkpoint_mapped(tmp_path: Path) -> None:
     mapped_files = Path("/proc/self/maps").read_text()
     assert str(tmp_path) not in mapped_files, "a checkpoint is still mapped after the pass"
     assert len(mapped._free) == free_before  # every window slot given back
+
+
+def test_the_reason_mapped_reads_are_off_is_told() -> None:
+    assert mapped.unavailable_reason() == ""
+    try:
+        mapped.configure(False)
+        assert mapped.unavailable_reason() == "KINSHIP_MAPPED_READS is false"
+    finally:
+        mapped.configure(True)

@@ -157,6 +157,13 @@ def _keep_installed() -> None:
             _install_handler(libc, handler)
 
 
+def unavailable_reason() -> str:
+    """Why `available()` is False ("" when it is True), for the start-up log."""
+    if not _state["enabled"]:
+        return "KINSHIP_MAPPED_READS is false"
+    return "" if guard() else str(_state["error"])
+
+
 def available() -> bool:
     """Whether the fused kernel should map (`configure`d on, and the guard installed or installable)."""
     return bool(_state["enabled"]) and guard()

@@ -235,7 +235,10 @@ def _warm_up_cpu_kernel() -> None:
     except Exception:  # the first pass compiles it instead, or falls back
         log.exception("fused CPU kernel warm-up failed")
         return
-    log.info("fused CPU kernel ready", extra={"seconds": round(seconds, 3)})
+    from kinship_service.checkpoints import mapped
+
+    reads = "mapped" if mapped.available() else f"pread ({mapped.unavailable_reason()})"
+    log.info("fused CPU kernel ready", extra={"seconds": round(seconds, 3), "reads": reads})
     try:  # the merge's SLERP kernels (slerp_kernel.py), so the first merge does not compile them
         from kinship_service.merge import slerp_kernel
 
