@@ -172,8 +172,8 @@ def available() -> bool:
 class MappedRows:
     """Map byte ranges of open files read-only for the length of a `with` block; `addresses` are where each range starts.
 
-    `check()` after the kernel ran says which range, if any, may hold zeros instead of the file's
-    bytes: one whose file is now shorter than the range, or where the SIGBUS guard mapped zeros.
+    `faulted()`, once the kernel ran and before the block ends, says which ranges the SIGBUS guard
+    filled with zeros (their file shrank under the kernel); the caller also checks the files' sizes.
     """
 
     def __init__(self, fds: Sequence[int], offsets: Sequence[int], length: int, defer_unmap: bool = False) -> None:
@@ -203,6 +203,7 @@ class MappedRows:
                 self._slots.append(self._register(base, base + size))
                 self.addresses.append(base + offset - aligned)
         except BaseException:
+            self._defer = False  # nothing was read from these: unmap them now
             self.__exit__(None, None, None)
             raise
         return self
