@@ -166,7 +166,7 @@ def unavailable_reason() -> str:
 
 def available() -> bool:
     """Whether the fused kernel should map (`configure`d on, and the guard installed or installable)."""
-    return bool(_state["enabled"]) and guard()
+    return not unavailable_reason()
 
 
 class MappedRows:

@@ -237,7 +237,8 @@ def _warm_up_cpu_kernel() -> None:
         return
     from kinship_service.checkpoints import mapped
 
-    reads = "mapped" if mapped.available() else f"pread ({mapped.unavailable_reason()})"
+    reason = mapped.unavailable_reason()
+    reads = f"pread ({reason})" if reason else "mapped"
     log.info("fused CPU kernel ready", extra={"seconds": round(seconds, 3), "reads": reads})
     try:  # the merge's SLERP kernels (slerp_kernel.py), so the first merge does not compile them
         from kinship_service.merge import slerp_kernel
