@@ -50,7 +50,6 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--phases", nargs="+", default=["floor", "pread", "moments", "sketch"], help="also: cache, register, rpc")
     parser.add_argument("--profile", help="a phase to run once more under cProfile")
-    parser.add_argument("--no-pairs", action="store_true", help="cpu_kernel.SKETCH_PAIRS off: one bucket read-modify-write per segment (A/B)")
     args = parser.parse_args()
 
     from kinship_service.cache.observer import FingerprintObserver
@@ -64,7 +63,6 @@ def main() -> int:
         return 2
     checkpoints = [resolve(LocalPath(str(d)), [args.dir]) for d in dirs]
     files = sorted(p for d in dirs for p in d.glob("*.safetensors"))
-    cpu_kernel.SKETCH_PAIRS = not args.no_pairs
     cpu_kernel.warm_up()
 
     def floor() -> None:

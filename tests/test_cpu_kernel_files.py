@@ -74,6 +74,7 @@ READS = [pytest.param(True, id="mapped"), pytest.param(False, id="pread")]
 # bf16 with n <= 4 takes the tile-free loops (cpu_kernel_direct), the rest the float64 tile.
 CASES = [
     (torch.bfloat16, 1),
+    (torch.bfloat16, 2),
     (torch.bfloat16, 3),
     (torch.bfloat16, 4),
     (torch.bfloat16, 5),
@@ -129,16 +130,16 @@ def test_reading_the_files_gives_the_bits_of_the_in_memory_kernel(
             assert file_sketch.builder.sketch.abs().max() > 0
 
 
-@pytest.mark.parametrize("n", [2, 3, 4])
-def test_sketching_segments_in_pairs_gives_the_same_bits(
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_sketched_runs_pair_blocks_and_take_every_element_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, n: int
 ) -> None:
-    """bf16, n <= 4: spans narrower than the sketch, so most consecutive segments share their buckets and go in pairs."""
+    """bf16, n <= 4 (`cpu_kernel_runs`): spans narrower than the sketch, so blocks' runs wrap inside spans as in real passes."""
     dirs, stored = _family(tmp_path, torch.bfloat16, n, seed=5)
     width = 2**15
-    # Spans of 4,096 buckets, 8 per block: most blocks' runs in a span are the whole span, as in
-    # real passes (16 spans of 16,384 per block of 2**18).
-    monkeypatch.setattr(cpu_kernel, "SKETCH_BUCKETS_L2_BYTES", 8 * n * cpu_kernel.SKETCH_SPAN_MIN)
+    # Spans of 4,096 buckets, 8 per block: as in real passes (16 spans of 16,384 per block of 2**18),
+    # most blocks reach a span in one run, the block whose rotation wraps there in two.
+    monkeypatch.setattr(cpu_kernel, "SKETCH_BUCKETS_L2_BYTES", 4 * n * cpu_kernel.SKETCH_SPAN_MIN)
     assert cpu_kernel.sketch_span(n, width) == width // 8
     cuts = [0, 65_536 + 203 * 7, 203_000]
     flat = [t.reshape(-1) for t in stored]
@@ -148,22 +149,42 @@ def test_sketching_segments_in_pairs_gives_the_same_bits(
         cpu_kernel.accumulate(
             [f[start:stop] for f in flat], in_memory, sketch=memory_sketch, tensor="b.weight", offset=start
         )
-    _, item_first, _, seg_length, _, _, seg_bucket = memory_sketch.segments("b.weight", cuts[1], cuts[2] - cuts[1])
-    paired = [
-        s for w in range(item_first.size - 1) for s in range(item_first[w], item_first[w + 1] - 1)
-        if seg_bucket[s] == seg_bucket[s + 1] and seg_length[s] == seg_length[s + 1]
-    ]  # fmt: skip
-    assert paired, "the second chunk should have segments to pair"
+    # The plan of the second chunk: every element once, in the bucket its block hashes it to.
+    offset, length = cuts[1], cuts[2] - cuts[1]
+    item_span, item_first_run, bucket, run_length, run_a, lo_a, sign_a, run_b, lo_b, sign_b = memory_sketch.runs(
+        "b.weight", offset, length
+    )
+    span = memory_sketch.span
+    taken = np.zeros(length, dtype=np.int64)
+    paired = 0
+    for w in range(item_span.size):
+        for r in range(item_first_run[w], item_first_run[w + 1]):
+            for start, lo, sign in ((run_a[r], lo_a[r], sign_a[r]), (run_b[r], lo_b[r], sign_b[r])):
+                if start < 0:
+                    continue
+                elements = np.arange(start, start + run_length[r])
+                taken[elements] += 1
+                block, position = np.divmod(offset + elements, width)
+                rotation, block_sign = block_params("b.weight", int(block[0]), width)
+                assert (block == block[0]).all() and sign == block_sign and lo == position[0]
+                hashed = (position + rotation) % width
+                assert np.array_equal(hashed, item_span[w] * span + bucket[r] + np.arange(run_length[r]))
+            paired += run_length[r] if run_b[r] >= 0 else 0
+    assert (taken == 1).all()
+    assert 2 * paired >= 0.9 * length  # runs without a partner: only where the chunk cuts a block
     readers = _readers(tmp_path, dirs)
-    for pairs, mapped_reads in ((True, False), (False, False), (False, True)):  # pairs: a pread-path loop
-        monkeypatch.setattr(cpu_kernel, "SKETCH_PAIRS", pairs)
+    for mapped_reads in (True, False):
         file_sketch = cpu_kernel.FusedFingerprint(SketchBuilder(n, width=width), StatsBuilder(n))
         with ExitStack() as stack:
             files = [stack.enter_context(r.open_tensor("b.weight")) for r in readers]
             moments = _from_files(files, n, cuts, file_sketch, mapped_reads)
         for name in ("sums", "gram", "sq_dist"):
             assert torch.equal(getattr(moments, name), getattr(in_memory, name)), name
-        assert torch.equal(file_sketch.builder.sketch, memory_sketch.builder.sketch), f"pairs={pairs}"
+        assert torch.equal(file_sketch.builder.sketch, memory_sketch.builder.sketch), f"mapped_reads={mapped_reads}"
+    expected = _reference(stored)
+    for name in ("sums", "gram", "sq_dist"):
+        want = expected[name]
+        assert np.abs(getattr(in_memory, name).numpy() - want).max() <= 1e-9 * max(np.abs(want).max(), 1e-300), name
     # and the sketch is the float64 reference's: element e of block j in bucket (e + r_j) mod width, sign s_j * S[e]
     deltas = np.stack([f.double().numpy() - flat[0].double().numpy() for f in flat[1:]])
     signs = sign_table(width).numpy()

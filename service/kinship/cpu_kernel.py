@@ -28,7 +28,8 @@ are the moments' count, sums and Gram diagonal, so they cost nothing.
 the chunk's byte ranges read-only (`checkpoints/mapped.py`) and runs the in-memory loops on the
 page-cache pages, or, without maps, each thread `pread`s the pieces it is about to use into its
 own L2-sized buffers inside the compiled loop; the same tiles in the same order (the same bits). bf16 rows of at most four models skip the
-float64 tile altogether (`cpu_kernel_direct.py`: widened in registers).
+float64 tile altogether (`cpu_kernel_direct.py`: widened in registers), and their sketched chunks
+add statistics and sketch in one loop over two sketch blocks at a time (`cpu_kernel_runs.py`).
 
 This module is the driver: it checks the rows, cuts a chunk into work items, runs them on a
 thread pool and reduces their partials into the moments. The compiled loops are in
@@ -61,6 +62,7 @@ from kinship_service.kinship.similarity import PairwiseMoments
 
 if cpu_kernel_jit.available():
     from kinship_service.kinship.cpu_kernel_compiled import (
+        DIRECT_STEP,
         READ_OK,
         READ_SHORT,
         SUPER_BLOCK,
@@ -70,6 +72,7 @@ if cpu_kernel_jit.available():
         sketch_kernel_from_files,
     )
     from kinship_service.kinship.cpu_kernel_jit import PREAD_ADDRESS
+    from kinship_service.kinship.cpu_kernel_runs import plan_runs, runs_kernel, runs_kernel_from_files
 
 # The n + 2 float64 tile rows (base, n deltas, a zero row) fit in this much L1 (see _tile_elements).
 TILE_L1_BYTES = 32 * 1024
@@ -78,17 +81,20 @@ PIECES_PER_THREAD = 4
 # Mixed or exotic dtypes (fp8, a bf16 base with fp32 models) are widened exactly with
 # torch in pieces of this many elements, so the temporary copy stays small.
 WIDEN_PIECE = 1 << 20
-# Sketch buckets per work item of a sketched chunk: n rows of them, sized as float64 (their float32
-# partial sums take half; wider spans measured no faster with mapped reads), take at most
-# this much L2 (at least SKETCH_SPAN_MIN buckets). Larger spans mean longer runs per read (16,384
-# buckets for 3 models: 32 KiB reads of bf16; 4,096 buckets, 8 KiB reads, cost 0.6 CPU-s more per
-# exact pass of the benchmark). The span does not change any bucket's summation order.
+# Sketch buckets per work item of a sketched chunk: its n float32 rows of partial sums take at
+# most this much L2 (at least SKETCH_SPAN_MIN buckets, at most SKETCH_SPAN_MAX: a chunk has
+# width / span work items to share among threads). Larger spans mean longer runs per read: on
+# AMD EPYC (Zen 4, 1 MiB L2), 3 models, spans of 32,768 buckets (64 KiB reads of bf16) took
+# 0.66-0.69 CPU-s per sketched exact pass of the benchmark, 16,384 0.70-0.71; 4,096 cost 0.6 CPU-s
+# more (the tiled loops). The span changes no bucket's terms or their order, only the
+# statistics' summation order (fixed: it does not depend on the thread count).
 SKETCH_BUCKETS_L2_BYTES = 512 * 1024
 SKETCH_SPAN_MIN = 4096
-# accumulate_from_files, bf16 and n <= 4: sketch two segments hashed to the same buckets in one
-# pass over them (one bucket read-modify-write instead of two; the same bits). The row buffers
-# then hold two segments.
-SKETCH_PAIRS = True
+SKETCH_SPAN_MAX = 32768
+# `cpu_kernel_runs` adds a run's float64 statistics to the work item's partials every this many
+# elements (the loop keeps them in registers in between; 512, the tiled loops' tile, cost 0.1
+# CPU-s more per sketched pass of the benchmark than a whole span's run at a time).
+RUN_TILE_ELEMENTS = SKETCH_SPAN_MAX
 # accumulate_from_files: a thread's n + 1 row buffers (one piece of every row) take at most this much L2.
 READ_L2_BYTES = 512 * 1024
 # accumulate_from_files mapping the files: the chunk's mapped pages count in the process's RSS (as
@@ -130,8 +136,8 @@ def _tile_elements(n: int) -> int:
 
 
 def sketch_span(n: int, width: int) -> int:
-    """Buckets per work item of a sketched chunk: a power of two, n float64 rows within SKETCH_BUCKETS_L2_BYTES, at most `width`."""
-    fit = max(SKETCH_SPAN_MIN, SKETCH_BUCKETS_L2_BYTES // (8 * max(1, n)))
+    """Buckets per work item of a sketched chunk: a power of two, n float32 rows within SKETCH_BUCKETS_L2_BYTES, at most `width`."""
+    fit = min(SKETCH_SPAN_MAX, max(SKETCH_SPAN_MIN, SKETCH_BUCKETS_L2_BYTES // (4 * max(1, n))))
     return min(1 << (fit.bit_length() - 1), width)
 
 
@@ -176,6 +182,15 @@ class FusedFingerprint:
         Returns (item_span, item_first, seg_start, seg_length, seg_lo, seg_sign,
         seg_bucket): see `cpu_kernel_compiled.sketch_kernel`. Spans no element hashes to are left out.
         """
+        return self._segments(tensor, offset, length)[:7]
+
+    def runs(self, tensor: str, offset: int, length: int) -> tuple[npt.NDArray[Any], ...]:
+        """The work items of a chunk as `cpu_kernel_runs.runs_kernel` takes them: (item_span, then `plan_runs`'s arrays)."""
+        item_span, item_first, *segments = self._segments(tensor, offset, length)
+        return (item_span, *plan_runs(item_first, *segments))
+
+    def _segments(self, tensor: str, offset: int, length: int) -> tuple[npt.NDArray[Any], ...]:
+        """`segments`, and each segment's sketch block (the chunk's first block is 0) last."""
         width, span = self.width, self.span
         rotations, block_signs = self.keys(tensor, offset, length)
         blocks = rotations.size
@@ -206,6 +221,7 @@ class FusedFingerprint:
             seg_lo.astype(np.int64),
             block_signs[block_of].astype(np.float64),
             seg_bucket.astype(np.int64),
+            block_of.astype(np.int64),
         )
 
     def finish(self, moments: dict[str, PairwiseMoments]) -> None:
@@ -318,8 +334,9 @@ def _partials(
     blocks = (length + SUPER_BLOCK - 1) // SUPER_BLOCK
     tile = _tile_elements(n)
     segments: tuple[npt.NDArray[Any], ...] = ()
+    runs = sketch is not None and _tile_free(kind, n)
     if sketch is not None:
-        segments = sketch.segments(tensor or "", offset, length)
+        segments = sketch.runs(tensor or "", offset, length) if runs else sketch.segments(tensor or "", offset, length)
         blocks = segments[0].size  # work items: the sketch spans the chunk hashes to
     partials = np.empty((blocks, n + 2 * n * n), dtype=np.float64)
 
@@ -327,16 +344,20 @@ def _partials(
         def run(first: int, last: int) -> None:
             if sketch is None:
                 moments_kernel(addresses, like, kind, length, tile, partials, first, last)
+            elif runs:
+                runs_kernel(addresses, like, RUN_TILE_ELEMENTS, partials, first, last, *segments, sketch.target, sketch.signs, sketch.span)
             else:
-                sketch_kernel(
-                    addresses, like, kind, tile, partials, first, last, *segments, sketch.target, sketch.signs, sketch.span,
-                    SKETCH_PAIRS,
-                )  # fmt: skip
+                sketch_kernel(addresses, like, kind, tile, partials, first, last, *segments, sketch.target, sketch.signs, sketch.span)
 
         return run
 
     _in_parallel(blocks, runner, meanwhile)
     return partials
+
+
+def _tile_free(kind: int, n: int) -> bool:
+    """Whether these rows take the tile-free loops (bf16, at most four models: `cpu_kernel_direct`; sketched, `cpu_kernel_runs`)."""
+    return kind == BF16 and n <= 4
 
 
 def _in_parallel(blocks: int, runner: Callable[[], Callable[[int, int], None]], meanwhile: Callable[[], None] | None = None) -> None:
@@ -401,7 +422,8 @@ def reads_files(tensors: Sequence[OpenTensor]) -> bool:
 
 
 def _piece_elements(n: int, itemsize: int, tile: int) -> int:
-    """Elements per row read at a time: a power of two whose n + 1 rows fit in READ_L2_BYTES, between a tile and a work item."""
+    """Elements per row read at a time: a power of two whose n + 1 rows fit in READ_L2_BYTES, between
+    a tile (DIRECT_STEP for the tile-free loops) and a work item."""
     fit = max(tile, READ_L2_BYTES // ((n + 1) * itemsize))
     return min(1 << (fit.bit_length() - 1), SUPER_BLOCK)
 
@@ -452,14 +474,14 @@ def accumulate_from_files(
     kind = _KIND[dtype]
     tile = _tile_elements(n)
     segments: tuple[npt.NDArray[Any], ...] = ()
-    pairs = SKETCH_PAIRS and kind == BF16 and n <= 4  # the kernel's `_direct` loops
+    runs = sketch is not None and _tile_free(kind, n)
     if sketch is None:
         blocks = (count + SUPER_BLOCK - 1) // SUPER_BLOCK
-        row = _piece_elements(n, itemsize, tile)
+        row = _piece_elements(n, itemsize, DIRECT_STEP if _tile_free(kind, n) else tile)
     else:
-        segments = sketch.segments(tensor or "", start, count)
+        segments = sketch.runs(tensor or "", start, count) if runs else sketch.segments(tensor or "", start, count)
         blocks = segments[0].size
-        row = 2 * sketch.span if pairs else sketch.span
+        row = 2 * sketch.span if runs else sketch.span
     partials = np.empty((blocks, n + 2 * n * n), dtype=np.float64)
     statuses: list[npt.NDArray[np.int64]] = []
     buffers: list[npt.NDArray[Any]] = []  # each thread's row buffers, alive until every kernel returned
@@ -476,10 +498,14 @@ def accumulate_from_files(
                 return  # this thread's read failed: the chunk is lost, skip the rest
             if sketch is None:
                 moments_kernel_from_files(PREAD_ADDRESS, fds, offsets, local, row, like, kind, count, tile, partials, first, last, status)
+            elif runs:
+                runs_kernel_from_files(
+                    PREAD_ADDRESS, fds, offsets, local, like, RUN_TILE_ELEMENTS, partials, first, last, *segments, sketch.target, sketch.signs, sketch.span, status
+                )  # fmt: skip
             else:
                 sketch_kernel_from_files(
                     PREAD_ADDRESS, fds, offsets, local, like, kind, tile, partials, first, last,
-                    *segments, sketch.target, sketch.signs, sketch.span, status, pairs,
+                    *segments, sketch.target, sketch.signs, sketch.span, status,
                 )  # fmt: skip
 
         return run

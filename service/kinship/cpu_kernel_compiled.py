@@ -26,15 +26,7 @@ import numpy as np
 import numpy.typing as npt
 from numba.np.numpy_support import carray
 
-from kinship_service.kinship.cpu_kernel_direct import (
-    direct1,
-    direct2,
-    direct3,
-    direct4,
-    sketch_add_direct,
-    sketch_add_direct2,
-    sketch_pair,
-)
+from kinship_service.kinship.cpu_kernel_direct import direct1, direct2, direct3, direct4
 from kinship_service.kinship.cpu_kernel_jit import (
     BF16,
     FASTMATH,
@@ -49,6 +41,10 @@ from kinship_service.kinship.cpu_kernel_jit import (
 SUPER_BLOCK = 1 << 16
 """Elements per parallel work item. Fixed (not derived from the thread count) so the
 summation order, hence every bit of the result, is the same on any machine."""
+DIRECT_STEP = 1 << 15
+"""Elements the tile-free loops (`_direct`) sum in registers between two additions to a work
+item's partials (the tiled loops add every tile, 512 elements: 8-10 % slower for bf16 on AMD
+Zen 4). The `*_from_files` kernels' pieces are multiples of it, so both sum alike."""
 
 
 @jit(fastmath=FASTMATH)
@@ -299,53 +295,13 @@ def _stats(addresses: npt.NDArray[np.int64], like: npt.NDArray[Any], kind: int, 
 
 @jit(fastmath=FASTMATH)
 def _sketch_tile(
-    addresses: npt.NDArray[np.int64],
-    like: npt.NDArray[Any],
-    kind: int,
-    start: int,
-    k: int,
-    tile: npt.NDArray[np.float64],
-    factor: npt.NDArray[np.float64],
-    buckets: npt.NDArray[np.float64],
-    bucket: int,
-    signs: npt.NDArray[np.int8],
-    lo: int,
-    sign: float,
+    tile: npt.NDArray[np.float64], n: int, k: int, factor: npt.NDArray[np.float64], buckets: npt.NDArray[np.float32],
+    bucket: int, signs: npt.NDArray[np.int8], lo: int, sign: float,
 ) -> None:
-    """Add elements start..start+k-1 (one tile, after `_stats` of it) to buckets[:, bucket:bucket+k] with signs sign * S[lo:lo+k]."""
-    n = addresses.size - 1
-    if _direct(kind, n):
-        b = carray(pointer(addresses[0] + start * 2, like), (k,))
-        for i in range(0, n - 1, 2):  # two rows per loop, then the odd one
-            row_a = carray(pointer(addresses[i + 1] + start * 2, like), (k,))
-            row_b = carray(pointer(addresses[i + 2] + start * 2, like), (k,))
-            sketch_add_direct2(buckets[i, bucket : bucket + k], buckets[i + 1, bucket : bucket + k], signs, lo, sign, b, row_a, row_b, k)
-        if n % 2:
-            row = carray(pointer(addresses[n] + start * 2, like), (k,))
-            sketch_add_direct(buckets[n - 1, bucket : bucket + k], signs, lo, sign, b, row, k)
-        return
-    _signed(signs, lo, sign, k, factor)  # the tile holds these elements' deltas (`_stats`)
+    """Add the tile's k deltas (`_load_tile`) to buckets[:, bucket:bucket+k] with signs sign * S[lo:lo+k]."""
+    _signed(signs, lo, sign, k, factor)
     for i in range(n):
         _sketch_add(buckets[i, bucket : bucket + k], factor, tile[i + 1], k)
-
-
-@jit(fastmath=FASTMATH)
-def _paired(s: int, end: int, seg_bucket: npt.NDArray[np.int64], seg_length: npt.NDArray[np.int64]) -> bool:
-    """Whether segments s and s + 1 (of a work item ending at `end`) go through the same buckets: a pair for `_pair`."""
-    return s + 1 < end and seg_bucket[s + 1] == seg_bucket[s] and seg_length[s + 1] == seg_length[s]
-
-
-@jit(fastmath=FASTMATH)
-def _pair(
-    first: npt.NDArray[np.int64], second: npt.NDArray[np.int64], like: npt.NDArray[Any], kind: int, length: int,
-    tile_elements: int, tile: npt.NDArray[np.float64], acc: npt.NDArray[np.float64], buckets: npt.NDArray[np.float32],
-    s: int, seg_bucket: npt.NDArray[np.int64], signs: npt.NDArray[np.int8], seg_lo: npt.NDArray[np.int64], seg_sign: npt.NDArray[np.float64],
-) -> None:
-    """Segments s and s + 1 (rows at `first`, then at `second`): the statistics of one, then the other, then their sketch in one pass over their buckets."""
-    for rows in (first, second):
-        for offset in range(0, length, tile_elements):
-            _stats(rows, like, kind, offset, min(tile_elements, length - offset), tile, acc)
-    sketch_pair(first, second, like, length, buckets, seg_bucket[s], signs, seg_lo[s], seg_sign[s], seg_lo[s + 1], seg_sign[s + 1])  # fmt: skip
 
 
 @jit(nogil=True, fastmath=FASTMATH)
@@ -366,14 +322,16 @@ def moments_kernel(
     [sums (n) | gram (n*n, upper triangle) | sq_dist (n*n, strict upper triangle)].
     """
     n = addresses.size - 1
+    direct = _direct(kind, n)
+    step = DIRECT_STEP if direct else tile_elements
     for block in range(first, last):
         # Tile rows: 0 the base values, 1..n the deltas, n + 1 zeros (padding of groups).
-        tile = np.zeros((n + 2, tile_elements), dtype=np.float64)
+        tile = np.zeros((n + 2, 1 if direct else tile_elements), dtype=np.float64)
         acc = partials[block]
         acc[:] = 0.0
         stop = min(length, (block + 1) * SUPER_BLOCK)
-        for start in range(block * SUPER_BLOCK, stop, tile_elements):
-            k = min(tile_elements, stop - start)
+        for start in range(block * SUPER_BLOCK, stop, step):
+            k = min(step, stop - start)
             _stats(addresses, like, kind, start, k, tile, acc)
 
 @jit(nogil=True, fastmath=FASTMATH)
@@ -395,7 +353,6 @@ def sketch_kernel(
     sketch: npt.NDArray[np.float64],
     signs: npt.NDArray[np.int8],
     span: int,
-    pairs: bool,
 ) -> None:
     """The statistics AND the sketch of work items first..last-1 of one chunk (without the GIL).
 
@@ -405,36 +362,22 @@ def sketch_kernel(
     at sign-table index seg_lo[s], block sign seg_sign[s], bucket seg_bucket[s] of the
     span. Their sketch is summed in a small local buffer and added to `sketch` once,
     so work items never add to the same bucket (no races) and each bucket is
-    read-modified-written once per chunk, not once per sketch block. With `pairs` (bf16, n <= 4),
-    two consecutive segments hashed to the same buckets go through the buckets in one loop
-    (`_pair`), as `sketch_kernel_from_files` does: the same terms in the same order.
+    read-modified-written once per chunk, not once per sketch block. (bf16 rows of at most
+    four models take `cpu_kernel_runs.runs_kernel` instead.)
     """
     n = addresses.size - 1
-    itemsize = like.itemsize
-    pairs = pairs and _direct(kind, n)
     for w in range(first, last):
         tile = np.zeros((n + 2, tile_elements), dtype=np.float64)
         factor = np.empty(tile_elements, dtype=np.float64)
         local = np.zeros((n, span), dtype=np.float32)
-        first_rows = np.empty_like(addresses)
-        second_rows = np.empty_like(addresses)
         acc = partials[w]
         acc[:] = 0.0
-        s, end = item_first[w], item_first[w + 1]
-        while s < end:
-            length = seg_length[s]
-            if pairs and _paired(s, end, seg_bucket, seg_length):
-                for i in range(n + 1):
-                    first_rows[i] = addresses[i] + seg_start[s] * itemsize
-                    second_rows[i] = addresses[i] + seg_start[s + 1] * itemsize
-                _pair(first_rows, second_rows, like, kind, length, tile_elements, tile, acc, local, s, seg_bucket, signs, seg_lo, seg_sign)
-                s += 2
-                continue
+        for s in range(item_first[w], item_first[w + 1]):
             for offset in range(0, seg_length[s], tile_elements):
                 k = min(tile_elements, seg_length[s] - offset)
-                _stats(addresses, like, kind, seg_start[s] + offset, k, tile, acc)
-                _sketch_tile(addresses, like, kind, seg_start[s] + offset, k, tile, factor, local, seg_bucket[s] + offset, signs, seg_lo[s] + offset, seg_sign[s])
-            s += 1
+                _load_tile(addresses, like, kind, seg_start[s] + offset, k, tile)  # the tile: `_sketch_tile` reads its deltas
+                _tile_stats(tile, n, k, acc)
+                _sketch_tile(tile, n, k, factor, local, seg_bucket[s] + offset, signs, seg_lo[s] + offset, seg_sign[s])
         b0 = item_span[w] * span
         for i in range(n):
             target, source = sketch[i, b0 : b0 + span], local[i]
@@ -488,14 +431,17 @@ def moments_kernel_from_files(
 ) -> None:
     """`moments_kernel` over `length` elements of like.dtype at file offsets `offsets[i]` of files `fds[i]` (without the GIL).
 
-    Each work item is read `piece` elements at a time (a multiple of the tile) into this
+    Each work item is read `piece` elements at a time (a multiple of the tile, and of DIRECT_STEP
+    for the tile-free loops) into this
     thread's row buffers at addresses `local` (n + 1 rows of `piece` elements), then tiled as
     `moments_kernel` tiles it. On a short read or an error, stops with `status` set (`_read_rows`).
     """
     n = fds.size - 1
     itemsize = like.itemsize
+    direct = _direct(kind, n)
+    step = DIRECT_STEP if direct else tile_elements
     for block in range(first, last):
-        tile = np.zeros((n + 2, tile_elements), dtype=np.float64)
+        tile = np.zeros((n + 2, 1 if direct else tile_elements), dtype=np.float64)
         acc = partials[block]
         acc[:] = 0.0
         stop = min(length, (block + 1) * SUPER_BLOCK)
@@ -503,8 +449,8 @@ def moments_kernel_from_files(
             count = min(piece, stop - begin)
             if not _read_rows(pread, fds, offsets, begin * itemsize, count * itemsize, local, status):
                 return
-            for start in range(0, count, tile_elements):
-                k = min(tile_elements, count - start)
+            for start in range(0, count, step):
+                k = min(step, count - start)
                 _stats(local, like, kind, start, k, tile, acc)
 
 
@@ -531,46 +477,30 @@ def sketch_kernel_from_files(
     signs: npt.NDArray[np.int8],
     span: int,
     status: npt.NDArray[np.int64],
-    pairs: bool,
 ) -> None:
     """`sketch_kernel` reading each segment (at most `span` elements) from the files into the row buffers at `local` first.
 
     As `moments_kernel_from_files`: `fds`, `offsets`, `local` (n + 1 rows of at least `span`
-    elements; of 2 * span with `pairs`) and `status`. A work item's sketch is added to `sketch`
-    only when all its reads succeeded. With `pairs` (bf16 rows, n <= 4: `_direct`), two
-    consecutive segments hashed to the same buckets (most of them: a span is cut in two only
-    where a block's rotation wraps) are read together and sketched in one pass over their
-    buckets (`sketch_add_pair`); the statistics still take the segments one after the other, and
-    every bucket adds the same terms in the same order: the same bits.
+    elements) and `status`. A work item's sketch is added to `sketch` only when all its reads
+    succeeded. (bf16 rows of at most four models take `cpu_kernel_runs.runs_kernel_from_files`.)
     """
     n = fds.size - 1
     itemsize = like.itemsize
-    second = local + span * itemsize  # the row buffers of a pair's second segment
-    pairs = pairs and _direct(kind, n)
     for w in range(first, last):
         tile = np.zeros((n + 2, tile_elements), dtype=np.float64)
         factor = np.empty(tile_elements, dtype=np.float64)
         buckets = np.zeros((n, span), dtype=np.float32)
         acc = partials[w]
         acc[:] = 0.0
-        s, end = item_first[w], item_first[w + 1]
-        while s < end:
+        for s in range(item_first[w], item_first[w + 1]):
             length = seg_length[s]
-            if pairs and _paired(s, end, seg_bucket, seg_length):
-                if not _read_rows(pread, fds, offsets, seg_start[s] * itemsize, length * itemsize, local, status):
-                    return
-                if not _read_rows(pread, fds, offsets, seg_start[s + 1] * itemsize, length * itemsize, second, status):
-                    return
-                _pair(local, second, like, kind, length, tile_elements, tile, acc, buckets, s, seg_bucket, signs, seg_lo, seg_sign)
-                s += 2
-                continue
             if not _read_rows(pread, fds, offsets, seg_start[s] * itemsize, length * itemsize, local, status):
                 return
             for offset in range(0, length, tile_elements):
                 k = min(tile_elements, length - offset)
-                _stats(local, like, kind, offset, k, tile, acc)
-                _sketch_tile(local, like, kind, offset, k, tile, factor, buckets, seg_bucket[s] + offset, signs, seg_lo[s] + offset, seg_sign[s])
-            s += 1
+                _load_tile(local, like, kind, offset, k, tile)
+                _tile_stats(tile, n, k, acc)
+                _sketch_tile(tile, n, k, factor, buckets, seg_bucket[s] + offset, signs, seg_lo[s] + offset, seg_sign[s])
         b0 = item_span[w] * span
         for i in range(n):
             target, source = sketch[i, b0 : b0 + span], buckets[i]

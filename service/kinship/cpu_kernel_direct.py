@@ -4,12 +4,14 @@
 then reads the tile back for the statistics. For bf16 (the usual LLM checkpoint) and n <= 4 (one
 register-blocked group, no cross terms) these loops read the stored bits and widen them where
 they are used instead: the tile's stores (one float64 store per row and element; without them
-the loop for 3 models ran 1.6x faster on AMD Zen 4, rows in L2) go away, and the sketch
-adds its deltas without a tile either. Same formulas, same tiles, the same float64 values; the
-result layout is `cpu_kernel_compiled`'s `_selfK`. The sketch's terms are float32 (`_bf16_32`:
-the bf16 widened exactly, the delta rounded only when base and model differ by more than 2**16
-in magnitude) into float32 buckets, summed per chunk (see `cpu_kernel`). `sketch_pair` adds two segments hashed to
-the same buckets in one pass over them (the loops `sketch_add_pair*`).
+the loop for 3 models ran 1.6x faster on AMD Zen 4, rows in L2) go away. Same formulas, the
+same float64 values; the result layout is `cpu_kernel_compiled`'s `_selfK`.
+
+`direct<n>` are the statistics alone. `sketched<n>` take two runs of elements hashed to the same
+sketch buckets (`cpu_kernel_runs` plans them) and add, from the same loads, both runs'
+statistics and their sketch terms: float32 (`_bf16_32`: the bf16 widened exactly, the delta
+rounded only when base and model differ by more than 2**16 in magnitude) into float32 buckets,
+summed per chunk (see `cpu_kernel`).
 """
 
 from __future__ import annotations
@@ -18,9 +20,8 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from numba.np.numpy_support import carray
 
-from kinship_service.kinship.cpu_kernel_jit import FASTMATH, f32_from_bits, jit, pointer
+from kinship_service.kinship.cpu_kernel_jit import FASTMATH, f32_from_bits, jit
 
 
 @jit(fastmath=FASTMATH)
@@ -130,121 +131,191 @@ def direct1(b: npt.NDArray[np.uint16], r0: Any, k: int) -> tuple[float, ...]:
     return (sa, gaa)
 
 
-@jit(fastmath=FASTMATH)
-def sketch_add_direct(
-    out: npt.NDArray[np.float64], signs: npt.NDArray[np.int8], lo: int, sign: float, b: npt.NDArray[np.uint16], row: Any, k: int
-) -> None:
-    """out[:k] += sign * S[lo:lo+k] * (row - b)[:k] (bf16 bits): the tiled kernel's `_signed` and `_sketch_add`, in registers."""
-    s, g = signs[lo : lo + k], np.float32(sign)
-    for u in range(k):
-        out[u] += (g * np.float32(s[u])) * (_bf16_32(row[u]) - _bf16_32(b[u]))
+# The sketched loops below add run a's and run b's elements of model i to the same buckets:
+# o_i[u] += g_a S_a[u] (r_i - b)[u] + g_b S_b[u] (q_i - c)[u], float32 terms (`_bf16_32`), and
+# return `direct<n>` of both runs' deltas (float64, exact) summed. One bucket read-modify-write
+# serves two elements, and the statistics' loads and widening serve the sketch: on AMD Zen 4 the
+# sketched loop for 3 models ran as fast as `direct3` alone. A run without a partner passes rows
+# of zeros as run b (its deltas are then exactly 0 and add nothing).
 
 
 @jit(fastmath=FASTMATH)
-def sketch_add_direct2(
-    out_a: npt.NDArray[np.float64],
-    out_b: npt.NDArray[np.float64],
-    signs: npt.NDArray[np.int8],
-    lo: int,
-    sign: float,
-    b: npt.NDArray[np.uint16],
-    row_a: Any,
-    row_b: Any,
-    k: int,
-) -> None:
-    """`sketch_add_direct` of two rows in one loop: the signs and the base are converted once for both."""
-    s, g = signs[lo : lo + k], np.float32(sign)
+def sketched4(
+    b: Any, r0: Any, r1: Any, r2: Any, r3: Any, c: Any, q0: Any, q1: Any, q2: Any, q3: Any, k: int,
+    o0: Any, o1: Any, o2: Any, o3: Any, s_a: Any, g_a: float, s_b: Any, g_b: float,
+) -> tuple[float, ...]:
+    """`direct4` of runs (b; r0..r3) and (c; q0..q3), k elements each, and their sketch terms into o0..o3."""
+    sa = sb = sc = sd = 0.0
+    gaa = gab = gac = gad = gbb = gbc = gbd = gcc = gcd = gdd = 0.0
+    qab = qac = qad = qbc = qbd = qcd = 0.0
+    ga, gb = np.float32(g_a), np.float32(g_b)
     for u in range(k):
-        factor = g * np.float32(s[u])
-        base = _bf16_32(b[u])
-        out_a[u] += factor * (_bf16_32(row_a[u]) - base)
-        out_b[u] += factor * (_bf16_32(row_b[u]) - base)
-
-
-# No "reassoc" here: each bucket must add segment j's term before segment j + 1's, as two
-# separate read-modify-writes would (the same bits), only without the store in between.
-_IN_ORDER = {"contract"}
-
-
-@jit(fastmath=_IN_ORDER)
-def sketch_add_pair(
-    out: npt.NDArray[np.float64],
-    signs: npt.NDArray[np.int8],
-    lo_a: int,
-    sign_a: float,
-    b_a: npt.NDArray[np.uint16],
-    row_a: Any,
-    lo_b: int,
-    sign_b: float,
-    b_b: npt.NDArray[np.uint16],
-    row_b: Any,
-    k: int,
-) -> None:
-    """`sketch_add_direct` of two segments hashed to the same k buckets, a's term added before b's: one load and store per bucket, not two."""
-    s_a, g_a = signs[lo_a : lo_a + k], np.float32(sign_a)
-    s_b, g_b = signs[lo_b : lo_b + k], np.float32(sign_b)
-    for u in range(k):
-        first = out[u] + (g_a * np.float32(s_a[u])) * (_bf16_32(row_a[u]) - _bf16_32(b_a[u]))
-        out[u] = first + (g_b * np.float32(s_b[u])) * (_bf16_32(row_b[u]) - _bf16_32(b_b[u]))
-
-
-@jit(fastmath=_IN_ORDER)
-def sketch_add_pair2(
-    out_a: npt.NDArray[np.float64],
-    out_b: npt.NDArray[np.float64],
-    signs: npt.NDArray[np.int8],
-    lo_1: int,
-    sign_1: float,
-    b_1: npt.NDArray[np.uint16],
-    row_a1: Any,
-    row_b1: Any,
-    lo_2: int,
-    sign_2: float,
-    b_2: npt.NDArray[np.uint16],
-    row_a2: Any,
-    row_b2: Any,
-    k: int,
-) -> None:
-    """`sketch_add_pair` of two models (a, b) in one loop: each segment's signs and base are converted once for both."""
-    s_1, g_1 = signs[lo_1 : lo_1 + k], np.float32(sign_1)
-    s_2, g_2 = signs[lo_2 : lo_2 + k], np.float32(sign_2)
-    for u in range(k):
-        f_1 = g_1 * np.float32(s_1[u])
-        f_2 = g_2 * np.float32(s_2[u])
-        base_1 = _bf16_32(b_1[u])
-        base_2 = _bf16_32(b_2[u])
-        first = out_a[u] + f_1 * (_bf16_32(row_a1[u]) - base_1)
-        out_a[u] = first + f_2 * (_bf16_32(row_a2[u]) - base_2)
-        first = out_b[u] + f_1 * (_bf16_32(row_b1[u]) - base_1)
-        out_b[u] = first + f_2 * (_bf16_32(row_b2[u]) - base_2)
+        fa, fb = ga * np.float32(s_a[u]), gb * np.float32(s_b[u])
+        base_a, base_b = _bf16_32(b[u]), _bf16_32(c[u])
+        xa, ya, za, wa = _bf16_32(r0[u]), _bf16_32(r1[u]), _bf16_32(r2[u]), _bf16_32(r3[u])
+        xb, yb, zb, wb = _bf16_32(q0[u]), _bf16_32(q1[u]), _bf16_32(q2[u]), _bf16_32(q3[u])
+        o0[u] = o0[u] + fa * (xa - base_a) + fb * (xb - base_b)
+        o1[u] = o1[u] + fa * (ya - base_a) + fb * (yb - base_b)
+        o2[u] = o2[u] + fa * (za - base_a) + fb * (zb - base_b)
+        o3[u] = o3[u] + fa * (wa - base_a) + fb * (wb - base_b)
+        ta, tb = np.float64(base_a), np.float64(base_b)
+        x, y, z, w = np.float64(xa) - ta, np.float64(ya) - ta, np.float64(za) - ta, np.float64(wa) - ta
+        sa += x
+        sb += y
+        sc += z
+        sd += w
+        gaa += x * x
+        gab += x * y
+        gac += x * z
+        gad += x * w
+        gbb += y * y
+        gbc += y * z
+        gbd += y * w
+        gcc += z * z
+        gcd += z * w
+        gdd += w * w
+        e = x - y
+        qab += e * e
+        e = x - z
+        qac += e * e
+        e = x - w
+        qad += e * e
+        e = y - z
+        qbc += e * e
+        e = y - w
+        qbd += e * e
+        e = z - w
+        qcd += e * e
+        x, y, z, w = np.float64(xb) - tb, np.float64(yb) - tb, np.float64(zb) - tb, np.float64(wb) - tb
+        sa += x
+        sb += y
+        sc += z
+        sd += w
+        gaa += x * x
+        gab += x * y
+        gac += x * z
+        gad += x * w
+        gbb += y * y
+        gbc += y * z
+        gbd += y * w
+        gcc += z * z
+        gcd += z * w
+        gdd += w * w
+        e = x - y
+        qab += e * e
+        e = x - z
+        qac += e * e
+        e = x - w
+        qad += e * e
+        e = y - z
+        qbc += e * e
+        e = y - w
+        qbd += e * e
+        e = z - w
+        qcd += e * e
+    return (sa, sb, sc, sd, gaa, gab, gac, gad, gbb, gbc, gbd, gcc, gcd, gdd, qab, qac, qad, qbc, qbd, qcd)
 
 
 @jit(fastmath=FASTMATH)
-def sketch_pair(
-    first: npt.NDArray[np.int64],
-    second: npt.NDArray[np.int64],
-    like: npt.NDArray[Any],
-    k: int,
-    buckets: npt.NDArray[np.float32],
-    bucket: int,
-    signs: npt.NDArray[np.int8],
-    lo_a: int,
-    sign_a: float,
-    lo_b: int,
-    sign_b: float,
-) -> None:
-    """Add two segments of k bf16 elements (rows at `first`, then at `second`) to buckets[:, bucket:bucket+k], the first's terms first."""
-    n = first.size - 1
-    b_a = carray(pointer(first[0], like), (k,))
-    b_b = carray(pointer(second[0], like), (k,))
-    for i in range(0, n - 1, 2):  # two models per loop, then the odd one
-        sketch_add_pair2(
-            buckets[i, bucket : bucket + k], buckets[i + 1, bucket : bucket + k], signs,
-            lo_a, sign_a, b_a, carray(pointer(first[i + 1], like), (k,)), carray(pointer(first[i + 2], like), (k,)),
-            lo_b, sign_b, b_b, carray(pointer(second[i + 1], like), (k,)), carray(pointer(second[i + 2], like), (k,)),
-            k,
-        )  # fmt: skip
-    if n % 2:
-        row_a = carray(pointer(first[n], like), (k,))
-        row_b = carray(pointer(second[n], like), (k,))
-        sketch_add_pair(buckets[n - 1, bucket : bucket + k], signs, lo_a, sign_a, b_a, row_a, lo_b, sign_b, b_b, row_b, k)
+def sketched3(
+    b: Any, r0: Any, r1: Any, r2: Any, c: Any, q0: Any, q1: Any, q2: Any, k: int,
+    o0: Any, o1: Any, o2: Any, s_a: Any, g_a: float, s_b: Any, g_b: float,
+) -> tuple[float, ...]:
+    """`direct3` of runs (b; r0..r2) and (c; q0..q2), k elements each, and their sketch terms into o0..o2."""
+    sa = sb = sc = 0.0
+    gaa = gab = gac = gbb = gbc = gcc = 0.0
+    qab = qac = qbc = 0.0
+    ga, gb = np.float32(g_a), np.float32(g_b)
+    for u in range(k):
+        fa, fb = ga * np.float32(s_a[u]), gb * np.float32(s_b[u])
+        base_a, base_b = _bf16_32(b[u]), _bf16_32(c[u])
+        xa, ya, za = _bf16_32(r0[u]), _bf16_32(r1[u]), _bf16_32(r2[u])
+        xb, yb, zb = _bf16_32(q0[u]), _bf16_32(q1[u]), _bf16_32(q2[u])
+        o0[u] = o0[u] + fa * (xa - base_a) + fb * (xb - base_b)
+        o1[u] = o1[u] + fa * (ya - base_a) + fb * (yb - base_b)
+        o2[u] = o2[u] + fa * (za - base_a) + fb * (zb - base_b)
+        wa, wb = np.float64(base_a), np.float64(base_b)
+        x, y, z = np.float64(xa) - wa, np.float64(ya) - wa, np.float64(za) - wa
+        sa += x
+        sb += y
+        sc += z
+        gaa += x * x
+        gab += x * y
+        gac += x * z
+        gbb += y * y
+        gbc += y * z
+        gcc += z * z
+        e = x - y
+        qab += e * e
+        e = x - z
+        qac += e * e
+        e = y - z
+        qbc += e * e
+        x, y, z = np.float64(xb) - wb, np.float64(yb) - wb, np.float64(zb) - wb
+        sa += x
+        sb += y
+        sc += z
+        gaa += x * x
+        gab += x * y
+        gac += x * z
+        gbb += y * y
+        gbc += y * z
+        gcc += z * z
+        e = x - y
+        qab += e * e
+        e = x - z
+        qac += e * e
+        e = y - z
+        qbc += e * e
+    return (sa, sb, sc, gaa, gab, gac, gbb, gbc, gcc, qab, qac, qbc)
+
+
+@jit(fastmath=FASTMATH)
+def sketched2(
+    b: Any, r0: Any, r1: Any, c: Any, q0: Any, q1: Any, k: int, o0: Any, o1: Any, s_a: Any, g_a: float, s_b: Any, g_b: float
+) -> tuple[float, ...]:
+    """`direct2` of runs (b; r0, r1) and (c; q0, q1), k elements each, and their sketch terms into o0, o1."""
+    sa = sb = gaa = gab = gbb = qab = 0.0
+    ga, gb = np.float32(g_a), np.float32(g_b)
+    for u in range(k):
+        fa, fb = ga * np.float32(s_a[u]), gb * np.float32(s_b[u])
+        base_a, base_b = _bf16_32(b[u]), _bf16_32(c[u])
+        xa, ya, xb, yb = _bf16_32(r0[u]), _bf16_32(r1[u]), _bf16_32(q0[u]), _bf16_32(q1[u])
+        o0[u] = o0[u] + fa * (xa - base_a) + fb * (xb - base_b)
+        o1[u] = o1[u] + fa * (ya - base_a) + fb * (yb - base_b)
+        ta, tb = np.float64(base_a), np.float64(base_b)
+        x, y = np.float64(xa) - ta, np.float64(ya) - ta
+        sa += x
+        sb += y
+        gaa += x * x
+        gab += x * y
+        gbb += y * y
+        e = x - y
+        qab += e * e
+        x, y = np.float64(xb) - tb, np.float64(yb) - tb
+        sa += x
+        sb += y
+        gaa += x * x
+        gab += x * y
+        gbb += y * y
+        e = x - y
+        qab += e * e
+    return (sa, sb, gaa, gab, gbb, qab)
+
+
+@jit(fastmath=FASTMATH)
+def sketched1(b: Any, r0: Any, c: Any, q0: Any, k: int, o0: Any, s_a: Any, g_a: float, s_b: Any, g_b: float) -> tuple[float, ...]:
+    """`direct1` of runs (b; r0) and (c; q0), k elements each, and their sketch terms into o0."""
+    sa = gaa = 0.0
+    ga, gb = np.float32(g_a), np.float32(g_b)
+    for u in range(k):
+        base_a, base_b = _bf16_32(b[u]), _bf16_32(c[u])
+        row_a, row_b = _bf16_32(r0[u]), _bf16_32(q0[u])
+        o0[u] = o0[u] + (ga * np.float32(s_a[u])) * (row_a - base_a) + (gb * np.float32(s_b[u])) * (row_b - base_b)
+        x = np.float64(row_a) - np.float64(base_a)
+        sa += x
+        gaa += x * x
+        x = np.float64(row_b) - np.float64(base_b)
+        sa += x
+        gaa += x * x
+    return (sa, gaa)
