@@ -11,11 +11,12 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from .free_ports import free_port
 
 USER = "kinship"
 
@@ -29,12 +30,6 @@ def find_binaries() -> Path | None:
     return Path(found).parent if found else None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class PostgresServer:
     """One PostgreSQL cluster in a temporary directory, on a free loopback port."""
 
@@ -42,7 +37,7 @@ class PostgresServer:
         self.bin_dir = bin_dir
         self.dir = Path(tempfile.mkdtemp(prefix="kinship-pg-"))
         self.data = self.dir / "data"
-        self.port = _free_port()
+        self.port = free_port()
         self._demote: Callable[[], None] | None = None
         if os.geteuid() == 0:
             account = pwd.getpwnam("postgres")

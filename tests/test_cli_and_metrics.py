@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-import socket
 import urllib.request
 
 from kinship_client.cli import main as cli_main
+
+from .free_ports import free_port
 
 
 def test_cli_table_and_json(server, family, capsys):
@@ -29,14 +30,8 @@ def test_cli_reports_errors_with_code(server, family, capsys):
     assert "PERMISSION_DENIED" in capsys.readouterr().err
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_metrics_endpoint(server_factory, family):
-    port = _free_port()
+    port = free_port()
     server = server_factory(metrics_port=port)
     from kinship_client import KinshipClient, KinshipRpcError
 

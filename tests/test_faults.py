@@ -25,7 +25,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -44,6 +43,7 @@ from kinship_client import KinshipClient, KinshipRpcError
 from kinship_service.cache.store import CacheStore
 from kinship_service.checkpoints.synthetic import LlamaShape, make_base, make_family, save_checkpoint
 
+from .free_ports import free_port
 from .server_process import launch
 
 # About 20M parameters (80 MB per float32 checkpoint): registration writes five delta chunks
@@ -104,17 +104,11 @@ def assert_cache_verifies(cache_dir: Path) -> int:
 
 
 # -- a server process -------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class ServerProcess:
     """`python -m kinship_service` on loopback; the port is read from its first line."""
 
     def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.metrics_port = _free_port()
+        self.metrics_port = free_port()
         full_env = dict(
             os.environ,
             **env,

@@ -11,7 +11,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,18 +31,13 @@ from kinship_client.v1 import common_pb2, kinship_pb2, merge_pb2, service_pb2_gr
 from kinship_service.checkpoints.synthetic import LlamaShape, make_base, make_family, save_checkpoint
 
 from .conftest import SMALL
+from .free_ports import free_port
 from .server_process import launch
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX processes and signals")
 
 # About 16M parameters (62 MiB in float32): a pass over 24 of them takes seconds, long enough to cancel.
 BIG = LlamaShape(vocab_size=4096, hidden_size=512, intermediate_size=1408, num_layers=4, num_heads=8, num_kv_heads=4)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _children(pid: int) -> list[int]:
@@ -79,7 +73,7 @@ class Split:
     def __init__(self, root: Path, work: Path, *, own_session: bool = False, preexec_fn=None, **env: str) -> None:
         self.root = root
         self.work = work
-        self.metrics_port = _free_port()
+        self.metrics_port = free_port()
         environment = dict(os.environ)
         environment.update(
             KINSHIP_HOST="127.0.0.1",

@@ -8,7 +8,6 @@ compared, so every data byte is read once), computed here from the files themsel
 from __future__ import annotations
 
 import json
-import socket
 import struct
 import urllib.request
 from pathlib import Path
@@ -16,11 +15,7 @@ from pathlib import Path
 from kinship_client import KinshipClient
 from kinship_client.population import Member
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from .free_ports import free_port
 
 
 def _metric(port: int, line_prefix: str) -> float:
@@ -40,7 +35,7 @@ def _data_bytes(checkpoint_dir: str) -> int:
 
 
 def test_rank_candidates_and_should_stop_passes_reach_the_metrics(server_factory, family) -> None:
-    port = _free_port()
+    port = free_port()
     server = server_factory(metrics_port=port)
     paths = {k: str(v) for k, v in family["paths"].items()}
     read = "kinship_checkpoint_bytes_read_total"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +26,8 @@ x509 = pytest.importorskip("cryptography.x509", reason="pip install cryptography
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID  # noqa: E402
+
+from .free_ports import free_port  # noqa: E402
 
 TOKEN = "s3cret-token-for-tests"
 
@@ -122,12 +123,6 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
         "rogue_client": rogue.issue("rogue-client", server=False),
         "rogue_ca": rogue,
     }
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _health(address: str, credentials: grpc.ChannelCredentials | None = None) -> int:
@@ -276,7 +271,7 @@ def test_tls_with_token(server_factory, family, pki):
 
 def test_mutual_tls(server_factory, family, pki):
     srv, cli, rogue = pki["server"], pki["client"], pki["rogue_client"]
-    health_port = _free_port()
+    health_port = free_port()
     running = server_factory(
         tls_cert_file=srv.cert_file,
         tls_key_file=srv.key_file,

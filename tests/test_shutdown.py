@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -33,6 +32,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kinship_client import KinshipClient, KinshipResult, KinshipRpcError
 from kinship_service.checkpoints.synthetic import LlamaShape, make_base, make_family, save_checkpoint
+
+from .free_ports import free_port
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM semantics are POSIX")
 
@@ -60,17 +61,11 @@ def slow_request_models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path,
     return root, base_dir, models
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class ServerProcess:
     """`python -m kinship_service` in a subprocess, with its address and metrics port."""
 
     def __init__(self, tmp_path: Path, root: Path, **env: str) -> None:
-        self.metrics_port = _free_port()
+        self.metrics_port = free_port()
         self.stderr_path = tmp_path / "server.stderr"
         environ = dict(os.environ)
         environ.update(
@@ -214,7 +209,7 @@ def test_sigterm_marks_not_serving_finishes_in_flight_and_exits(start_server, sl
 
 @pytest.mark.timeout(900)  # the in-flight call may take minutes on a loaded CI machine
 def test_new_calls_are_refused_after_drain_and_probe_port_reports_not_serving(start_server, slow_request_models):
-    health_port = _free_port()
+    health_port = free_port()
     server = start_server(KINSHIP_GRACE_SECONDS="600", KINSHIP_DRAIN_SECONDS="0", KINSHIP_HEALTH_PORT=str(health_port))
     with grpc.insecure_channel(f"127.0.0.1:{health_port}") as probe_channel:
         probe = health_pb2_grpc.HealthStub(probe_channel)
