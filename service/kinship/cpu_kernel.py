@@ -70,6 +70,7 @@ if cpu_kernel_jit.available():
         moments_kernel_from_files,
         sketch_kernel,
         sketch_kernel_from_files,
+        tile_free,
     )
     from kinship_service.kinship.cpu_kernel_jit import PREAD_ADDRESS
     from kinship_service.kinship.cpu_kernel_runs import plan_runs, runs_kernel, runs_kernel_from_files
@@ -334,7 +335,7 @@ def _partials(
     blocks = (length + SUPER_BLOCK - 1) // SUPER_BLOCK
     tile = _tile_elements(n)
     segments: tuple[npt.NDArray[Any], ...] = ()
-    runs = sketch is not None and _tile_free(kind, n)
+    runs = sketch is not None and tile_free(kind, n)
     if sketch is not None:
         segments = sketch.runs(tensor or "", offset, length) if runs else sketch.segments(tensor or "", offset, length)
         blocks = segments[0].size  # work items: the sketch spans the chunk hashes to
@@ -353,11 +354,6 @@ def _partials(
 
     _in_parallel(blocks, runner, meanwhile)
     return partials
-
-
-def _tile_free(kind: int, n: int) -> bool:
-    """Whether these rows take the tile-free loops (bf16, at most four models: `cpu_kernel_direct`; sketched, `cpu_kernel_runs`)."""
-    return kind == BF16 and n <= 4
 
 
 def _in_parallel(blocks: int, runner: Callable[[], Callable[[int, int], None]], meanwhile: Callable[[], None] | None = None) -> None:
@@ -474,10 +470,11 @@ def accumulate_from_files(
     kind = _KIND[dtype]
     tile = _tile_elements(n)
     segments: tuple[npt.NDArray[Any], ...] = ()
-    runs = sketch is not None and _tile_free(kind, n)
+    direct = tile_free(kind, n)
+    runs = sketch is not None and direct
     if sketch is None:
         blocks = (count + SUPER_BLOCK - 1) // SUPER_BLOCK
-        row = _piece_elements(n, itemsize, DIRECT_STEP if _tile_free(kind, n) else tile)
+        row = _piece_elements(n, itemsize, DIRECT_STEP if direct else tile)
     else:
         segments = sketch.runs(tensor or "", start, count) if runs else sketch.segments(tensor or "", start, count)
         blocks = segments[0].size

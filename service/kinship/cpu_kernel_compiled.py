@@ -42,7 +42,7 @@ SUPER_BLOCK = 1 << 16
 """Elements per parallel work item. Fixed (not derived from the thread count) so the
 summation order, hence every bit of the result, is the same on any machine."""
 DIRECT_STEP = 1 << 15
-"""Elements the tile-free loops (`_direct`) sum in registers between two additions to a work
+"""Elements the tile-free loops (`tile_free`) sum in registers between two additions to a work
 item's partials (the tiled loops add every tile, 512 elements: 8-10 % slower for bf16 on AMD
 Zen 4). The `*_from_files` kernels' pieces are multiples of it, so both sum alike."""
 
@@ -277,16 +277,16 @@ def _direct_stats(addresses: npt.NDArray[np.int64], like: npt.NDArray[Any], star
 
 
 @jit(fastmath=FASTMATH)
-def _direct(kind: int, n: int) -> bool:
-    """Whether rows of `kind` for n models take the tile-free loops of `cpu_kernel_direct`."""
+def tile_free(kind: int, n: int) -> bool:
+    """Whether rows of `kind` for n models take the tile-free loops (`cpu_kernel_direct`; sketched, `cpu_kernel_runs`)."""
     return kind == BF16 and n <= 4
 
 
 @jit(fastmath=FASTMATH)
 def _stats(addresses: npt.NDArray[np.int64], like: npt.NDArray[Any], kind: int, start: int, k: int, tile: npt.NDArray[np.float64], acc: npt.NDArray[np.float64]) -> None:
-    """Add the statistics of elements start..start+k-1 (one tile) to acc: tile-free when `_direct`, else through the float64 tile."""
+    """Add the statistics of elements start..start+k-1 (one tile) to acc: tile-free when `tile_free`, else through the float64 tile."""
     n = addresses.size - 1
-    if _direct(kind, n):
+    if tile_free(kind, n):
         _direct_stats(addresses, like, start, k, acc)
     else:
         _load_tile(addresses, like, kind, start, k, tile)
@@ -302,6 +302,15 @@ def _sketch_tile(
     _signed(signs, lo, sign, k, factor)
     for i in range(n):
         _sketch_add(buckets[i, bucket : bucket + k], factor, tile[i + 1], k)
+
+
+@jit(fastmath=FASTMATH)
+def add_span(sketch: npt.NDArray[np.float64], buckets: npt.NDArray[np.float32], b0: int) -> None:
+    """Fold a work item's float32 bucket sums into the float64 sketch, at buckets b0.. of every row."""
+    for i in range(buckets.shape[0]):
+        target, source = sketch[i, b0 : b0 + buckets.shape[1]], buckets[i]
+        for u in range(buckets.shape[1]):
+            target[u] += source[u]
 
 
 @jit(nogil=True, fastmath=FASTMATH)
@@ -322,7 +331,7 @@ def moments_kernel(
     [sums (n) | gram (n*n, upper triangle) | sq_dist (n*n, strict upper triangle)].
     """
     n = addresses.size - 1
-    direct = _direct(kind, n)
+    direct = tile_free(kind, n)
     step = DIRECT_STEP if direct else tile_elements
     for block in range(first, last):
         # Tile rows: 0 the base values, 1..n the deltas, n + 1 zeros (padding of groups).
@@ -378,11 +387,7 @@ def sketch_kernel(
                 _load_tile(addresses, like, kind, seg_start[s] + offset, k, tile)  # the tile: `_sketch_tile` reads its deltas
                 _tile_stats(tile, n, k, acc)
                 _sketch_tile(tile, n, k, factor, local, seg_bucket[s] + offset, signs, seg_lo[s] + offset, seg_sign[s])
-        b0 = item_span[w] * span
-        for i in range(n):
-            target, source = sketch[i, b0 : b0 + span], local[i]
-            for u in range(span):
-                target[u] += source[u]
+        add_span(sketch, local, item_span[w] * span)
 
 
 # _read_rows's status codes (status[0]); status[1] is the row, status[2] the file offset.
@@ -438,7 +443,7 @@ def moments_kernel_from_files(
     """
     n = fds.size - 1
     itemsize = like.itemsize
-    direct = _direct(kind, n)
+    direct = tile_free(kind, n)
     step = DIRECT_STEP if direct else tile_elements
     for block in range(first, last):
         tile = np.zeros((n + 2, 1 if direct else tile_elements), dtype=np.float64)
@@ -501,8 +506,4 @@ def sketch_kernel_from_files(
                 _load_tile(local, like, kind, offset, k, tile)
                 _tile_stats(tile, n, k, acc)
                 _sketch_tile(tile, n, k, factor, buckets, seg_bucket[s] + offset, signs, seg_lo[s] + offset, seg_sign[s])
-        b0 = item_span[w] * span
-        for i in range(n):
-            target, source = sketch[i, b0 : b0 + span], buckets[i]
-            for u in range(span):
-                target[u] += source[u]
+        add_span(sketch, buckets, item_span[w] * span)

@@ -31,6 +31,7 @@ from kinship_service.kinship.cpu_kernel_compiled import (
     _SQ4,
     _add_self,
     _read_rows,
+    add_span,
 )
 from kinship_service.kinship.cpu_kernel_direct import sketched1, sketched2, sketched3, sketched4
 from kinship_service.kinship.cpu_kernel_jit import FASTMATH, jit, pointer
@@ -181,15 +182,7 @@ def runs_kernel(
                 a[i] = addresses[i] + run_a[r] * 2
                 b[i] = zeros.ctypes.data if run_b[r] == _NONE else addresses[i] + run_b[r] * 2
             _run(a, b, like, tile_elements, run_length[r], buckets, run_bucket[r], signs, run_lo_a[r], run_sign_a[r], run_lo_b[r], run_sign_b[r], acc)
-        _add_span(sketch, buckets, item_span[w] * span)
-
-
-@jit(fastmath=FASTMATH)
-def _add_span(sketch: npt.NDArray[np.float64], buckets: npt.NDArray[np.float32], b0: int) -> None:
-    for i in range(buckets.shape[0]):
-        target, source = sketch[i, b0 : b0 + buckets.shape[1]], buckets[i]
-        for u in range(buckets.shape[1]):
-            target[u] += source[u]
+        add_span(sketch, buckets, item_span[w] * span)
 
 
 @jit(nogil=True, fastmath=FASTMATH)
@@ -226,4 +219,4 @@ def runs_kernel_from_files(
             else:
                 b[:] = second
             _run(local, b, like, tile_elements, length, buckets, run_bucket[r], signs, run_lo_a[r], run_sign_a[r], run_lo_b[r], run_sign_b[r], acc)
-        _add_span(sketch, buckets, item_span[w] * span)
+        add_span(sketch, buckets, item_span[w] * span)
